@@ -1,0 +1,204 @@
+"""Model configuration: the base model's fields plus every layer's own widths.
+
+A dense model is the special case where every width is full, so dense and
+compressed models go through exactly the same code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+MODEL_TYPE = "modegpt_llama"
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model we can serve."""
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    """Widths of one transformer layer after compression.
+
+    k_mlp: intermediate MLP channels kept; d_qk: per-head query/key width (even:
+    whole rotary pairs); d_v: per-head value width.
+    """
+
+    k_mlp: int
+    d_qk: int
+    d_v: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    hidden_act: str = "silu"
+    layers: tuple[LayerWidths, ...] = ()
+    compression: dict | None = None
+
+    def __post_init__(self):
+        if not self.layers:
+            full = LayerWidths(self.intermediate_size, self.head_dim, self.head_dim)
+            object.__setattr__(self, "layers", tuple(full for _ in range(self.num_hidden_layers)))
+        object.__setattr__(
+            self, "layers", tuple(w if isinstance(w, LayerWidths) else LayerWidths(**w) for w in self.layers)
+        )
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (only 'silu', as in LLaMA)")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if len(self.layers) != self.num_hidden_layers:
+            raise ConfigError(f"{len(self.layers)} layer widths given for num_hidden_layers={self.num_hidden_layers}")
+        for i, w in enumerate(self.layers):
+            if not 1 <= w.k_mlp <= self.intermediate_size:
+                raise ConfigError(f"layer {i}: k_mlp={w.k_mlp} outside [1, {self.intermediate_size}]")
+            if w.d_qk % 2 or not 2 <= w.d_qk <= self.head_dim:
+                raise ConfigError(f"layer {i}: d_qk={w.d_qk} must be even and in [2, {self.head_dim}]")
+            if not 1 <= w.d_v <= self.head_dim:
+                raise ConfigError(f"layer {i}: d_v={w.d_v} outside [1, {self.head_dim}]")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise ConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+    # ----------------------------------------------------------- derived sizes
+    @property
+    def group_size(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def is_dense(self) -> bool:
+        return all(
+            w == LayerWidths(self.intermediate_size, self.head_dim, self.head_dim) for w in self.layers
+        )
+
+    def layer_params(self, i: int) -> int:
+        """Weights of layer i's projections (norms excluded; they are never compressed)."""
+        w, d = self.layers[i], self.hidden_size
+        h, hkv = self.num_attention_heads, self.num_key_value_heads
+        attn = d * (h * w.d_qk + hkv * w.d_qk + hkv * w.d_v) + h * w.d_v * d
+        return attn + 3 * d * w.k_mlp
+
+    def block_params(self) -> int:
+        """All transformer-block parameters, norms included."""
+        norms = 2 * self.hidden_size * self.num_hidden_layers
+        return sum(self.layer_params(i) for i in range(self.num_hidden_layers)) + norms
+
+    def total_params(self) -> int:
+        emb = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else emb
+        return self.block_params() + emb + head + self.hidden_size
+
+    def with_layers(self, layers, compression: dict | None = None) -> ModelConfig:
+        return dataclasses.replace(self, layers=tuple(layers), compression=compression)
+
+    def dense(self) -> ModelConfig:
+        return dataclasses.replace(self, layers=(), compression=None)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    # --------------------------------------------------------------- json i/o
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = [dataclasses.asdict(w) for w in self.layers]
+        return {
+            "model_type": MODEL_TYPE,
+            "architectures": ["ModegptForCausalLM"],
+            "format_version": FORMAT_VERSION,
+            **d,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if d.get("model_type") != MODEL_TYPE:
+            raise ConfigError(f"model_type={d.get('model_type')!r}; expected {MODEL_TYPE!r}")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"checkpoint format_version={version}; this modegpt_rt reads {FORMAT_VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.default is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"config.json lacks required fields: {', '.join(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path) -> ModelConfig:
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+SUPPORTED_HF_TYPES = ("llama", "mistral")
+
+
+def from_hf_config(hf: Any) -> ModelConfig:
+    """Build a dense ModelConfig from a transformers LlamaConfig-like object or dict."""
+    get = hf.get if isinstance(hf, dict) else (lambda k, default=None: getattr(hf, k, default))
+    model_type = get("model_type")
+    if model_type not in SUPPORTED_HF_TYPES:
+        raise ConfigError(
+            f"unsupported architecture model_type={model_type!r}; modegpt_rt handles LLaMA-family "
+            f"models ({', '.join(SUPPORTED_HF_TYPES)})"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if get(flag, False):
+            raise ConfigError(f"{flag}=True is not supported (LLaMA-family models have no projection biases)")
+    heads = get("num_attention_heads")
+    rope = get("rope_parameters") or {}
+    theta = rope.get("rope_theta", get("rope_theta", 10000.0))
+    scaling = get("rope_scaling")
+    if rope and rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return ModelConfig(
+        vocab_size=get("vocab_size"),
+        hidden_size=get("hidden_size"),
+        intermediate_size=get("intermediate_size"),
+        num_hidden_layers=get("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=get("num_key_value_heads") or heads,
+        head_dim=get("head_dim") or get("hidden_size") // heads,
+        rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_position_embeddings=get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        bos_token_id=get("bos_token_id"),
+        eos_token_id=get("eos_token_id"),
+        hidden_act=get("hidden_act", "silu"),
+    )
