@@ -30,14 +30,18 @@ BACKENDS = ("torch", "cpu", "triton")
 
 
 def _cpu_available() -> bool:
-    from . import cpu
-
+    try:
+        from . import cpu
+    except ImportError:
+        return False
     return cpu.available()
 
 
 def _triton_available() -> bool:
-    from . import triton_attention
-
+    try:
+        from . import triton_attention
+    except ImportError:
+        return False
     return triton_attention.available()
 
 

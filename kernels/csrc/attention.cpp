@@ -1,0 +1,769 @@
+// CPU attention kernel for modegpt-rt (pybind11; no link to torch; OpenMP where available).
+//
+// One call does what kernels/reference.py::attention does (see kernels/__init__.py for the
+// interface): RoPE on the new queries and keys with the cos/sin rows of each KV group's kept
+// rotary frequencies, append of the rotated keys and raw values to the KV cache (in place), and
+// causal GQA attention over the cache with value heads of any width d_v (online softmax).
+//
+// Shapes (B batch, T new tokens, H query heads, H_kv KV heads, S cache capacity):
+//   q [B,T,H,d_qk]  k [B,T,H_kv,d_qk]  v [B,T,H_kv,d_v]
+//   k_cache [B,H_kv,S,d_qk]  v_cache [B,H_kv,S,d_v]
+//   cos, sin [P,R] (R = full head_dim/2)  freq_idx [H_kv,d_qk/2] int32
+//   cache_lens [B] int32  new_lens [B] int32  out [B,T,H,d_v] (written completely)
+// Token t of sequence b sits at position cache_lens[b] + t; rows t >= new_lens[b] of `out` are
+// zero and those tokens are not written to the cache. The reduced head layout is
+// [first halves of the kept pairs | second halves]: y1 = x1*c - x2*s, y2 = x2*c + x1*s.
+//
+// Float buffers are taken as the caller's numpy arrays (C-contiguous, no conversion), so the
+// caches are written in place. float32 inputs accumulate in float, float64 in double.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace py = pybind11;
+using i64 = std::int64_t;
+
+namespace {
+
+constexpr int kQB = 4;            // query rows per register tile in prefill
+constexpr int kKC = 64;           // keys per online-softmax chunk
+constexpr i64 kMaxStackD = 256;   // d_qk up to this uses a stack buffer for the rotated queries
+constexpr double kParallelWork = 3.0e4;  // below this many multiply-adds, stay on one thread
+
+template <typename T>
+struct Problem {
+  const T* q;
+  const T* k;
+  const T* v;
+  T* k_cache;
+  T* v_cache;
+  const T* cos;
+  const T* sin;
+  const std::int32_t* freq_idx;
+  const std::int32_t* cache_lens;
+  const std::int32_t* new_lens;  // already clamped to [0, T] by the caller of run()
+  T* out;
+  T scale;
+  i64 B, T_, H, H_kv, G, d_qk, half, d_v, S, P, R;
+};
+
+// ---- primitives ---------------------------------------------------------------------------------
+// Elementwise loops are plain C++ that -O3 -march=native vectorizes. The dot products are the one
+// exception: compilers finish a vectorized reduction with in-order scalar adds through the stack
+// (they may not reassociate), which dominated the profile, so with AVX-512 / AVX2 they use
+// intrinsics; other targets get the portable lane-sum version.
+
+template <typename T>
+struct Lanes {
+  static constexpr int value = 64 / static_cast<int>(sizeof(T));  // one 512-bit register
+};
+
+// dot(a, b): L independent lane sums (vectorizable without reassociation) + pairwise reduction.
+template <typename T>
+inline T dot_portable(const T* __restrict a, const T* __restrict b, i64 n) {
+  constexpr int L = Lanes<T>::value;
+  T acc[L] = {};
+  i64 i = 0;
+  for (; i + L <= n; i += L)
+    for (int l = 0; l < L; ++l) acc[l] += a[i + l] * b[i + l];
+  T s = T(0);
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return s + acc[0];
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Four sums at once: lanes of c0..c3 -> [sum c0, sum c1, sum c2, sum c3].
+inline __m128 hsum4(__m256 c0, __m256 c1, __m256 c2, __m256 c3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(c0, c1), _mm256_hadd_ps(c2, c3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+inline __m256d hsum4(__m256d c0, __m256d c1, __m256d c2, __m256d c3) {
+  const __m256d h01 = _mm256_hadd_pd(c0, c1);  // [c0 01, c1 01, c0 23, c1 23]
+  const __m256d h23 = _mm256_hadd_pd(c2, c3);
+  return _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20), _mm256_permute2f128_pd(h01, h23, 0x31));
+}
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+inline double hsum(__m256d v) {
+  __m128d x = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  x = _mm_add_sd(x, _mm_unpackhi_pd(x, x));
+  return _mm_cvtsd_f64(x);
+}
+#endif
+
+#if defined(__AVX512F__)
+// 512 -> 256 bits by adding the halves (zero-masked shuffle: the unmasked intrinsics start from an
+// undefined register, which trips -Wmaybe-uninitialized in GCC 12).
+inline __m256 fold(__m512 v) {
+  return _mm512_castps512_ps256(_mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, 0x4E)));
+}
+inline __m256d fold(__m512d v) {
+  const __m512 f = _mm512_castpd_ps(v);
+  return _mm512_castpd512_pd256(_mm512_add_pd(v, _mm512_castps_pd(_mm512_maskz_shuffle_f32x4(0xFFFF, f, f, 0x4E))));
+}
+
+inline float dot(const float* a, const float* b, i64 n) {
+  __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+  i64 i = 0;
+  for (; i + 32 <= n; i += 32) {
+    c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
+    c1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), c1);
+  }
+  if (i + 16 <= n) {
+    c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), c0);
+    i += 16;
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    c1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), c1);
+  }
+  return hsum(fold(_mm512_add_ps(c0, c1)));
+}
+inline double dot(const double* a, const double* b, i64 n) {
+  __m512d c0 = _mm512_setzero_pd(), c1 = _mm512_setzero_pd();
+  i64 i = 0;
+  for (; i + 16 <= n; i += 16) {
+    c0 = _mm512_fmadd_pd(_mm512_loadu_pd(a + i), _mm512_loadu_pd(b + i), c0);
+    c1 = _mm512_fmadd_pd(_mm512_loadu_pd(a + i + 8), _mm512_loadu_pd(b + i + 8), c1);
+  }
+  if (i + 8 <= n) {
+    c0 = _mm512_fmadd_pd(_mm512_loadu_pd(a + i), _mm512_loadu_pd(b + i), c0);
+    i += 8;
+  }
+  if (i < n) {
+    const __mmask8 m = static_cast<__mmask8>((1u << (n - i)) - 1u);
+    c1 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, a + i), _mm512_maskz_loadu_pd(m, b + i), c1);
+  }
+  return hsum(fold(_mm512_add_pd(c0, c1)));
+}
+// out[r] = dot(a_r, b_r), r < 4 (pass the same pointer several times to share a row).
+inline void dot4(const float* a0, const float* a1, const float* a2, const float* a3, const float* b0,
+                 const float* b1, const float* b2, const float* b3, i64 n, float* out) {
+  __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps(), c2 = _mm512_setzero_ps(), c3 = _mm512_setzero_ps();
+  i64 i = 0;
+  for (; i + 16 <= n; i += 16) {
+    c0 = _mm512_fmadd_ps(_mm512_loadu_ps(a0 + i), _mm512_loadu_ps(b0 + i), c0);
+    c1 = _mm512_fmadd_ps(_mm512_loadu_ps(a1 + i), _mm512_loadu_ps(b1 + i), c1);
+    c2 = _mm512_fmadd_ps(_mm512_loadu_ps(a2 + i), _mm512_loadu_ps(b2 + i), c2);
+    c3 = _mm512_fmadd_ps(_mm512_loadu_ps(a3 + i), _mm512_loadu_ps(b3 + i), c3);
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    c0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a0 + i), _mm512_maskz_loadu_ps(m, b0 + i), c0);
+    c1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a1 + i), _mm512_maskz_loadu_ps(m, b1 + i), c1);
+    c2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a2 + i), _mm512_maskz_loadu_ps(m, b2 + i), c2);
+    c3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a3 + i), _mm512_maskz_loadu_ps(m, b3 + i), c3);
+  }
+  _mm_storeu_ps(out, hsum4(fold(c0), fold(c1), fold(c2), fold(c3)));
+}
+inline void dot4(const double* a0, const double* a1, const double* a2, const double* a3, const double* b0,
+                 const double* b1, const double* b2, const double* b3, i64 n, double* out) {
+  __m512d c0 = _mm512_setzero_pd(), c1 = _mm512_setzero_pd(), c2 = _mm512_setzero_pd(), c3 = _mm512_setzero_pd();
+  i64 i = 0;
+  for (; i + 8 <= n; i += 8) {
+    c0 = _mm512_fmadd_pd(_mm512_loadu_pd(a0 + i), _mm512_loadu_pd(b0 + i), c0);
+    c1 = _mm512_fmadd_pd(_mm512_loadu_pd(a1 + i), _mm512_loadu_pd(b1 + i), c1);
+    c2 = _mm512_fmadd_pd(_mm512_loadu_pd(a2 + i), _mm512_loadu_pd(b2 + i), c2);
+    c3 = _mm512_fmadd_pd(_mm512_loadu_pd(a3 + i), _mm512_loadu_pd(b3 + i), c3);
+  }
+  if (i < n) {
+    const __mmask8 m = static_cast<__mmask8>((1u << (n - i)) - 1u);
+    c0 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, a0 + i), _mm512_maskz_loadu_pd(m, b0 + i), c0);
+    c1 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, a1 + i), _mm512_maskz_loadu_pd(m, b1 + i), c1);
+    c2 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, a2 + i), _mm512_maskz_loadu_pd(m, b2 + i), c2);
+    c3 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, a3 + i), _mm512_maskz_loadu_pd(m, b3 + i), c3);
+  }
+  _mm256_storeu_pd(out, hsum4(fold(c0), fold(c1), fold(c2), fold(c3)));
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+inline float dot(const float* a, const float* b, i64 n) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+  i64 i = 0;
+  for (; i + 16 <= n; i += 16) {
+    c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), c0);
+    c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), c1);
+  }
+  if (i + 8 <= n) {
+    c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), c0);
+    i += 8;
+  }
+  float s = hsum(_mm256_add_ps(c0, c1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+inline double dot(const double* a, const double* b, i64 n) {
+  __m256d c0 = _mm256_setzero_pd(), c1 = _mm256_setzero_pd();
+  i64 i = 0;
+  for (; i + 8 <= n; i += 8) {
+    c0 = _mm256_fmadd_pd(_mm256_loadu_pd(a + i), _mm256_loadu_pd(b + i), c0);
+    c1 = _mm256_fmadd_pd(_mm256_loadu_pd(a + i + 4), _mm256_loadu_pd(b + i + 4), c1);
+  }
+  if (i + 4 <= n) {
+    c0 = _mm256_fmadd_pd(_mm256_loadu_pd(a + i), _mm256_loadu_pd(b + i), c0);
+    i += 4;
+  }
+  double s = hsum(_mm256_add_pd(c0, c1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+inline void dot4(const float* a0, const float* a1, const float* a2, const float* a3, const float* b0,
+                 const float* b1, const float* b2, const float* b3, i64 n, float* out) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+  i64 i = 0;
+  for (; i + 8 <= n; i += 8) {
+    c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + i), _mm256_loadu_ps(b0 + i), c0);
+    c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + i), _mm256_loadu_ps(b1 + i), c1);
+    c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + i), _mm256_loadu_ps(b2 + i), c2);
+    c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + i), _mm256_loadu_ps(b3 + i), c3);
+  }
+  _mm_storeu_ps(out, hsum4(c0, c1, c2, c3));
+  for (; i < n; ++i) {
+    out[0] += a0[i] * b0[i];
+    out[1] += a1[i] * b1[i];
+    out[2] += a2[i] * b2[i];
+    out[3] += a3[i] * b3[i];
+  }
+}
+inline void dot4(const double* a0, const double* a1, const double* a2, const double* a3, const double* b0,
+                 const double* b1, const double* b2, const double* b3, i64 n, double* out) {
+  __m256d c0 = _mm256_setzero_pd(), c1 = _mm256_setzero_pd(), c2 = _mm256_setzero_pd(), c3 = _mm256_setzero_pd();
+  i64 i = 0;
+  for (; i + 4 <= n; i += 4) {
+    c0 = _mm256_fmadd_pd(_mm256_loadu_pd(a0 + i), _mm256_loadu_pd(b0 + i), c0);
+    c1 = _mm256_fmadd_pd(_mm256_loadu_pd(a1 + i), _mm256_loadu_pd(b1 + i), c1);
+    c2 = _mm256_fmadd_pd(_mm256_loadu_pd(a2 + i), _mm256_loadu_pd(b2 + i), c2);
+    c3 = _mm256_fmadd_pd(_mm256_loadu_pd(a3 + i), _mm256_loadu_pd(b3 + i), c3);
+  }
+  _mm256_storeu_pd(out, hsum4(c0, c1, c2, c3));
+  for (; i < n; ++i) {
+    out[0] += a0[i] * b0[i];
+    out[1] += a1[i] * b1[i];
+    out[2] += a2[i] * b2[i];
+    out[3] += a3[i] * b3[i];
+  }
+}
+
+#else
+template <typename T>
+inline T dot(const T* a, const T* b, i64 n) {
+  return dot_portable(a, b, n);
+}
+template <typename T>
+inline void dot4(const T* a0, const T* a1, const T* a2, const T* a3, const T* b0, const T* b1, const T* b2,
+                 const T* b3, i64 n, T* out) {
+  out[0] = dot_portable(a0, b0, n);
+  out[1] = dot_portable(a1, b1, n);
+  out[2] = dot_portable(a2, b2, n);
+  out[3] = dot_portable(a3, b3, n);
+}
+#endif
+
+// a[0:d_v] += sum_j p[j] * V[j, 0:d_v] for j < n, V rows ldv apart. The output row is blocked
+// into register-sized pieces held across the key loop (no store/reload of `a` per key).
+template <typename T>
+inline void pv_accumulate(T* __restrict a, const T* __restrict p, const T* __restrict V, i64 ldv, int n, i64 d_v) {
+  constexpr int L = Lanes<T>::value;
+  constexpr int W = 4 * L;
+  i64 i0 = 0;
+  for (; i0 + W <= d_v; i0 += W) {
+    T acc[W];
+    for (int l = 0; l < W; ++l) acc[l] = a[i0 + l];
+    for (int j = 0; j < n; ++j) {
+      const T pj = p[j];
+      const T* vr = V + j * ldv + i0;
+      for (int l = 0; l < W; ++l) acc[l] += pj * vr[l];
+    }
+    for (int l = 0; l < W; ++l) a[i0 + l] = acc[l];
+  }
+  for (; i0 + L <= d_v; i0 += L) {
+    T acc[L];
+    for (int l = 0; l < L; ++l) acc[l] = a[i0 + l];
+    for (int j = 0; j < n; ++j) {
+      const T pj = p[j];
+      const T* vr = V + j * ldv + i0;
+      for (int l = 0; l < L; ++l) acc[l] += pj * vr[l];
+    }
+    for (int l = 0; l < L; ++l) a[i0 + l] = acc[l];
+  }
+  if (i0 < d_v) {
+    for (int j = 0; j < n; ++j) {
+      const T pj = p[j];
+      const T* vr = V + j * ldv;
+      for (i64 i = i0; i < d_v; ++i) a[i] += pj * vr[i];
+    }
+  }
+}
+
+template <typename T>
+inline void scal(T* __restrict y, T a, i64 n) {
+  for (i64 i = 0; i < n; ++i) y[i] *= a;
+}
+
+template <typename T>
+inline void zero(T* __restrict y, i64 n) {
+  for (i64 i = 0; i < n; ++i) y[i] = T(0);
+}
+
+// max(init, s[0..n)) with lane-wise partial maxima (vectorizes; `a > b ? a : b` is exactly maxps).
+template <typename T>
+inline T max_of(const T* __restrict s, int n, T init) {
+  constexpr int L = Lanes<T>::value;
+  T mx[L];
+  for (int l = 0; l < L; ++l) mx[l] = init;
+  int j = 0;
+  for (; j + L <= n; j += L)
+    for (int l = 0; l < L; ++l) mx[l] = s[j + l] > mx[l] ? s[j + l] : mx[l];
+  T m = init;
+  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  for (int l = 0; l < L; ++l) m = mx[l] > m ? mx[l] : m;
+  return m;
+}
+
+// sum of s[0..n) with lane-wise partial sums (vectorizes) and a pairwise reduction.
+template <typename T>
+inline T sum_of(const T* __restrict s, int n) {
+  constexpr int L = Lanes<T>::value;
+  T acc[L] = {};
+  int j = 0;
+  for (; j + L <= n; j += L)
+    for (int l = 0; l < L; ++l) acc[l] += s[j + l];
+  T tail = T(0);
+  for (; j < n; ++j) tail += s[j];
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0] + tail;
+}
+
+// s[j] = exp(s[j] - m) in place (s[j] <= m). float: a branch-free polynomial exp that the
+// compiler vectorizes (about 2 ulp); double: std::exp (exactness over speed).
+inline void exp_sub(float* __restrict s, int n, float m) {
+  for (int j = 0; j < n; ++j) {
+    float x = s[j] - m;
+    const bool under = x < -87.0f;
+    x = under ? -87.0f : x;
+    // x = k*ln2 + r with |r| <= ln2/2; k rounded to nearest with the 1.5*2^23 trick
+    const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const std::int32_t e = (static_cast<std::int32_t>(k) + 127) << 23;
+    float two_k;
+    std::memcpy(&two_k, &e, sizeof(two_k));
+    s[j] = under ? 0.0f : p * two_k;
+  }
+}
+
+inline void exp_sub(double* __restrict s, int n, double m) {
+  for (int j = 0; j < n; ++j) s[j] = std::exp(s[j] - m);
+}
+
+// Rotate one head row x [d_qk] into y with the gathered cos/sin of its group's kept frequencies.
+// Products and sums are rounded separately, as in the reference (no fused multiply-add), so the
+// rotated keys in the cache are bit-identical to the reference's.
+#if defined(__GNUC__) && !defined(__clang__)
+#define MODEGPT_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define MODEGPT_NO_CONTRACT  // clang (-ffp-contract=on) does not fuse across statements
+#endif
+template <typename T>
+MODEGPT_NO_CONTRACT void rope_row(const T* __restrict x, T* __restrict y, const T* __restrict crow, const T* __restrict srow,
+                     const std::int32_t* __restrict fidx, i64 half) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  for (i64 p = 0; p < half; ++p) {
+    const T c = crow[fidx[p]];
+    const T s = srow[fidx[p]];
+    const T x1 = x[p];
+    const T x2 = x[half + p];
+    const T a = x1 * c;
+    const T b = x2 * s;
+    const T d = x2 * c;
+    const T e = x1 * s;
+    y[p] = a - b;
+    y[half + p] = d - e;
+  }
+}
+
+// Rotate key (b, t, g), store it at k_cache[b, g, pos]; copy v (b, t, g) to v_cache[b, g, pos].
+template <typename T>
+inline void write_cache_row(const Problem<T>& pb, i64 b, i64 t, i64 g) {
+  const i64 pos = static_cast<i64>(pb.cache_lens[b]) + t;
+  const i64 prow = std::min(pos, pb.P - 1);
+  const T* x = pb.k + ((b * pb.T_ + t) * pb.H_kv + g) * pb.d_qk;
+  T* kdst = pb.k_cache + ((b * pb.H_kv + g) * pb.S + pos) * pb.d_qk;
+  rope_row(x, kdst, pb.cos + prow * pb.R, pb.sin + prow * pb.R, pb.freq_idx + g * pb.half, pb.half);
+  const T* vs = pb.v + ((b * pb.T_ + t) * pb.H_kv + g) * pb.d_v;
+  T* vdst = pb.v_cache + ((b * pb.H_kv + g) * pb.S + pos) * pb.d_v;
+  std::memcpy(vdst, vs, sizeof(T) * static_cast<size_t>(pb.d_v));
+}
+
+// Attention for QB consecutive valid queries t0..t0+nq-1 (nq <= QB) of head h in sequence b.
+// qbuf: scratch for QB rotated query rows [QB, d_qk]. Accumulates straight into the out rows.
+template <typename T, int QB>
+void attend_tile(const Problem<T>& pb, i64 b, i64 h, i64 t0, int nq, T* __restrict qbuf) {
+  const i64 g = h / pb.G;
+  const i64 d_qk = pb.d_qk, d_v = pb.d_v;
+  const i64 pos0 = static_cast<i64>(pb.cache_lens[b]) + t0;
+  const std::int32_t* fidx = pb.freq_idx + g * pb.half;
+  const T scale = pb.scale;
+
+  T* acc[QB];
+  T m[QB], l[QB];
+  for (int r = 0; r < QB; ++r) {
+    T* qr = qbuf + r * d_qk;
+    if (r < nq) {
+      const i64 prow = std::min(pos0 + r, pb.P - 1);
+      const T* x = pb.q + ((b * pb.T_ + t0 + r) * pb.H + h) * d_qk;
+      rope_row(x, qr, pb.cos + prow * pb.R, pb.sin + prow * pb.R, fidx, pb.half);
+      scal(qr, scale, d_qk);
+      acc[r] = pb.out + ((b * pb.T_ + t0 + r) * pb.H + h) * d_v;
+      zero(acc[r], d_v);
+    } else {
+      zero(qr, d_qk);
+      acc[r] = nullptr;
+    }
+    m[r] = -std::numeric_limits<T>::infinity();
+    l[r] = T(0);
+  }
+
+  const T* kbase = pb.k_cache + (b * pb.H_kv + g) * pb.S * d_qk;
+  const T* vbase = pb.v_cache + (b * pb.H_kv + g) * pb.S * d_v;
+  const i64 nkeys = pos0 + nq;  // row r sees keys 0 .. pos0 + r
+  alignas(64) T sc[QB][kKC];
+
+  for (i64 j0 = 0; j0 < nkeys; j0 += kKC) {
+    const int jn = static_cast<int>(std::min<i64>(kKC, nkeys - j0));
+    const T* kc = kbase + j0 * d_qk;
+    if constexpr (QB == 1) {
+      int j = 0;
+      for (; j + 4 <= jn; j += 4)
+        dot4(qbuf, qbuf, qbuf, qbuf, kc + j * d_qk, kc + (j + 1) * d_qk, kc + (j + 2) * d_qk, kc + (j + 3) * d_qk,
+             d_qk, sc[0] + j);
+      for (; j < jn; ++j) sc[0][j] = dot(qbuf, kc + j * d_qk, d_qk);
+    } else {
+      static_assert(QB == 4, "prefill tiles are 4 query rows");
+      for (int j = 0; j < jn; ++j) {
+        const T* kr = kc + j * d_qk;
+        T res[4];
+        dot4(qbuf, qbuf + d_qk, qbuf + 2 * d_qk, qbuf + 3 * d_qk, kr, kr, kr, kr, d_qk, res);
+        for (int r = 0; r < 4; ++r) sc[r][j] = res[r];
+      }
+    }
+    for (int r = 0; r < nq; ++r) {
+      const i64 visible = pos0 + r - j0 + 1;
+      const int jr = static_cast<int>(std::min<i64>(jn, visible));
+      if (jr <= 0) continue;
+      T* s = sc[r];
+      const T cm = max_of(s, jr, m[r]);
+      const T alpha = std::exp(m[r] - cm);  // 0 on the first chunk (m = -inf)
+      exp_sub(s, jr, cm);
+      const T sum = sum_of(s, jr);
+      if (l[r] != T(0) && alpha != T(1)) scal(acc[r], alpha, d_v);
+      l[r] = l[r] * alpha + sum;
+      m[r] = cm;
+      pv_accumulate(acc[r], s, vbase + j0 * d_v, d_v, jr, d_v);
+    }
+  }
+  for (int r = 0; r < nq; ++r) scal(acc[r], T(1) / l[r], d_v);
+}
+
+template <typename T>
+void run(const Problem<T>& pb) {
+  const i64 B = pb.B, T_ = pb.T_, H = pb.H;
+  if (B == 0 || T_ == 0 || H == 0) return;
+  const bool decode = T_ == 1;
+  const i64 TB = decode ? 1 : kQB;  // queries per work item
+  const i64 nblk = (T_ + TB - 1) / TB;
+  const i64 n_items = B * H * nblk;
+  const i64 n_rows = B * pb.H_kv * T_;
+
+  // Rough multiply-add count, to keep tiny calls on one thread.
+  double work = 0.0;
+  for (i64 b = 0; b < B; ++b) {
+    const double n = pb.new_lens[b];
+    work += n * (static_cast<double>(pb.cache_lens[b]) + 0.5 * n + 1.0);
+  }
+  work *= static_cast<double>(H) * static_cast<double>(pb.d_qk + pb.d_v);
+
+  int max_threads = 1;
+#ifdef _OPENMP
+  max_threads = omp_get_max_threads();
+#endif
+  const bool parallel = max_threads > 1 && work >= kParallelWork;
+  std::vector<T> heap_q;  // only when d_qk is too wide for the stack buffer
+  if (pb.d_qk > kMaxStackD) heap_q.resize(static_cast<size_t>(max_threads) * kQB * pb.d_qk);
+
+#pragma omp parallel if (parallel)
+  {
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    alignas(64) T qstack[kQB * kMaxStackD];
+    T* qbuf = pb.d_qk > kMaxStackD ? heap_q.data() + static_cast<size_t>(tid) * kQB * pb.d_qk : qstack;
+
+    // Phase 1: rotate the new keys and append keys/values to the cache.
+#pragma omp for schedule(static)
+    for (i64 i = 0; i < n_rows; ++i) {
+      const i64 t = i % T_;
+      const i64 bg = i / T_;
+      const i64 b = bg / pb.H_kv, g = bg % pb.H_kv;
+      if (t < pb.new_lens[b]) write_cache_row(pb, b, t, g);
+    }
+    // (implicit barrier: every key is in the cache before anyone attends)
+
+    // Phase 2: attention, one work item per (b, h, block of TB queries).
+#pragma omp for schedule(dynamic, 1)
+    for (i64 i = 0; i < n_items; ++i) {
+      const i64 blk = i % nblk;
+      const i64 bh = i / nblk;
+      const i64 b = bh / H, h = bh % H;
+      const i64 t0 = blk * TB;
+      const i64 t1 = std::min(t0 + TB, T_);
+      const i64 n = pb.new_lens[b];
+      const i64 tv = std::min(t1, n);  // valid rows are t0 .. tv-1
+      if (tv > t0) {
+        if (decode)
+          attend_tile<T, 1>(pb, b, h, t0, 1, qbuf);
+        else
+          attend_tile<T, kQB>(pb, b, h, t0, static_cast<int>(tv - t0), qbuf);
+      }
+      for (i64 t = std::max(t0, tv); t < t1; ++t) zero(pb.out + ((b * T_ + t) * H + h) * pb.d_v, pb.d_v);
+    }
+  }
+}
+
+// ---- argument checking ------------------------------------------------------------------------
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream os;
+  os << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+  if (a.ndim() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+std::string shape_str(std::initializer_list<i64> dims) {
+  std::ostringstream os;
+  os << "(";
+  size_t i = 0;
+  for (i64 d : dims) os << (i++ ? ", " : "") << d;
+  if (dims.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+void check_shape(const py::array& a, const char* name, const char* layout, std::initializer_list<i64> dims) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(dims.size());
+  if (ok) {
+    py::ssize_t i = 0;
+    for (i64 d : dims) ok = ok && a.shape(i++) == d;
+  }
+  if (!ok)
+    fail(std::string(name) + ": expected shape " + layout + " = " + shape_str(dims) + ", got " + shape_str(a));
+}
+
+void check_layout(const py::array& a, const char* name, bool writeable) {
+  if (!(a.flags() & py::array::c_style))
+    fail(std::string(name) + ": must be C-contiguous (shape " + shape_str(a) + ")");
+  if (writeable && !a.writeable())
+    fail(std::string(name) + ": must be writeable (it is written in place; shape " + shape_str(a) + ")");
+}
+
+void check_dtype(const py::array& a, const char* name, const py::dtype& want, const char* want_name) {
+  if (!a.dtype().equal(want))
+    fail(std::string(name) + ": expected dtype " + want_name + ", got " + std::string(py::str(a.dtype())) +
+         " (shape " + shape_str(a) + ")");
+}
+
+template <typename T>
+void attention_typed(py::array& q, py::array& k, py::array& v, py::array& k_cache, py::array& v_cache,
+                     py::array& cos, py::array& sin, py::array& freq_idx, py::array& cache_lens,
+                     py::array& new_lens, double scale, py::array& out, const char* dtype_name) {
+  const py::dtype dt = py::dtype::of<T>();
+  check_dtype(k, "k", dt, dtype_name);
+  check_dtype(v, "v", dt, dtype_name);
+  check_dtype(k_cache, "k_cache", dt, dtype_name);
+  check_dtype(v_cache, "v_cache", dt, dtype_name);
+  check_dtype(cos, "cos", dt, dtype_name);
+  check_dtype(sin, "sin", dt, dtype_name);
+  check_dtype(out, "out", dt, dtype_name);
+
+  const py::dtype it = py::dtype::of<std::int32_t>();
+  check_dtype(freq_idx, "freq_idx", it, "int32");
+  check_dtype(cache_lens, "cache_lens", it, "int32");
+  check_dtype(new_lens, "new_lens", it, "int32");
+
+  if (q.ndim() != 4) fail("q: expected shape (B, T, H, d_qk) with 4 dims, got " + shape_str(q));
+  const i64 B = q.shape(0), T_ = q.shape(1), H = q.shape(2), d_qk = q.shape(3);
+  if (d_qk % 2 != 0) fail("q: d_qk must be even (pairs of rotary halves), got shape " + shape_str(q));
+  if (k.ndim() != 4) fail("k: expected shape (B, T, H_kv, d_qk) with 4 dims, got " + shape_str(k));
+  const i64 H_kv = k.shape(2);
+  if (H_kv <= 0 || H % H_kv != 0)
+    fail("k: H_kv = " + std::to_string(H_kv) + " must divide H = " + std::to_string(H) + " (q shape " +
+         shape_str(q) + ", k shape " + shape_str(k) + ")");
+  check_shape(k, "k", "(B, T, H_kv, d_qk)", {B, T_, H_kv, d_qk});
+  if (v.ndim() != 4) fail("v: expected shape (B, T, H_kv, d_v) with 4 dims, got " + shape_str(v));
+  const i64 d_v = v.shape(3);
+  check_shape(v, "v", "(B, T, H_kv, d_v)", {B, T_, H_kv, d_v});
+  if (k_cache.ndim() != 4) fail("k_cache: expected shape (B, H_kv, S, d_qk) with 4 dims, got " + shape_str(k_cache));
+  const i64 S = k_cache.shape(2);
+  check_shape(k_cache, "k_cache", "(B, H_kv, S, d_qk)", {B, H_kv, S, d_qk});
+  check_shape(v_cache, "v_cache", "(B, H_kv, S, d_v)", {B, H_kv, S, d_v});
+  if (cos.ndim() != 2) fail("cos: expected shape (P, head_dim/2) with 2 dims, got " + shape_str(cos));
+  const i64 P = cos.shape(0), R = cos.shape(1);
+  check_shape(sin, "sin", "(P, head_dim/2) like cos", {P, R});
+  const i64 half = d_qk / 2;
+  check_shape(freq_idx, "freq_idx", "(H_kv, d_qk/2)", {H_kv, half});
+  check_shape(cache_lens, "cache_lens", "(B,)", {B});
+  check_shape(new_lens, "new_lens", "(B,)", {B});
+  check_shape(out, "out", "(B, T, H, d_v)", {B, T_, H, d_v});
+
+  check_layout(q, "q", false);
+  check_layout(k, "k", false);
+  check_layout(v, "v", false);
+  check_layout(k_cache, "k_cache", true);
+  check_layout(v_cache, "v_cache", true);
+  check_layout(cos, "cos", false);
+  check_layout(sin, "sin", false);
+  check_layout(freq_idx, "freq_idx", false);
+  check_layout(cache_lens, "cache_lens", false);
+  check_layout(new_lens, "new_lens", false);
+  check_layout(out, "out", true);
+
+  const auto* fi = static_cast<const std::int32_t*>(freq_idx.data());
+  for (i64 i = 0; i < H_kv * half; ++i)
+    if (fi[i] < 0 || fi[i] >= R)
+      fail("freq_idx: entry " + std::to_string(fi[i]) + " out of range for cos/sin with " + std::to_string(R) +
+           " frequencies (freq_idx shape " + shape_str(freq_idx) + ", cos shape " + shape_str(cos) + ")");
+
+  const auto* cl = static_cast<const std::int32_t*>(cache_lens.data());
+  const auto* nl_in = static_cast<const std::int32_t*>(new_lens.data());
+  // new_lens beyond T behave like T (as in the reference); clamp into a small local copy.
+  constexpr i64 kStackB = 64;
+  std::int32_t nl_stack[kStackB];
+  std::vector<std::int32_t> nl_heap;
+  std::int32_t* nl = nl_stack;
+  if (B > kStackB) {
+    nl_heap.resize(static_cast<size_t>(B));
+    nl = nl_heap.data();
+  }
+  bool any_valid = false;
+  for (i64 b = 0; b < B; ++b) {
+    if (cl[b] < 0) fail("cache_lens: entry " + std::to_string(b) + " is negative (" + std::to_string(cl[b]) + ")");
+    if (nl_in[b] < 0) fail("new_lens: entry " + std::to_string(b) + " is negative (" + std::to_string(nl_in[b]) + ")");
+    const i64 n = std::min<i64>(nl_in[b], T_);
+    nl[b] = static_cast<std::int32_t>(n);
+    if (static_cast<i64>(cl[b]) + n > S)
+      fail("k_cache: sequence " + std::to_string(b) + " needs " + std::to_string(cl[b]) + " cached + " +
+           std::to_string(n) + " new positions but the cache holds S = " + std::to_string(S) + " (k_cache shape " +
+           shape_str(k_cache) + ", q shape " + shape_str(q) + ")");
+    any_valid = any_valid || n > 0;
+  }
+  if (any_valid && (P == 0 || R == 0))
+    fail("cos: empty rotary table, shape " + shape_str(cos) + " (sin shape " + shape_str(sin) + ")");
+
+  Problem<T> pb;
+  pb.q = static_cast<const T*>(q.data());
+  pb.k = static_cast<const T*>(k.data());
+  pb.v = static_cast<const T*>(v.data());
+  pb.k_cache = static_cast<T*>(k_cache.mutable_data());
+  pb.v_cache = static_cast<T*>(v_cache.mutable_data());
+  pb.cos = static_cast<const T*>(cos.data());
+  pb.sin = static_cast<const T*>(sin.data());
+  pb.freq_idx = fi;
+  pb.cache_lens = cl;
+  pb.new_lens = nl;
+  pb.out = static_cast<T*>(out.mutable_data());
+  pb.scale = static_cast<T>(scale);
+  pb.B = B;
+  pb.T_ = T_;
+  pb.H = H;
+  pb.H_kv = H_kv;
+  pb.G = H / H_kv;
+  pb.d_qk = d_qk;
+  pb.half = half;
+  pb.d_v = d_v;
+  pb.S = S;
+  pb.P = P;
+  pb.R = R;
+
+  py::gil_scoped_release release;
+  run(pb);
+}
+
+void attention(py::array q, py::array k, py::array v, py::array k_cache, py::array v_cache, py::array cos,
+               py::array sin, py::array freq_idx, py::array cache_lens, py::array new_lens, double scale,
+               py::array out) {
+  const py::dtype dt = q.dtype();
+  if (dt.equal(py::dtype::of<float>())) {
+    attention_typed<float>(q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale, out,
+                           "float32");
+  } else if (dt.equal(py::dtype::of<double>())) {
+    attention_typed<double>(q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale, out,
+                            "float64");
+  } else {
+    throw py::value_error("q: unsupported dtype " + std::string(py::str(dt)) +
+                         "; the CPU attention kernel handles float32 and float64 (q shape " + shape_str(q) + ")");
+  }
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu_attention, m) {
+  m.doc() = "CPU attention kernel (RoPE + KV-cache append + causal GQA attention) for modegpt-rt";
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("cos"), py::arg("sin"), py::arg("freq_idx"), py::arg("cache_lens"), py::arg("new_lens"),
+        py::arg("scale"), py::arg("out"),
+        "RoPE the new q/k, append k (rotated) and v to the caches in place, and write causal GQA attention to "
+        "`out` [B, T, H, d_v] (rows t >= new_lens[b] zero). float32 or float64 numpy arrays, C-contiguous; "
+        "freq_idx, cache_lens, new_lens int32.");
+  m.def("max_threads", &max_threads, "OpenMP threads a call may use (1 without OpenMP).");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

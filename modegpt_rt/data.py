@@ -1,0 +1,89 @@
+"""Text sources for calibration and perplexity: WikiText-2 from shared/data, any text file, any jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+WIKITEXT_FILES = {"valid": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+
+def find_data_dir() -> Path:
+    """shared/data: $MODEGPT_DATA, else the nearest `shared/data` above the cwd or this package."""
+    env = os.environ.get("MODEGPT_DATA")
+    if env:
+        return Path(env)
+    searched = []
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for base in (start, *start.parents):
+            for cand in (base / "shared" / "data", base / "data"):
+                searched.append(str(cand))
+                if (cand / "wikitext-2-raw").is_dir():
+                    return cand
+    raise FileNotFoundError("no shared/data folder found (set MODEGPT_DATA); looked in: " + ", ".join(searched[:6]))
+
+
+def read_text(source: str, split: str = "test") -> str:
+    """`wikitext2` (the given split), a .jsonl file (its "text" fields), or any text file."""
+    if source in ("wikitext2", "wikitext-2"):
+        path = find_data_dir() / "wikitext-2-raw" / WIKITEXT_FILES[split]
+        if not path.exists():
+            raise FileNotFoundError(f"WikiText-2 {split} split not found at {path}")
+        return path.read_text(encoding="utf-8")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"text source {source!r} is neither 'wikitext2' nor a readable file")
+    if path.suffix == ".jsonl":
+        texts = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise ValueError(f"{path}:{n}: each jsonl row needs a string field 'text'")
+                texts.append(row["text"])
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one token stream [n] (no special tokens)."""
+    import transformers.utils.logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "sequence longer than the model's maximum"
+    try:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokens: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`samples` non-overlapping windows of `seqlen` tokens chosen at random (seeded): [samples, seqlen]."""
+    if samples < 1 or seqlen < 2:
+        raise ValueError(f"need samples >= 1 and seqlen >= 2, got {samples} x {seqlen}")
+    available = tokens.numel() // seqlen
+    if available < samples:
+        raise ValueError(
+            f"calibration text has {tokens.numel()} tokens: {available} windows of {seqlen}, "
+            f"but {samples} were asked for ({samples * seqlen} tokens); use fewer --samples or a shorter --seqlen"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=g)[:samples].sort().values * seqlen
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Non-overlapping windows covering the text (the tail shorter than seqlen is dropped): [n, seqlen]."""
+    n = tokens.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    return tokens[: n * seqlen].view(n, seqlen)

@@ -1,0 +1,143 @@
+"""Batched, KV-cached generation: prefill once, then one token per sequence per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # new tokens only
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_tokens: int = 0
+    stats: dict = field(default_factory=dict, repr=False)
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def encode_prompts(prompts, tokenizer) -> list[list[int]]:
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if tokenizer is None:
+                raise ValueError("string prompts need a tokenizer; pass token ids or load with tokenizer=True")
+            ids = tokenizer(p)["input_ids"]
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        out.append(ids)
+    return out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, stop=None, ignore_eos: bool = False,
+             stream: Callable | None = None, tokenizer=None) -> list[GenerationResult]:
+    """Generate continuations of `prompts` (strings, or token-id lists of different lengths).
+
+    temperature=0 is greedy. `stop`: token ids (int) and/or strings that end a sequence.
+    `stream(index, token_id, text_delta)` is called for every new token as it comes.
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    ids = encode_prompts(prompts, tokenizer)
+    ctx = model.config.max_position_embeddings
+    for i, p in enumerate(ids):
+        if len(p) + max_new_tokens > ctx:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                             f"the context of {ctx} tokens")
+    stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
+    stop_ids = {s for s in stop if isinstance(s, int)}
+    stop_strs = [s for s in stop if isinstance(s, str) and s]
+    if not ignore_eos:
+        stop_ids |= set(model.config.eos_ids)
+    need_text = bool(stream or stop_strs)
+    if need_text and tokenizer is None:
+        raise ValueError("streaming and stop strings need a tokenizer")
+
+    B, dev = len(ids), model.device
+    lens = torch.tensor([len(p) for p in ids], dtype=torch.int32, device=dev)
+    batch = torch.zeros(B, int(lens.max()), dtype=torch.long, device=dev)
+    for i, p in enumerate(ids):
+        batch[i, : len(p)] = torch.tensor(p)
+    cache = model.new_cache(B, int(lens.max()) + max_new_tokens)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=dev)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+
+    import time
+
+    t0 = time.perf_counter()
+    logits = model.step(batch, cache, lens)
+    t_prefill = time.perf_counter() - t0
+    new = [[] for _ in range(B)]
+    texts = [""] * B
+    reason: list[str | None] = [None] * B
+    ones = torch.ones(B, dtype=torch.int32, device=dev)
+    for step in range(max_new_tokens):
+        tokens = sample(logits, temperature, top_k, top_p, generator)
+        host = tokens.tolist()
+        for i, t in enumerate(host):
+            if reason[i] is not None:
+                continue
+            if t in stop_ids:
+                reason[i] = "eos" if t in model.config.eos_ids and not ignore_eos else "stop"
+                continue
+            new[i].append(t)
+            if need_text:
+                prev, text = texts[i], tokenizer.decode(new[i], skip_special_tokens=True)
+                hit = next((s for s in stop_strs if s in text), None)
+                if hit is not None:
+                    text, reason[i] = text[: text.index(hit)], "stop"
+                texts[i], delta = text, text[len(prev):]
+                if stream:
+                    stream(i, t, delta)
+        if all(r is not None for r in reason) or step == max_new_tokens - 1:
+            break
+        logits = model.step(tokens[:, None], cache, ones)
+    elapsed = time.perf_counter() - t0
+    results = []
+    for i in range(B):
+        text = texts[i] if need_text else (tokenizer.decode(new[i], skip_special_tokens=True) if tokenizer else "")
+        stats = {"prefill_seconds": t_prefill, "total_seconds": elapsed}
+        results.append(GenerationResult(text, new[i], reason[i] or "length", len(ids[i]), stats))
+    return results

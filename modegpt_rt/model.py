@@ -1,0 +1,269 @@
+"""The runtime model: a LLaMA-family decoder whose every layer has its own widths.
+
+Weights are kept fused per layer (one QKV projection, one gate/up projection) so
+the decode loop issues few, large matrix products. The attention op (RoPE with
+the gathered cos/sin rows of each KV group's kept frequencies, KV-cache append,
+causal attention with narrow value heads) comes from `modegpt_rt.kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modegpt_rt import kernels
+from modegpt_rt.config import LayerWidths, ModelConfig
+
+# HF-style names of one layer's tensors, relative to `model.layers.N.`
+PROJ_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
+ROPE_IDX_NAME = "self_attn.rope_freq_idx"
+
+
+def inv_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim/2] in float64, with LLaMA's scaling rules."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq
+
+
+def rope_tables(config: ModelConfig, length: int | None = None):
+    """cos, sin: [max_positions, head_dim/2] float64 (angles computed in float64)."""
+    length = length or config.max_position_embeddings
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_frequencies(config)[None, :]
+    return angles.cos(), angles.sin()
+
+
+def rms_norm(x, weight, eps):
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def full_rope_index(config: ModelConfig) -> torch.Tensor:
+    return torch.arange(config.head_dim // 2, dtype=torch.int32).repeat(config.num_key_value_heads, 1)
+
+
+class Layer(nn.Module):
+    """One decoder layer with fused projections at its own widths."""
+
+    def __init__(self, config: ModelConfig, widths: LayerWidths, device=None, dtype=None):
+        super().__init__()
+        self.set_widths(config, widths)
+        d = config.hidden_size
+        kw = dict(device=device, dtype=dtype)
+        self.attn_norm = nn.Parameter(torch.ones(d, **kw), requires_grad=False)
+        self.mlp_norm = nn.Parameter(torch.ones(d, **kw), requires_grad=False)
+        self.wqkv = nn.Parameter(torch.zeros(self.qkv_sizes[-1], d, **kw), requires_grad=False)
+        self.wo = nn.Parameter(torch.zeros(d, self.n_head * self.d_v, **kw), requires_grad=False)
+        self.w_gate_up = nn.Parameter(torch.zeros(2 * self.k_mlp, d, **kw), requires_grad=False)
+        self.w_down = nn.Parameter(torch.zeros(d, self.k_mlp, **kw), requires_grad=False)
+        self.register_buffer("freq_idx", torch.zeros(self.n_kv, self.d_qk // 2, dtype=torch.int32, device=device))
+
+    def set_widths(self, config: ModelConfig, widths: LayerWidths):
+        self.n_head, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.k_mlp, self.d_qk, self.d_v = widths.k_mlp, widths.d_qk, widths.d_v
+        q, k = self.n_head * self.d_qk, self.n_kv * self.d_qk
+        self.qkv_sizes = (q, q + k, q + k + self.n_kv * self.d_v)
+
+    # ------------------------------------------------------------ weights i/o
+    def split_weights(self) -> dict[str, torch.Tensor]:
+        """HF-named weights of this layer (views into the fused tensors)."""
+        q_end, k_end, _ = self.qkv_sizes
+        return {
+            "self_attn.q_proj": self.wqkv[:q_end],
+            "self_attn.k_proj": self.wqkv[q_end:k_end],
+            "self_attn.v_proj": self.wqkv[k_end:],
+            "self_attn.o_proj": self.wo,
+            "mlp.gate_proj": self.w_gate_up[: self.k_mlp],
+            "mlp.up_proj": self.w_gate_up[self.k_mlp :],
+            "mlp.down_proj": self.w_down,
+            "input_layernorm": self.attn_norm,
+            "post_attention_layernorm": self.mlp_norm,
+        }
+
+    @torch.no_grad()
+    def load_weights(self, config: ModelConfig, widths: LayerWidths, w: dict[str, torch.Tensor], freq_idx):
+        """Replace this layer's weights (possibly at new widths). `w` maps HF names to tensors."""
+        self.set_widths(config, widths)
+        dev, dt = self.wqkv.device, self.wqkv.dtype
+
+        def param(t):
+            return nn.Parameter(t.to(device=dev, dtype=dt).contiguous(), requires_grad=False)
+
+        self.wqkv = param(torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]))
+        self.wo = param(w["self_attn.o_proj"])
+        self.w_gate_up = param(torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]]))
+        self.w_down = param(w["mlp.down_proj"])
+        self.attn_norm = param(w["input_layernorm"])
+        self.mlp_norm = param(w["post_attention_layernorm"])
+        self.freq_idx = torch.as_tensor(freq_idx, dtype=torch.int32, device=dev).contiguous()
+
+    # ---------------------------------------------------------------- compute
+    def qkv(self, x):
+        """x: [B, T, d] normed -> q [B, T, H, d_qk], k [B, T, H_kv, d_qk], v [B, T, H_kv, d_v]."""
+        B, T, _ = x.shape
+        qkv = F.linear(x, self.wqkv)
+        q_end, k_end, _ = self.qkv_sizes
+        q = qkv[..., :q_end].view(B, T, self.n_head, self.d_qk)
+        k = qkv[..., q_end:k_end].view(B, T, self.n_kv, self.d_qk)
+        v = qkv[..., k_end:].view(B, T, self.n_kv, self.d_v)
+        return q, k, v
+
+    def mlp(self, x):
+        gate_up = F.linear(x, self.w_gate_up)
+        gate, up = gate_up[..., : self.k_mlp], gate_up[..., self.k_mlp :]
+        return F.linear(F.silu(gate) * up, self.w_down)
+
+
+@dataclass
+class KVCache:
+    """Per-layer caches at each layer's widths plus the per-sequence fill level."""
+
+    k: list[torch.Tensor]  # [B, H_kv, S, d_qk] after RoPE
+    v: list[torch.Tensor]  # [B, H_kv, S, d_v]
+    lens: torch.Tensor  # [B] int32 tokens cached
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig, device="cpu", dtype=torch.float32, backend="auto"):
+        super().__init__()
+        self.config = config
+        kw = dict(device=device, dtype=dtype)
+        self.embed = nn.Parameter(torch.zeros(config.vocab_size, config.hidden_size, **kw), requires_grad=False)
+        self.layers = nn.ModuleList(Layer(config, w, **kw) for w in config.layers)
+        self.norm = nn.Parameter(torch.ones(config.hidden_size, **kw), requires_grad=False)
+        if config.tie_word_embeddings:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = nn.Parameter(torch.zeros(config.vocab_size, config.hidden_size, **kw), requires_grad=False)
+        cos, sin = rope_tables(config)
+        # Tables stay float32 at least: float16 angles would lose the high positions.
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.register_buffer("cos", cos.to(device=device, dtype=table_dtype), persistent=False)
+        self.register_buffer("sin", sin.to(device=device, dtype=table_dtype), persistent=False)
+        self.scale = 1.0 / math.sqrt(config.head_dim)  # the original scale: reduced q·k approximates the full one
+        self.backend = kernels.resolve_backend(backend, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def set_backend(self, backend: str) -> str:
+        self.backend = kernels.resolve_backend(backend, self.device)
+        return self.backend
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        if capacity > self.config.max_position_embeddings:
+            raise ValueError(f"cache capacity {capacity} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        kw = dict(device=self.device, dtype=self.dtype)
+        ks = [torch.zeros(batch_size, layer.n_kv, capacity, layer.d_qk, **kw) for layer in self.layers]
+        vs = [torch.zeros(batch_size, layer.n_kv, capacity, layer.d_v, **kw) for layer in self.layers]
+        return KVCache(ks, vs, torch.zeros(batch_size, dtype=torch.int32, device=self.device))
+
+    # ------------------------------------------------------------ full forward
+    def layer_forward(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        """One layer on full sequences starting at position 0, no cache (calibration, perplexity)."""
+        h = h + self.attention_block(layer, h)
+        return h + layer.mlp(rms_norm(h, layer.mlp_norm, self.config.rms_norm_eps))
+
+    def attention_block(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        """Attention sub-block output (before the residual add) for full sequences from position 0."""
+        from modegpt_rt.kernels.reference import apply_rope
+
+        B, T, _ = h.shape
+        q, k, v = layer.qkv(rms_norm(h, layer.attn_norm, self.config.rms_norm_eps))
+        idx = layer.freq_idx.long()
+        c = self.cos[:T][:, idx].to(h.dtype)  # [T, H_kv, d_qk/2]
+        s = self.sin[:T][:, idx].to(h.dtype)
+        G = layer.n_head // layer.n_kv
+        q = apply_rope(q.view(B, T, layer.n_kv, G, layer.d_qk), c[:, :, None], s[:, :, None])
+        q = q.view(B, T, layer.n_head, layer.d_qk)
+        k = apply_rope(k, c, s)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale,
+            enable_gqa=G > 1,
+        )
+        return F.linear(out.transpose(1, 2).reshape(B, T, -1), layer.wo)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> Output:
+        """input_ids [B, T] (all sequences start at position 0) -> Output(logits [B, T, vocab])."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"{input_ids.shape[1]} tokens exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        h = F.embedding(input_ids.to(self.device), self.embed)
+        for layer in self.layers:
+            h = self.layer_forward(layer, h)
+        return Output(self.logits(h))
+
+    def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
+        """See `modegpt_rt.generate.generate`."""
+        from modegpt_rt.generate import generate
+
+        return generate(self, prompts, max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------- cached inference
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, cache: KVCache, new_lens: torch.Tensor | None = None,
+             last_only: bool = True) -> torch.Tensor:
+        """Append input_ids [B, T] (right-padded; new_lens [B] valid counts) to the cache.
+
+        Returns logits [B, vocab] of each sequence's last valid new token (or [B, T, vocab]).
+        """
+        B, T = input_ids.shape
+        if new_lens is None:
+            new_lens = torch.full((B,), T, dtype=torch.int32, device=self.device)
+        if int((cache.lens + new_lens).max()) > cache.capacity:
+            raise ValueError(f"KV cache of {cache.capacity} positions cannot take {T} more tokens")
+        eps = self.config.rms_norm_eps
+        h = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(rms_norm(h, layer.attn_norm, eps))
+            attn = kernels.attention(
+                q, k, v, cache.k[i], cache.v[i], self.cos, self.sin, layer.freq_idx, cache.lens, new_lens,
+                self.scale, backend=self.backend,
+            )
+            h = h + F.linear(attn.reshape(B, T, -1), layer.wo)
+            h = h + layer.mlp(rms_norm(h, layer.mlp_norm, eps))
+        cache.lens += new_lens
+        if last_only:
+            last = (new_lens.long() - 1).clamp(min=0)
+            h = h[torch.arange(B, device=h.device), last]
+        return self.logits(h)

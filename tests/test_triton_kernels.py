@@ -1,0 +1,339 @@
+"""Triton attention kernels against the torch reference, run by the Triton interpreter on CPU.
+
+Every case uses fresh random inputs (its own seed), caches whose unused slots are poisoned
+with NaN (the reference gets a finite poison instead, since its masked matmul would turn
+NaN into NaN outputs), NaN-filled output buffers where a launcher takes `out`, and awkward
+shapes: odd rotary pair counts, d_v != d_qk, GQA ratios 1/3/8, ragged and empty
+sequences, cache lengths that are not multiples of the block size, several decode splits.
+Shapes are small: the interpreter runs every program in Python.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton: kernels are built interpreted
+
+import importlib  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not importable; the Triton kernels cannot be tested")
+
+try:  # the installed package layout
+    from modegpt_rt.kernels import reference, triton_attention
+
+    from modegpt_rt import kernels as kernels_api
+except Exception:  # not installed, or the package __init__ is broken: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import kernels as kernels_api
+    from kernels import reference, triton_attention
+
+if type(triton_attention._prefill_kernel).__name__ != "InterpretedFunction":
+    # imported earlier without TRITON_INTERPRET=1: rebuild the kernels for the interpreter
+    triton_attention = importlib.reload(triton_attention)
+
+REF_POISON = 7.0e3  # finite stand-in for NaN in the reference's caches
+F64_TOL = dict(rtol=1e-9, atol=1e-9)
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor  # NaN in every slot outside [0, cache_lens[b])
+    v_cache: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    freq_idx: torch.Tensor
+    cache_lens: torch.Tensor
+    new_lens: torch.Tensor
+    scale: float
+
+    def args(self, dtype=None):
+        """Kernel arguments (fresh cache copies), tensors cast to `dtype` if given."""
+        cast = (lambda x: x.to(dtype)) if dtype is not None else (lambda x: x)
+        return (
+            cast(self.q), cast(self.k), cast(self.v), cast(self.k_cache).clone(), cast(self.v_cache).clone(),
+            cast(self.cos), cast(self.sin), self.freq_idx, self.cache_lens, self.new_lens, self.scale,
+        )  # fmt: skip
+
+
+def make_case(*, seed, B, T, H, H_kv, d_qk, d_v, S, cache_lens, new_lens, rope_rows=None, qk_view=False):
+    """Random float64 inputs; rope tables are real RoPE tables with extra unused frequencies."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    half, full_half = d_qk // 2, d_qk // 2 + 5
+    rope_rows = rope_rows if rope_rows is not None else S + 1
+    inv_freq = 10000.0 ** (-torch.arange(full_half, dtype=f64) / full_half)
+    angles = torch.arange(rope_rows, dtype=f64)[:, None] * inv_freq
+    freq_idx = torch.stack([torch.randperm(full_half, generator=g)[:half].sort().values for _ in range(H_kv)])
+    if qk_view:  # q/k/v as views into a fused projection output, as a model would pass them
+        fused = torch.randn(B, T, H * d_qk + H_kv * (d_qk + d_v) + 3, generator=g, dtype=f64)
+        q = fused[..., : H * d_qk].view(B, T, H, d_qk)
+        k = fused[..., H * d_qk : (H + H_kv) * d_qk].view(B, T, H_kv, d_qk)
+        v = fused[..., (H + H_kv) * d_qk : (H + H_kv) * d_qk + H_kv * d_v].view(B, T, H_kv, d_v)
+    else:
+        q = torch.randn(B, T, H, d_qk, generator=g, dtype=f64)
+        k = torch.randn(B, T, H_kv, d_qk, generator=g, dtype=f64)
+        v = torch.randn(B, T, H_kv, d_v, generator=g, dtype=f64)
+    cache_lens = torch.tensor(cache_lens, dtype=torch.int32)
+    new_lens = torch.tensor(new_lens, dtype=torch.int32)
+    filled = torch.arange(S)[None, :] < cache_lens[:, None].long()  # [B, S]
+    k_cache = torch.randn(B, H_kv, S, d_qk, generator=g, dtype=f64)
+    v_cache = torch.randn(B, H_kv, S, d_v, generator=g, dtype=f64)
+    k_cache[~filled[:, None, :, None].expand_as(k_cache)] = float("nan")
+    v_cache[~filled[:, None, :, None].expand_as(v_cache)] = float("nan")
+    scale = 1.0 / math.sqrt(d_qk + 3)
+    return Case(q, k, v, k_cache, v_cache, angles.cos(), angles.sin(), freq_idx, cache_lens, new_lens, scale)
+
+
+def reference_run(case: Case):
+    """Reference output and caches in float64; cache slots it does not write stay NaN."""
+    q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale = case.args()
+    poisoned_k, poisoned_v = k_cache.isnan(), v_cache.isnan()
+    k_cache[poisoned_k] = REF_POISON
+    v_cache[poisoned_v] = REF_POISON
+    out = reference.attention(q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale)
+    T = q.shape[1]
+    pos = torch.arange(k_cache.shape[2])[None, :]
+    written = (pos >= cache_lens[:, None]) & (pos < (cache_lens + new_lens.clamp(max=T))[:, None])  # [B, S]
+    k_cache[poisoned_k & ~written[:, None, :, None]] = float("nan")
+    v_cache[poisoned_v & ~written[:, None, :, None]] = float("nan")
+    assert not out.isnan().any()
+    return out, k_cache, v_cache
+
+
+def check(case: Case, out, k_cache, v_cache, tol):
+    ref_out, ref_k, ref_v = reference_run(case)
+    assert not out.isnan().any(), "NaN in the output (unwritten element or a poisoned cache slot was read)"
+    valid = torch.arange(case.q.shape[1])[None, :] < case.new_lens[:, None]
+    assert (out[~valid] == 0).all(), "rows t >= new_lens[b] must be exactly zero"
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    # the caches: written slots match, untouched poisoned slots are still NaN
+    torch.testing.assert_close(k_cache.double(), ref_k, equal_nan=True, **tol)
+    torch.testing.assert_close(v_cache.double(), ref_v, equal_nan=True, **tol)
+
+
+def run_launchers(case: Case, dtype=None, **kw):
+    """rope_append + prefill/decode launcher with a NaN-filled output buffer."""
+    q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale = case.args(dtype)
+    triton_attention.rope_append(k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens)
+    B, T, H, _ = q.shape
+    out = torch.full((B, T, H, v.shape[-1]), float("nan"), dtype=q.dtype)
+    launcher = triton_attention.decode_attention if T == 1 else triton_attention.prefill_attention
+    result = launcher(q, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale, out=out, **kw)
+    assert result is out
+    return out, k_cache, v_cache
+
+
+# --------------------------------------------------------------------------------------
+# prefill
+# --------------------------------------------------------------------------------------
+
+PREFILL_CASES = {
+    # empty cache, G = 3, 23 rotary pairs, ragged lengths
+    "empty_cache_gqa3": dict(B=2, T=7, H=6, H_kv=2, d_qk=46, d_v=17, S=24, cache_lens=[0, 0], new_lens=[7, 4]),
+    # partially filled caches (lengths not multiples of 16), one sequence with no new tokens, G = 8, 1 pair
+    "partial_cache_gqa8": dict(B=3, T=6, H=8, H_kv=1, d_qk=2, d_v=48, S=50, cache_lens=[5, 33, 0], new_lens=[6, 0, 3]),
+    # no GQA, d_v > d_qk, prompt crosses several key tiles
+    "mha_long_prompt": dict(B=2, T=21, H=2, H_kv=2, d_qk=46, d_v=64, S=60, cache_lens=[17, 0], new_lens=[21, 13]),
+    # causal-diagonal tile boundaries: position of each row block's first token + 1 is a multiple of 16 +- 1
+    "tile_edge": dict(B=3, T=10, H=4, H_kv=2, d_qk=6, d_v=5, S=40, cache_lens=[14, 22, 15], new_lens=[10, 9, 10]),
+    # d_qk = 64 with d_v = 48, G = 3, row blocks straddle tokens
+    "wide_gqa3": dict(B=1, T=11, H=3, H_kv=1, d_qk=64, d_v=48, S=40, cache_lens=[19], new_lens=[9]),
+}
+
+
+@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "mulsum"])
+@pytest.mark.parametrize("name", list(PREFILL_CASES))
+def test_triton_prefill_matches_reference_float64(name, use_dot):
+    seed = 100 + list(PREFILL_CASES).index(name) * 2 + use_dot
+    case = make_case(seed=seed, **PREFILL_CASES[name])
+    check(case, *run_launchers(case, use_dot=use_dot), F64_TOL)
+
+
+def test_triton_prefill_block_sizes_float64():
+    case = make_case(seed=7, **PREFILL_CASES["partial_cache_gqa8"])
+    check(case, *run_launchers(case, block_m=32, block_n=32), F64_TOL)
+
+
+def test_triton_prefill_float32():
+    case = make_case(seed=11, **PREFILL_CASES["partial_cache_gqa8"])
+    check(case, *run_launchers(case, dtype=torch.float32), F32_TOL)
+    case = make_case(seed=12, **PREFILL_CASES["empty_cache_gqa3"])
+    check(case, *run_launchers(case, dtype=torch.float32, use_dot=False), F32_TOL)
+
+
+def test_triton_prefill_float16():
+    case = make_case(seed=13, **PREFILL_CASES["empty_cache_gqa3"])
+    out, k_cache, v_cache = run_launchers(case, dtype=torch.float16)
+    ref_out, _, _ = reference_run(case)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=2e-2)
+
+
+# --------------------------------------------------------------------------------------
+# decode
+# --------------------------------------------------------------------------------------
+
+DECODE_CASES = {
+    # G = 1, 23 pairs; the second sequence has no token this step, the third an empty cache
+    "g1": dict(B=3, T=1, H=2, H_kv=2, d_qk=46, d_v=17, S=70, cache_lens=[37, 20, 0], new_lens=[1, 0, 1]),
+    # G = 3 (padded to 4 / 16), d_v > d_qk
+    "g3": dict(B=2, T=1, H=3, H_kv=1, d_qk=46, d_v=64, S=90, cache_lens=[70, 5], new_lens=[1, 1]),
+    # G = 8, one rotary pair, d_v = 48
+    "g8": dict(B=2, T=1, H=16, H_kv=2, d_qk=2, d_v=48, S=60, cache_lens=[59, 44], new_lens=[1, 1]),
+}
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_triton_decode_splits_float64(name, num_splits):
+    seed = 200 + list(DECODE_CASES).index(name) * 10 + num_splits
+    case = make_case(seed=seed, **DECODE_CASES[name])
+    check(case, *run_launchers(case, num_splits=num_splits), F64_TOL)
+
+
+@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "mulsum"])
+@pytest.mark.parametrize("name", ["g1", "g3"])
+def test_triton_decode_dot_and_mulsum_float64(name, use_dot):
+    case = make_case(seed=300 + 2 * (name == "g3") + use_dot, **DECODE_CASES[name])
+    check(case, *run_launchers(case, num_splits=2, use_dot=use_dot), F64_TOL)
+
+
+def test_triton_decode_float32():
+    for i, name in enumerate(DECODE_CASES):
+        case = make_case(seed=400 + i, **DECODE_CASES[name])
+        check(case, *run_launchers(case, dtype=torch.float32, num_splits=1 + i), F32_TOL)
+
+
+def test_triton_decode_half_precision():
+    case = make_case(seed=410, **DECODE_CASES["g3"])
+    out, _, _ = run_launchers(case, dtype=torch.float16, num_splits=2)
+    torch.testing.assert_close(out.double(), reference_run(case)[0], rtol=0, atol=2e-2)
+    # bfloat16 only on the multiply-sum path: the interpreter's tl.dot treats bf16 as raw uint16 bits
+    case = make_case(seed=411, **DECODE_CASES["g3"])
+    out, _, _ = run_launchers(case, dtype=torch.bfloat16, num_splits=2, use_dot=False)
+    torch.testing.assert_close(out.double(), reference_run(case)[0], rtol=0, atol=6e-2)
+
+
+# --------------------------------------------------------------------------------------
+# attention(): the public entry point
+# --------------------------------------------------------------------------------------
+
+
+def test_triton_available_under_interpreter():
+    assert triton_attention.available()
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(B=2, T=5, H=6, H_kv=2, d_qk=46, d_v=17, S=30, cache_lens=[9, 0], new_lens=[5, 2]),
+        dict(B=2, T=1, H=6, H_kv=2, d_qk=46, d_v=17, S=30, cache_lens=[9, 29], new_lens=[1, 1]),
+    ],
+    ids=["prefill", "decode"],
+)
+def test_triton_attention_entry_point_float64(shape):
+    case = make_case(seed=500 + shape["T"], **shape)
+    q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale = case.args()
+    out = triton_attention.attention(q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale)
+    assert out.shape == (shape["B"], shape["T"], shape["H"], shape["d_v"]) and out.dtype == torch.float64
+    check(case, out, k_cache, v_cache, F64_TOL)
+
+
+def test_triton_attention_through_backend_interface():
+    case = make_case(seed=510, B=1, T=4, H=3, H_kv=3, d_qk=6, d_v=5, S=8, cache_lens=[2], new_lens=[4])
+    assert kernels_api.resolve_backend("triton", "cpu") == "triton"
+    q, k, v, k_cache, v_cache, *rest = case.args()
+    out = kernels_api.attention(q, k, v, k_cache, v_cache, *rest, backend="triton")
+    check(case, out, k_cache, v_cache, F64_TOL)
+
+
+def test_triton_strided_inputs_and_clamped_rope_rows():
+    # q/k/v are views of one fused projection; the rope table is shorter than the positions
+    # (the reference clamps the row index, so must the kernels)
+    shape = dict(B=2, T=3, H=4, H_kv=2, d_qk=10, d_v=7, S=20, cache_lens=[12, 3], new_lens=[3, 3])
+    for seed, T in ((520, 3), (521, 1)):
+        case = make_case(seed=seed, **{**shape, "T": T, "new_lens": [T, T]}, rope_rows=9, qk_view=True)
+        assert not case.q.is_contiguous()
+        q, k, v, k_cache, v_cache, *rest = case.args()
+        out = triton_attention.attention(q, k, v, k_cache, v_cache, *rest)
+        check(case, out, k_cache, v_cache, F64_TOL)
+
+
+def test_triton_prefill_then_decode_sequence():
+    """A serving-like sequence of calls on shared caches: chunked prefill, then decode steps."""
+    B, H, H_kv, d_qk, d_v, S = 3, 6, 2, 46, 17, 72
+    base = make_case(seed=600, B=B, T=1, H=H, H_kv=H_kv, d_qk=d_qk, d_v=d_v, S=S, cache_lens=[0] * B, new_lens=[0] * B)
+    ours_k, ours_v = base.k_cache.clone(), base.v_cache.clone()  # all NaN
+    ref_k, ref_v = base.k_cache.nan_to_num(REF_POISON), base.v_cache.nan_to_num(REF_POISON)
+    lens = torch.zeros(B, dtype=torch.int32)
+    steps = [(9, [9, 4, 0]), (5, [5, 2, 3]), (1, [1, 1, 1]), (1, [1, 0, 1]), (1, [1, 1, 1])]
+    g = torch.Generator().manual_seed(601)
+    for T, new in steps:
+        new_lens = torch.tensor(new, dtype=torch.int32)
+        q = torch.randn(B, T, H, d_qk, generator=g, dtype=torch.float64)
+        k = torch.randn(B, T, H_kv, d_qk, generator=g, dtype=torch.float64)
+        v = torch.randn(B, T, H_kv, d_v, generator=g, dtype=torch.float64)
+        rope = (base.cos, base.sin, base.freq_idx, lens, new_lens, base.scale)
+        out = triton_attention.attention(q, k, v, ours_k, ours_v, *rope)
+        ref = reference.attention(q, k, v, ref_k, ref_v, *rope)
+        torch.testing.assert_close(out, ref, **F64_TOL)
+        lens = lens + new_lens
+    filled = (torch.arange(S)[None, :] < lens[:, None])[:, None, :, None]
+    torch.testing.assert_close(ours_k, torch.where(filled, ref_k, float("nan")), equal_nan=True, **F64_TOL)
+    torch.testing.assert_close(ours_v, torch.where(filled, ref_v, float("nan")), equal_nan=True, **F64_TOL)
+
+
+# --------------------------------------------------------------------------------------
+# launch parameters and input checks
+# --------------------------------------------------------------------------------------
+
+
+def test_triton_num_splits_heuristic():
+    choose = triton_attention.choose_num_splits
+    # LLaMA-2-7B decode at batch 256: 8192 programs already fill 132 SMs
+    assert choose(256, 32, 512, 64, 132) == 1
+    # one sequence, long cache: enough splits for 4 programs per SM, at most 64
+    assert choose(1, 16, 32768, 64, 132) == math.ceil(4 * 132 / 16)
+    assert choose(1, 1, 1 << 20, 64, 132) == 64
+    # short cache: at least two tiles per split
+    assert choose(1, 8, 256, 64, 132) == 2
+    assert choose(1, 8, 64, 64, 132) == 1
+
+
+def test_triton_rejects_bad_inputs():
+    case = make_case(seed=700, B=2, T=3, H=4, H_kv=2, d_qk=6, d_v=5, S=8, cache_lens=[2, 0], new_lens=[3, 1])
+    args = list(case.args())
+    attention = triton_attention.attention
+
+    def call(**changes):
+        a = list(args)
+        names = ["q", "k", "v", "k_cache", "v_cache", "cos", "sin", "freq_idx", "cache_lens", "new_lens", "scale"]
+        for key, value in changes.items():
+            a[names.index(key)] = value
+        return attention(*a)
+
+    with pytest.raises(ValueError, match="even"):
+        call(q=args[0][..., :5], k=args[1][..., :5], k_cache=args[3][..., :5], freq_idx=args[7][:, :2])
+    with pytest.raises(ValueError, match="multiple"):
+        call(q=args[0][:, :, :3])
+    with pytest.raises(ValueError, match="freq_idx"):
+        call(freq_idx=args[7][:, :2])
+    with pytest.raises(ValueError, match="freq_idx"):
+        call(freq_idx=args[7] + 100)
+    with pytest.raises(ValueError, match="capacity"):
+        call(cache_lens=torch.tensor([6, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="new_lens"):
+        call(new_lens=torch.tensor([4, 0], dtype=torch.int32))
+    with pytest.raises(ValueError, match="v_cache"):
+        call(v_cache=args[4][:, :, :, :4])
+    with pytest.raises(ValueError, match="dtype"):
+        call(q=args[0].to(torch.int32))

@@ -1,0 +1,393 @@
+"""Tests for modegpt_rt.zeroshot: lm-eval prompt formats on the local data, and batched log-likelihood scoring
+checked against a hand-written unbatched reference on a tiny random LLaMA with an offline byte-level BPE."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    from modegpt_rt import zeroshot
+except Exception:  # package __init__ in flux: load the module file directly
+    _p = Path(__file__).resolve().parents[1] / "modegpt_rt" / "zeroshot.py"
+    _spec = importlib.util.spec_from_file_location("modegpt_rt_zeroshot_standalone", _p)
+    zeroshot = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = zeroshot
+    _spec.loader.exec_module(zeroshot)
+
+
+def _data_dir():
+    try:
+        return zeroshot.find_data_dir()
+    except FileNotFoundError as e:  # pragma: no cover - depends on the checkout
+        pytest.skip(f"zero-shot data not available: {e}")
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    return _data_dir()
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+ARC_E = [
+    (
+        "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer:",
+        [
+            "Sunlight is the source of energy for nearly all ecosystems.",
+            "Most ecosystems are found on land instead of in water.",
+            "Carbon dioxide is more available than other gases.",
+            "The producers in all ecosystems are plants.",
+        ],
+        0,
+    ),
+    (
+        "Question: Which piece of safety equipment is used to keep mold spores from entering the respiratory "
+        "system?\nAnswer:",
+        ["safety goggles", "breathing mask", "rubber gloves", "lead apron"],
+        1,
+    ),
+    (
+        "Question: Meiosis is a type of cell division in which germ cells divide to produce haploid cells. "
+        "Where does meiosis occur?\nAnswer:",
+        ["brain cells", "bone cells", "muscle cells", "ovary cells"],
+        3,
+    ),
+]
+
+ARC_C = [
+    (
+        "Question: An astronomer observes that a planet rotates faster after a meteorite impact. Which is the most "
+        "likely effect of this increase in rotation?\nAnswer:",
+        [
+            "Planetary density will decrease.",
+            "Planetary years will become longer.",
+            "Planetary days will become shorter.",
+            "Planetary gravity will become stronger.",
+        ],
+        2,
+    ),
+    (
+        "Question: A group of engineers wanted to know how different building designs would respond during an "
+        "earthquake. They made several models of buildings and tested each for its ability to withstand "
+        "earthquake conditions. Which will most likely result from testing different building designs?\nAnswer:",
+        [
+            "buildings will be built faster",
+            "buildings will be made safer",
+            "building designs will look nicer",
+            "building materials will be cheaper",
+        ],
+        1,
+    ),
+    (
+        "Question: The end result in the process of photosynthesis is the production of sugar and oxygen. Which "
+        "step signals the beginning of photosynthesis?\nAnswer:",
+        [
+            "Chemical energy is absorbed through the roots.",
+            "Light energy is converted to chemical energy.",
+            "Chlorophyll in the leaf captures light energy.",
+            "Sunlight is converted into chlorophyll.",
+        ],
+        2,
+    ),
+]
+
+PIQA = [
+    (
+        "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:",
+        [
+            "Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips, you "
+            "will also need to supply it with a water bottle and a food dish.",
+            "Provide the guinea pig with a cage full of a few inches of bedding made of ripped jeans material, you "
+            "will also need to supply it with a water bottle and a food dish.",
+        ],
+        0,
+    ),
+    # trailing space and double space are kept, as lm-eval keeps them
+    ("Question: dresser\nAnswer:", ["replace drawer with bobby pin ", "finish, woodgrain with  bobby pin "], 1),
+    (
+        "Question: To fight Ivan Drago in Rocky for sega master system.\nAnswer:",
+        [
+            "Drago isn't in this game because it was released before Rocky IV.",
+            "You have to defeat Apollo Creed and Clubber Lang first.",
+        ],
+        1,
+    ),
+]
+
+HELLASWAG = [
+    (
+        "Roof shingle removal: A man is sitting on a roof. He",
+        [
+            "is using wrap to wrap a pair of skis.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+            "starts pulling up roofing on a roof.",
+        ],
+        3,
+    ),
+    (
+        "Clean and jerk: A lady walks to a barbell. She bends down and grabs the pole. The lady",
+        [
+            "swings and lands in her arms.",
+            "pulls the barbell forward.",
+            "pulls a rope attached to the barbell.",
+            "stands and lifts the weight over her head.",
+        ],
+        3,
+    ),
+    (
+        "Canoeing: Two women in a child are shown in a canoe while a man pulls the canoe while standing in the "
+        "water, with other individuals visible in the background. The child and a different man",
+        [
+            "are then shown paddling down a river in a boat while a woman talks.",
+            "are driving the canoe, they go down the river flowing side to side.",
+            "sit in a canoe while the man paddles.",
+            "walking go down the rapids, while the man in his helicopter almost falls and goes out of canoehood.",
+        ],
+        2,
+    ),
+]
+
+WINOGRANDE = [
+    (
+        ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"],
+        " always got the easier cases.",
+        1,
+    ),
+    (
+        ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"],
+        " always got the harder cases.",
+        0,
+    ),
+    (
+        [
+            "They were worried the wine would ruin the bed and the blanket, but the blanket",
+            "They were worried the wine would ruin the bed and the blanket, but the bed",
+        ],
+        " was't ruined.",
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "task,expected",
+    [("arc_easy", ARC_E), ("arc_challenge", ARC_C), ("piqa", PIQA), ("hellaswag", HELLASWAG)],
+)
+def test_zeroshot_single_context_formats(data_dir, task, expected):
+    docs = zeroshot.load_task(task, data_dir, limit=3)
+    assert len(docs) == 3
+    for doc, (ctx, choices, gold) in zip(docs, expected):
+        assert doc.task == task
+        assert doc.contexts == (ctx,) * len(choices)
+        assert doc.choices == tuple(choices)
+        assert doc.continuations == tuple(" " + c for c in choices)
+        assert doc.requests == [(ctx, " " + c) for c in choices]
+        assert doc.gold == gold
+        assert doc.metrics == ("acc", "acc_norm")
+
+
+def test_zeroshot_winogrande_format(data_dir):
+    docs = zeroshot.load_task("winogrande", data_dir, limit=3)
+    assert len(docs) == 3
+    for doc, (contexts, cont, gold) in zip(docs, WINOGRANDE):
+        assert doc.contexts == tuple(contexts)
+        assert doc.choices == tuple(contexts)
+        assert doc.continuations == (cont, cont)
+        assert doc.gold == gold
+        assert doc.metrics == ("acc",)
+
+
+def test_zeroshot_full_task_sizes(data_dir):
+    sizes = {"arc_easy": (2376, 9501), "arc_challenge": (1172, 4687), "piqa": (1838, 3676),
+             "winogrande": (1267, 2534), "hellaswag": (10042, 40168)}  # fmt: skip
+    for task, (n_docs, n_req) in sizes.items():
+        docs = zeroshot.load_task(task, data_dir)
+        assert len(docs) == n_docs
+        assert sum(len(d.requests) for d in docs) == n_req
+        assert all(0 <= d.gold < len(d.choices) for d in docs)
+    hs = zeroshot.load_task("hellaswag", data_dir)
+    # the ActivityNet rule capitalises ctx_b of exactly the 3,243 ActivityNet items
+    anet = [d for d in hs if d.context.split(": ", 1)[0] not in zeroshot.HELLASWAG_WIKIHOW_LABELS]
+    assert len(anet) == 3243
+    assert sum(d.context.split(". ")[-1][:1].islower() for d in anet) == 0
+
+
+def test_zeroshot_hellaswag_preprocess():
+    pp = zeroshot.hellaswag_preprocess
+    assert pp(" Home: [header] How to x [title] Do y. [step] Z  w ") == "Home: How to x. Do y. Z w"
+    q = zeroshot.hellaswag_query
+    assert q("Roof removal: A man is sitting on a roof. he") == "Roof removal: A man is sitting on a roof. He"
+    # WikiHow items have an empty ctx_b: nothing is capitalised
+    assert q("Family Life: How to x. Call u.s. citizens.") == "Family Life: How to x. Call u.s. citizens."
+
+
+def test_zeroshot_limit_and_errors(data_dir, tmp_path, monkeypatch):
+    a = zeroshot.load_task("piqa", data_dir, limit=5)
+    b = zeroshot.load_task("piqa", data_dir, limit=5)
+    assert a == b and len(a) == 5
+    assert zeroshot.load_task("piqa", data_dir, limit=0) == []
+    with pytest.raises(ValueError, match="arc_easy.*hellaswag"):
+        zeroshot.load_task("boolq", data_dir)
+    # env var wins
+    monkeypatch.setenv("MODEGPT_DATA", str(data_dir))
+    assert zeroshot.find_data_dir() == Path(data_dir)
+    monkeypatch.setenv("MODEGPT_DATA", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="MODEGPT_DATA"):
+        zeroshot.find_data_dir()
+    monkeypatch.delenv("MODEGPT_DATA")
+    # walking up from a start directory finds the nearest shared/data
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    assert zeroshot.find_data_dir(deep) == tmp_path / "shared" / "data"
+    with pytest.raises(FileNotFoundError, match="missing data file"):
+        zeroshot.load_task("arc_easy", tmp_path / "shared" / "data")
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def _all_docs(data_dir, limit=3):
+    return [d for t in zeroshot.TASKS for d in zeroshot.load_task(t, data_dir, limit=limit)]
+
+
+@pytest.fixture(scope="module")
+def tiny(data_dir):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = []
+    for d in _all_docs(data_dir, limit=20):
+        corpus.extend(c + k for c, k in d.requests)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger logits so the choices are well separated
+        model.lm_head.weight.mul_(20.0)
+    return model, tok
+
+
+class _PlainModel(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids):
+        return self.inner(input_ids)
+
+
+def _manual_ll(model, tok, context, continuation, max_length=None):
+    """lm-eval's loglikelihood for one request, unbatched: move trailing spaces, encode, one forward."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = tok.encode(context, add_special_tokens=False)
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    cont = whole[len(ctx) :]
+    full = ctx + cont
+    if max_length is not None:
+        full = full[-(max_length + 1) :]
+    inp = torch.tensor([full[:-1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(inp).logits[0].double(), dim=-1)
+    L = inp.shape[1]
+    return sum(float(logp[L - len(cont) + j, t]) for j, t in enumerate(cont))
+
+
+def test_zeroshot_encode_pairs_trailing_space(tiny):
+    _, tok = tiny
+    (c1, k1), (c2, k2) = zeroshot.encode_pairs(tok, [("Question: dresser\nAnswer: ", "x"), ("Answer:", " x")])
+    assert c1 == tok.encode("Question: dresser\nAnswer:", add_special_tokens=False)
+    whole = tok.encode("Question: dresser\nAnswer: x", add_special_tokens=False)
+    assert k1 == whole[len(c1) :]
+    assert tok.decode(k1) == " x" and tok.decode(k2) == " x"
+    # no BOS by default (lm-eval default); add_bos=True prepends it when the tokenizer has one
+    assert zeroshot.encode_pairs(tok, [("a", " b")], add_bos=None)[0][0] == tok.encode("a", add_special_tokens=False)
+    with pytest.raises(ValueError, match="bos"):
+        zeroshot.encode_pairs(tok, [("a", " b")], add_bos=True)
+    # empty context -> one EOS token as context (lm-eval uses the prefix token)
+    assert zeroshot.encode_pairs(tok, [("", "a b")])[0][0] == [tok.eos_token_id]
+
+
+def test_zeroshot_loglikelihoods_match_manual(tiny, data_dir):
+    model, tok = tiny
+    pairs = [p for d in _all_docs(data_dir) for p in d.requests]
+    pairs += [("Question: dresser\nAnswer: ", "replace"), ("Question: dresser\nAnswer:", " replace")]
+    pairs += pairs[:5]  # duplicates
+    expected = [_manual_ll(model, tok, c, k) for c, k in pairs]
+    plain = _PlainModel(model)  # only model(input_ids) -> .logits, no logits_to_keep
+    assert zeroshot._accepts_logits_to_keep(model) and not zeroshot._accepts_logits_to_keep(plain)
+    for m, bs in ((model, 1), (model, 7), (model, 16), (plain, 16)):
+        got = zeroshot.loglikelihoods(m, tok, pairs, batch_size=bs)
+        assert len(got) == len(pairs)
+        for g, e in zip(got, expected):
+            assert abs(g - e) < 1e-5, (g, e)
+    # trailing space moved onto the continuation: both spellings score identically
+    assert abs(expected[-7] - expected[-6]) < 1e-9
+    # left truncation to max_length
+    enc = zeroshot.encode_pairs(tok, pairs)
+    long_pairs = [p for p, (c, k) in zip(pairs, enc) if len(k) <= 24 < len(c) + len(k) - 1]
+    assert len(long_pairs) >= 10
+    got = zeroshot.loglikelihoods(model, tok, long_pairs, batch_size=5, max_length=24)
+    for (c, k), g in zip(long_pairs, got):
+        assert abs(g - _manual_ll(model, tok, c, k, max_length=24)) < 1e-5
+
+
+def test_zeroshot_evaluate_limit3(tiny, data_dir):
+    model, tok = tiny
+    res = zeroshot.evaluate(model, tok, zeroshot.TASKS, limit=3, batch_size=6, progress=False, data_dir=data_dir)
+    accs, norms = [], []
+    for task in zeroshot.TASKS:
+        docs = zeroshot.load_task(task, data_dir, limit=3)
+        hits = hits_norm = 0
+        for d in docs:
+            lls = [_manual_ll(model, tok, c, k) for c, k in d.requests]
+            assert len(set(round(x, 4) for x in lls)) == len(lls)  # no near-ties: argmax is well defined
+            hits += max(range(len(lls)), key=lambda i: lls[i]) == d.gold
+            normed = [x / len(c) for x, c in zip(lls, d.choices)]
+            hits_norm += max(range(len(normed)), key=lambda i: normed[i]) == d.gold
+        r = res["tasks"][task]
+        assert r["n"] == 3
+        assert r["n_requests"] == sum(len(d.requests) for d in docs)
+        assert r["acc"] == pytest.approx(hits / 3)
+        accs.append(hits / 3)
+        if task == "winogrande":
+            assert "acc_norm" not in r
+            norms.append(hits / 3)
+        else:
+            assert r["acc_norm"] == pytest.approx(hits_norm / 3)
+            norms.append(hits_norm / 3)
+    assert res["average"] == pytest.approx(sum(accs) / len(accs))
+    assert res["average_norm"] == pytest.approx(sum(norms) / len(norms))
+    assert math.isfinite(res["seconds"])
+    assert "average" in zeroshot.format_results(res)
