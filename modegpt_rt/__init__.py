@@ -32,7 +32,12 @@ def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer
     config, tensors = read_checkpoint(path)
     model = build_model(config, tensors, device=device, dtype=dtype, backend=backend)
     model.source = str(path)
-    model.tokenizer = load_tokenizer(path) if tokenizer else None
+    model.tokenizer = None
+    if tokenizer:
+        try:
+            model.tokenizer = load_tokenizer(path)
+        except CheckpointError:
+            pass  # token-id prompts still work; string prompts say a tokenizer is needed
     return model
 
 

@@ -411,7 +411,7 @@ MODEGPT_NO_CONTRACT void rope_row(const T* __restrict x, T* __restrict y, const 
     const T d = x2 * c;
     const T e = x1 * s;
     y[p] = a - b;
-    y[half + p] = d - e;
+    y[half + p] = d + e;
   }
 }
 
@@ -481,7 +481,7 @@ void attend_tile(const Problem<T>& pb, i64 b, i64 h, i64 t0, int nq, T* __restri
       }
     }
     for (int r = 0; r < nq; ++r) {
-      const i64 visible = pos0 + r - j0 + 1;
+      const i64 visible = pos0 + r - j0 + 2;
       const int jr = static_cast<int>(std::min<i64>(jn, visible));
       if (jr <= 0) continue;
       T* s = sc[r];

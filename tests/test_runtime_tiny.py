@@ -1,0 +1,204 @@
+"""The runtime and checkpoint contract on tiny random models."""
+
+import json
+
+import pytest
+import torch
+
+import modegpt_rt
+from modegpt_rt.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from modegpt_rt.compressor.compress import CompressOptions, compress
+from modegpt_rt.config import ConfigError
+
+
+def _hf_logits(path, ids):
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+def test_hf_folder_matches_transformers(tiny_hf_dir):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    ids = torch.randint(0, 97, (3, 40))
+    assert (model(ids).logits - _hf_logits(tiny_hf_dir, ids)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_cached_steps_match_full_forward_ragged(tiny_hf_dir, backend):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    if backend == "cpu":
+        from modegpt_rt.kernels import cpu
+
+        if not cpu.available():
+            pytest.fail(f"C++ kernel not built: {cpu.load_error()}")
+        model.set_backend("cpu")
+    torch.manual_seed(1)
+    lens = [7, 12, 3]
+    seqs = [torch.randint(0, 97, (n + 5,)) for n in lens]
+    cache = model.new_cache(3, 40)
+    batch = torch.zeros(3, max(lens), dtype=torch.long)
+    for i, n in enumerate(lens):
+        batch[i, :n] = seqs[i][:n]
+    first = model.step(batch, cache, torch.tensor(lens, dtype=torch.int32))
+    outs = [first]
+    for t in range(5):
+        nxt = torch.stack([seqs[i][lens[i] + t] for i in range(3)])[:, None]
+        outs.append(model.step(nxt, cache, torch.ones(3, dtype=torch.int32)))
+    for i, n in enumerate(lens):
+        full = model(seqs[i][None]).logits[0]
+        for t in range(6):
+            assert torch.allclose(outs[t][i], full[n - 1 + t], atol=1e-4), (i, t)
+
+
+def test_rate_zero_reproduces_logits_and_roundtrips(tiny_hf_dir, tmp_path):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    ids = torch.randint(0, 97, (2, 30))
+    before = model(ids).logits
+    calib = torch.randint(0, 97, (4, 32))
+    compress(model, calib, CompressOptions(rate=0.0), progress=False)
+    assert (model(ids).logits - before).abs().max() < 1e-5
+    save_checkpoint(model, tmp_path / "ckpt")
+    again = modegpt_rt.load(tmp_path / "ckpt", backend="torch")
+    assert (again(ids).logits - before).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("opts", [
+    dict(rate=0.3), dict(rate=0.4, allocation="uniform"), dict(rate=0.3, split=True),
+    dict(rate=0.25, value_method="b1"), dict(rate=0.3, multiples="16,2,4"),
+])
+def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, opts):
+    from modegpt_rt.compressor.widths import Multiples
+
+    opts = dict(opts)
+    if "multiples" in opts:
+        opts["multiples"] = Multiples.parse(opts["multiples"])
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    dense_params = model.config.total_params()
+    ids = torch.randint(0, 97, (2, 24))
+    dense_logits = model(ids).logits
+    calib = torch.randint(0, 97, (8, 32))
+    report = compress(model, calib, CompressOptions(**opts, bi_samples=4), progress=False)
+    assert report["achieved_rate"] == pytest.approx(opts["rate"], abs=0.06)
+    assert model.config.total_params() < dense_params
+    assert all(w.d_qk % 2 == 0 for w in model.config.layers)
+    out = save_checkpoint(model, tmp_path / "c")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["compression"]["target_rate"] == opts["rate"] and len(cfg["layers"]) == 3
+    loaded = modegpt_rt.load(out, backend="torch")
+    logits = loaded(ids).logits
+    assert torch.allclose(logits, model(ids).logits, atol=1e-5)
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, dense_logits, atol=1e-3)
+
+
+def test_compress_rejects_bad_options(tiny_hf_dir):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    for bad in (dict(rate=-0.1), dict(rate=0.96), dict(rate=0.3, allocation="nope"), dict(rate=0.2, ridge=0)):
+        with pytest.raises(ValueError):
+            compress(model, torch.randint(0, 97, (2, 8)), CompressOptions(**bad), progress=False)
+
+
+def _compressed_ckpt(tiny_hf_dir, tmp_path):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    compress(model, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
+    return save_checkpoint(model, tmp_path / "c")
+
+
+def test_checkpoint_validation_names_tensor_and_shapes(tiny_hf_dir, tmp_path):
+    out = _compressed_ckpt(tiny_hf_dir, tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["layers"][1]["d_v"] -= 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.v_proj.weight has shape"):
+        read_checkpoint(out)
+
+
+def test_truncated_weights_give_clear_error(tiny_hf_dir, tmp_path):
+    out = _compressed_ckpt(tiny_hf_dir, tmp_path)
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint(out)
+
+
+def test_bad_config_and_paths(tiny_hf_dir, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        modegpt_rt.load(tmp_path / "missing")
+    (tmp_path / "opt").mkdir()
+    (tmp_path / "opt" / "config.json").write_text(json.dumps({"model_type": "opt"}))
+    with pytest.raises(ConfigError, match="unsupported architecture"):
+        modegpt_rt.load(tmp_path / "opt")
+    (tmp_path / "pickled").mkdir()
+    cfg = json.loads((tiny_hf_dir / "config.json").read_text())
+    (tmp_path / "pickled" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="only safetensors"):
+        modegpt_rt.load(tmp_path / "pickled")
+
+
+def test_save_is_atomic_and_refuses_existing(tiny_hf_dir, tmp_path):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    out = save_checkpoint(model, tmp_path / "c")
+    with pytest.raises(FileExistsError):
+        save_checkpoint(model, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    class Boom(Exception):
+        pass
+
+    class BadTokenizer:
+        def save_pretrained(self, path):
+            raise Boom()
+
+    with pytest.raises(Boom):
+        save_checkpoint(model, out, tokenizer=BadTokenizer(), overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before  # the old checkpoint is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temp dirs left behind
+
+
+def test_generate_validates_input(tiny_hf_dir):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    for kwargs in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            model.generate([[1, 2, 3]], **{"max_new_tokens": 4, **kwargs})
+    with pytest.raises(ValueError, match="empty"):
+        model.generate([[]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="context"):
+        model.generate([[1] * 120], max_new_tokens=20)
+
+
+def test_generate_sampling_is_seeded_and_batched(tiny_hf_dir):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    a = model.generate(prompts, max_new_tokens=6, temperature=0.8, top_k=20, top_p=0.9, seed=3, ignore_eos=True)
+    b = model.generate(prompts, max_new_tokens=6, temperature=0.8, top_k=20, top_p=0.9, seed=3, ignore_eos=True)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert all(len(r.token_ids) == 6 and r.finish_reason == "length" for r in a)
+    greedy_batch = model.generate(prompts, max_new_tokens=6, temperature=0, ignore_eos=True)
+    for p, r in zip(prompts, greedy_batch):
+        alone = model.generate([p], max_new_tokens=6, temperature=0, ignore_eos=True)[0]
+        assert alone.token_ids == r.token_ids
+    stop_at = greedy_batch[0].token_ids[2]
+    stopped = model.generate([prompts[0]], max_new_tokens=6, temperature=0, stop=[stop_at], ignore_eos=True)[0]
+    assert stopped.finish_reason == "stop" and stop_at not in stopped.token_ids
+
+
+def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = _compressed_ckpt(tiny_hf_dir, tmp_path)
+    ours = modegpt_rt.load(out, backend="torch")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(3, 97, (2, 10))
+    assert torch.allclose(hf(ids).logits, ours(ids).logits, atol=1e-5)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert gen.shape == (2, 15)
+    own = ours.generate([ids[0].tolist(), ids[1, 4:].tolist()], max_new_tokens=5, temperature=0, ignore_eos=True)
+    eos = set(ours.config.eos_ids)
+    for i in range(2):
+        hf_new = gen[i, 10:].tolist()
+        n = next((j for j, t in enumerate(hf_new) if t in eos), 5)
+        assert hf_new[:n] == own[i].token_ids[:n]
