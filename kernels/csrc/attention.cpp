@@ -42,9 +42,8 @@ using i64 = std::int64_t;
 
 namespace {
 
-constexpr int kQB = 4;            // query rows per register tile in prefill
-constexpr int kKC = 64;           // keys per online-softmax chunk
-constexpr i64 kMaxStackD = 256;   // d_qk up to this uses a stack buffer for the rotated queries
+constexpr int kKC = 128;          // keys per online-softmax chunk
+constexpr i64 kMaxStackD = 256;   // d_qk, d_v up to this use stack scratch buffers
 constexpr double kParallelWork = 3.0e4;  // below this many multiply-adds, stay on one thread
 
 template <typename T>
@@ -428,85 +427,167 @@ inline void write_cache_row(const Problem<T>& pb, i64 b, i64 t, i64 g) {
   std::memcpy(vdst, vs, sizeof(T) * static_cast<size_t>(pb.d_v));
 }
 
-// Attention for QB consecutive valid queries t0..t0+nq-1 (nq <= QB) of head h in sequence b.
-// qbuf: scratch for QB rotated query rows [QB, d_qk]. Accumulates straight into the out rows.
-template <typename T, int QB>
-void attend_tile(const Problem<T>& pb, i64 b, i64 h, i64 t0, int nq, T* __restrict qbuf) {
+// pv for four rows sharing the value rows: a_r[0:d_v] += sum_j p[r][j] * V[j, 0:d_v], j < n.
+// Each value row is loaded once per register block and used by all four rows.
+template <typename T>
+inline void pv_accumulate4(T* const* a, const T (*p)[kKC], const T* __restrict V, i64 ldv, int n, i64 d_v) {
+  constexpr int L = Lanes<T>::value;
+  T* __restrict a0 = a[0];
+  T* __restrict a1 = a[1];
+  T* __restrict a2 = a[2];
+  T* __restrict a3 = a[3];
+  i64 i0 = 0;
+  for (; i0 + L <= d_v; i0 += L) {
+    T c0[L], c1[L], c2[L], c3[L];
+    for (int l = 0; l < L; ++l) {
+      c0[l] = a0[i0 + l];
+      c1[l] = a1[i0 + l];
+      c2[l] = a2[i0 + l];
+      c3[l] = a3[i0 + l];
+    }
+    for (int j = 0; j < n; ++j) {
+      const T* vr = V + j * ldv + i0;
+      const T p0 = p[0][j], p1 = p[1][j], p2 = p[2][j], p3 = p[3][j];
+      for (int l = 0; l < L; ++l) {
+        c0[l] += p0 * vr[l];
+        c1[l] += p1 * vr[l];
+        c2[l] += p2 * vr[l];
+        c3[l] += p3 * vr[l];
+      }
+    }
+    for (int l = 0; l < L; ++l) {
+      a0[i0 + l] = c0[l];
+      a1[i0 + l] = c1[l];
+      a2[i0 + l] = c2[l];
+      a3[i0 + l] = c3[l];
+    }
+  }
+  if (i0 < d_v) {
+    for (int j = 0; j < n; ++j) {
+      const T* vr = V + j * ldv;
+      for (i64 i = i0; i < d_v; ++i) {
+        a0[i] += p[0][j] * vr[i];
+        a1[i] += p[1][j] * vr[i];
+        a2[i] += p[2][j] * vr[i];
+        a3[i] += p[3][j] * vr[i];
+      }
+    }
+  }
+}
+
+// Rotated, pre-scaled query row of (b, t, h) at position pos into qr.
+template <typename T>
+inline void load_query(const Problem<T>& pb, i64 b, i64 t, i64 h, i64 pos, T* qr) {
+  const i64 g = h / pb.G;
+  const i64 prow = std::min(pos, pb.P - 1);
+  const T* x = pb.q + ((b * pb.T_ + t) * pb.H + h) * pb.d_qk;
+  rope_row(x, qr, pb.cos + prow * pb.R, pb.sin + prow * pb.R, pb.freq_idx + g * pb.half, pb.half);
+  scal(qr, pb.scale, pb.d_qk);
+}
+
+// Online-softmax update of one row for a chunk: s[0:jr) are its visible scores (jr >= 1), turned
+// into probabilities in place; rescales the row's accumulator when the running max grows.
+template <typename T>
+inline void softmax_chunk(T* s, int jr, T& m, T& l, T* acc, i64 d_v) {
+  const T cm = max_of(s, jr, m);
+  const T alpha = std::exp(m - cm);  // 0 on the first chunk (m = -inf)
+  exp_sub(s, jr, cm);
+  const T sum = sum_of(s, jr);
+  if (l != T(0) && alpha != T(1)) scal(acc, alpha, d_v);
+  l = l * alpha + sum;
+  m = cm;
+}
+
+// One query row (b, t, h): the decode path. Keys are scored four at a time.
+template <typename T>
+void attend_row(const Problem<T>& pb, i64 b, i64 t, i64 h, T* __restrict qbuf) {
   const i64 g = h / pb.G;
   const i64 d_qk = pb.d_qk, d_v = pb.d_v;
-  const i64 pos0 = static_cast<i64>(pb.cache_lens[b]) + t0;
-  const std::int32_t* fidx = pb.freq_idx + g * pb.half;
-  const T scale = pb.scale;
+  const i64 pos = static_cast<i64>(pb.cache_lens[b]) + t;
+  load_query(pb, b, t, h, pos, qbuf);
+  T* acc = pb.out + ((b * pb.T_ + t) * pb.H + h) * d_v;
+  zero(acc, d_v);
+  T m = -std::numeric_limits<T>::infinity(), l = T(0);
+  const T* kbase = pb.k_cache + (b * pb.H_kv + g) * pb.S * d_qk;
+  const T* vbase = pb.v_cache + (b * pb.H_kv + g) * pb.S * d_v;
+  const i64 nkeys = pos + 1;
+  alignas(64) T s[kKC];
+  for (i64 j0 = 0; j0 < nkeys; j0 += kKC) {
+    const int jn = static_cast<int>(std::min<i64>(kKC, nkeys - j0));
+    const T* kc = kbase + j0 * d_qk;
+    int j = 0;
+    for (; j + 4 <= jn; j += 4)
+      dot4(qbuf, qbuf, qbuf, qbuf, kc + j * d_qk, kc + (j + 1) * d_qk, kc + (j + 2) * d_qk, kc + (j + 3) * d_qk, d_qk,
+           s + j);
+    for (; j < jn; ++j) s[j] = dot(qbuf, kc + j * d_qk, d_qk);
+    softmax_chunk(s, jn, m, l, acc, d_v);
+    pv_accumulate(acc, s, vbase + j0 * d_v, d_v, jn, d_v);
+  }
+  scal(acc, T(1) / l, d_v);
+}
 
-  T* acc[QB];
-  T m[QB], l[QB];
-  for (int r = 0; r < QB; ++r) {
+// Up to four query rows of one KV group (b, g), given as (t, h) pairs: each key and value row is
+// loaded once for all of them. Rows r >= nr are padding (zero query, scratch accumulator).
+template <typename T>
+void attend_rows4(const Problem<T>& pb, i64 b, i64 g, const i64* t_of, const i64* h_of, int nr,
+                  T* __restrict qbuf, T* __restrict scratch) {
+  const i64 d_qk = pb.d_qk, d_v = pb.d_v;
+  T* acc[4];
+  i64 pos[4];
+  T m[4], l[4];
+  i64 max_pos = 0;
+  for (int r = 0; r < 4; ++r) {
     T* qr = qbuf + r * d_qk;
-    if (r < nq) {
-      const i64 prow = std::min(pos0 + r, pb.P - 1);
-      const T* x = pb.q + ((b * pb.T_ + t0 + r) * pb.H + h) * d_qk;
-      rope_row(x, qr, pb.cos + prow * pb.R, pb.sin + prow * pb.R, fidx, pb.half);
-      scal(qr, scale, d_qk);
-      acc[r] = pb.out + ((b * pb.T_ + t0 + r) * pb.H + h) * d_v;
-      zero(acc[r], d_v);
+    if (r < nr) {
+      pos[r] = static_cast<i64>(pb.cache_lens[b]) + t_of[r];
+      load_query(pb, b, t_of[r], h_of[r], pos[r], qr);
+      acc[r] = pb.out + ((b * pb.T_ + t_of[r]) * pb.H + h_of[r]) * d_v;
+      max_pos = std::max(max_pos, pos[r]);
     } else {
+      pos[r] = -1;
       zero(qr, d_qk);
-      acc[r] = nullptr;
+      acc[r] = scratch;
     }
+    zero(acc[r], d_v);
     m[r] = -std::numeric_limits<T>::infinity();
     l[r] = T(0);
   }
 
   const T* kbase = pb.k_cache + (b * pb.H_kv + g) * pb.S * d_qk;
   const T* vbase = pb.v_cache + (b * pb.H_kv + g) * pb.S * d_v;
-  const i64 nkeys = pos0 + nq;  // row r sees keys 0 .. pos0 + r
-  alignas(64) T sc[QB][kKC];
+  const i64 nkeys = max_pos + 1;
+  alignas(64) T sc[4][kKC];
+  const T* q0 = qbuf;
+  const T* q1 = qbuf + d_qk;
+  const T* q2 = qbuf + 2 * d_qk;
+  const T* q3 = qbuf + 3 * d_qk;
 
   for (i64 j0 = 0; j0 < nkeys; j0 += kKC) {
     const int jn = static_cast<int>(std::min<i64>(kKC, nkeys - j0));
     const T* kc = kbase + j0 * d_qk;
-    if constexpr (QB == 1) {
-      int j = 0;
-      for (; j + 4 <= jn; j += 4)
-        dot4(qbuf, qbuf, qbuf, qbuf, kc + j * d_qk, kc + (j + 1) * d_qk, kc + (j + 2) * d_qk, kc + (j + 3) * d_qk,
-             d_qk, sc[0] + j);
-      for (; j < jn; ++j) sc[0][j] = dot(qbuf, kc + j * d_qk, d_qk);
-    } else {
-      static_assert(QB == 4, "prefill tiles are 4 query rows");
-      for (int j = 0; j < jn; ++j) {
-        const T* kr = kc + j * d_qk;
-        T res[4];
-        dot4(qbuf, qbuf + d_qk, qbuf + 2 * d_qk, qbuf + 3 * d_qk, kr, kr, kr, kr, d_qk, res);
-        for (int r = 0; r < 4; ++r) sc[r][j] = res[r];
-      }
+    for (int j = 0; j < jn; ++j) {
+      const T* kr = kc + j * d_qk;
+      T res[4];
+      dot4(q0, q1, q2, q3, kr, kr, kr, kr, d_qk, res);
+      sc[0][j] = res[0];
+      sc[1][j] = res[1];
+      sc[2][j] = res[2];
+      sc[3][j] = res[3];
     }
-    for (int r = 0; r < nq; ++r) {
-      const i64 visible = pos0 + r - j0 + 2;
-      const int jr = static_cast<int>(std::min<i64>(jn, visible));
-      if (jr <= 0) continue;
-      T* s = sc[r];
-      const T cm = max_of(s, jr, m[r]);
-      const T alpha = std::exp(m[r] - cm);  // 0 on the first chunk (m = -inf)
-      exp_sub(s, jr, cm);
-      const T sum = sum_of(s, jr);
-      if (l[r] != T(0) && alpha != T(1)) scal(acc[r], alpha, d_v);
-      l[r] = l[r] * alpha + sum;
-      m[r] = cm;
-      pv_accumulate(acc[r], s, vbase + j0 * d_v, d_v, jr, d_v);
+    for (int r = 0; r < 4; ++r) {
+      const int jr = static_cast<int>(std::max<i64>(0, std::min<i64>(jn, pos[r] - j0 + 1)));  // visible keys
+      if (jr > 0) softmax_chunk(sc[r], jr, m[r], l[r], acc[r], d_v);
+      for (int j = jr; j < jn; ++j) sc[r][j] = T(0);  // masked (causal) or padding
     }
+    pv_accumulate4(acc, sc, vbase + j0 * d_v, d_v, jn, d_v);
   }
-  for (int r = 0; r < nq; ++r) scal(acc[r], T(1) / l[r], d_v);
+  for (int r = 0; r < nr; ++r) scal(acc[r], T(1) / l[r], d_v);
 }
 
 template <typename T>
 void run(const Problem<T>& pb) {
-  const i64 B = pb.B, T_ = pb.T_, H = pb.H;
+  const i64 B = pb.B, T_ = pb.T_, H = pb.H, G = pb.G, H_kv = pb.H_kv;
   if (B == 0 || T_ == 0 || H == 0) return;
-  const bool decode = T_ == 1;
-  const i64 TB = decode ? 1 : kQB;  // queries per work item
-  const i64 nblk = (T_ + TB - 1) / TB;
-  const i64 n_items = B * H * nblk;
-  const i64 n_rows = B * pb.H_kv * T_;
 
   // Rough multiply-add count, to keep tiny calls on one thread.
   double work = 0.0;
@@ -521,8 +602,20 @@ void run(const Problem<T>& pb) {
   max_threads = omp_get_max_threads();
 #endif
   const bool parallel = max_threads > 1 && work >= kParallelWork;
-  std::vector<T> heap_q;  // only when d_qk is too wide for the stack buffer
-  if (pb.d_qk > kMaxStackD) heap_q.resize(static_cast<size_t>(max_threads) * kQB * pb.d_qk);
+
+  // Work items. Prefill: tiles of 4 rows (t, head-in-group), t-major, of one KV group, so each
+  // key and value row is loaded once per tile. Decode: one item per (b, h); grouping the heads of
+  // a KV group did not pay off there (the dot products are FMA-bound, and a padded 4th row costs
+  // more than the shared loads save), and per-head items keep two threads busy at batch 1.
+  const i64 rows_per_group = T_ * G;
+  const i64 tiles = (rows_per_group + 3) / 4;
+  const bool grouped = T_ > 1;
+  const i64 n_items = grouped ? B * H_kv * tiles : B * H;
+  const i64 n_rows = B * H_kv * T_;
+
+  const size_t scratch_per_thread = static_cast<size_t>(4 * pb.d_qk + pb.d_v);
+  std::vector<T> heap;  // only when the rows are too wide for the stack buffer
+  if (pb.d_qk > kMaxStackD || pb.d_v > kMaxStackD) heap.resize(static_cast<size_t>(max_threads) * scratch_per_thread);
 
 #pragma omp parallel if (parallel)
   {
@@ -530,36 +623,48 @@ void run(const Problem<T>& pb) {
 #ifdef _OPENMP
     tid = omp_get_thread_num();
 #endif
-    alignas(64) T qstack[kQB * kMaxStackD];
-    T* qbuf = pb.d_qk > kMaxStackD ? heap_q.data() + static_cast<size_t>(tid) * kQB * pb.d_qk : qstack;
+    alignas(64) T stack_buf[5 * kMaxStackD];
+    T* qbuf = heap.empty() ? stack_buf : heap.data() + static_cast<size_t>(tid) * scratch_per_thread;
+    T* scratch = qbuf + 4 * pb.d_qk;
 
     // Phase 1: rotate the new keys and append keys/values to the cache.
 #pragma omp for schedule(static)
     for (i64 i = 0; i < n_rows; ++i) {
       const i64 t = i % T_;
       const i64 bg = i / T_;
-      const i64 b = bg / pb.H_kv, g = bg % pb.H_kv;
+      const i64 b = bg / H_kv, g = bg % H_kv;
       if (t < pb.new_lens[b]) write_cache_row(pb, b, t, g);
     }
     // (implicit barrier: every key is in the cache before anyone attends)
 
-    // Phase 2: attention, one work item per (b, h, block of TB queries).
+    // Phase 2: attention.
 #pragma omp for schedule(dynamic, 1)
     for (i64 i = 0; i < n_items; ++i) {
-      const i64 blk = i % nblk;
-      const i64 bh = i / nblk;
-      const i64 b = bh / H, h = bh % H;
-      const i64 t0 = blk * TB;
-      const i64 t1 = std::min(t0 + TB, T_);
-      const i64 n = pb.new_lens[b];
-      const i64 tv = std::min(t1, n);  // valid rows are t0 .. tv-1
-      if (tv > t0) {
-        if (decode)
-          attend_tile<T, 1>(pb, b, h, t0, 1, qbuf);
+      if (grouped) {
+        const i64 tile = i % tiles;
+        const i64 bg = i / tiles;
+        const i64 b = bg / H_kv, g = bg % H_kv;
+        const i64 n = pb.new_lens[b];
+        i64 t_of[4], h_of[4];
+        int nr = 0;
+        for (i64 rho = tile * 4; rho < std::min(tile * 4 + 4, rows_per_group); ++rho) {
+          const i64 t = rho / G, h = g * G + rho % G;
+          if (t < n) {
+            t_of[nr] = t;
+            h_of[nr] = h;
+            ++nr;
+          } else {
+            zero(pb.out + ((b * T_ + t) * H + h) * pb.d_v, pb.d_v);
+          }
+        }
+        if (nr > 0) attend_rows4(pb, b, g, t_of, h_of, nr, qbuf, scratch);
+      } else {
+        const i64 b = i / H, h = i % H;
+        if (pb.new_lens[b] > 0)
+          attend_row(pb, b, 0, h, qbuf);
         else
-          attend_tile<T, kQB>(pb, b, h, t0, static_cast<int>(tv - t0), qbuf);
+          zero(pb.out + (b * H + h) * pb.d_v, pb.d_v);
       }
-      for (i64 t = std::max(t0, tv); t < t1; ++t) zero(pb.out + ((b * T_ + t) * H + h) * pb.d_v, pb.d_v);
     }
   }
 }

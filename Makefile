@@ -1,0 +1,24 @@
+# The two commands of the README.
+#   make demo   set up from nothing, compress SmolLM2-135M by 30%, evaluate it, generate with it
+#   make test   set up from nothing and run the test suite
+SAMPLES ?= 128
+SEQLEN ?= 2048
+RATE ?= 0.3
+OUT ?= out/smollm2-$(RATE)
+VENV := .venv/bin
+
+.PHONY: setup demo test lint
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/modegpt compress --rate $(RATE) --samples $(SAMPLES) --seqlen $(SEQLEN) --out $(OUT) --overwrite
+	$(VENV)/modegpt eval ppl $(OUT) --limit 16
+	$(VENV)/modegpt generate $(OUT) "The history of the Roman Empire" --max-new-tokens 48
+
+test: setup
+	$(VENV)/python -m pytest -q -p no:cacheprovider tests
+
+lint:
+	$(VENV)/ruff check . && $(VENV)/ruff format --check .

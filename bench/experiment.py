@@ -1,0 +1,66 @@
+"""Compress SmolLM2 with one set of options and measure WikiText-2 perplexity: one JSON line per run.
+
+    python -m modegpt_rt.bench.experiment --rate 0.3 --samples 32 --windows 20 --out runs/exp.jsonl [options]
+
+Used to choose defaults (allocation temperature, B.11 split, ridge λ, calibration size);
+the full-size numbers in the README come from `modegpt compress` + `modegpt eval ppl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import modegpt_rt
+from modegpt_rt import data
+from modegpt_rt.compressor.compress import CompressOptions, compress
+from modegpt_rt.compressor.widths import Multiples
+from modegpt_rt.evaluate import perplexity
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--rate", type=float, required=True)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=20, help="test windows of 2048 (0 = all)")
+    p.add_argument("--allocation", default="global")
+    p.add_argument("--split", action="store_true")
+    p.add_argument("--eps", type=float, default=None)
+    p.add_argument("--max-layer-sparsity", type=float, default=0.8)
+    p.add_argument("--ridge", type=float, default=1.0)
+    p.add_argument("--absolute-ridge", action="store_true")
+    p.add_argument("--value-method", default="stacked")
+    p.add_argument("--multiples", default=None)
+    p.add_argument("--bi-samples", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    model = modegpt_rt.load(None, backend="torch")
+    calib = data.calibration_windows(data.tokenize(model.tokenizer, data.read_text("wikitext2", "valid")),
+                                     args.samples, args.seqlen, args.seed)
+    t0 = time.time()
+    report = {}
+    if args.rate > 0:
+        opts = CompressOptions(rate=args.rate, allocation=args.allocation, split=args.split, eps=args.eps,
+                               max_layer_sparsity=args.max_layer_sparsity, ridge=args.ridge,
+                               ridge_relative=not args.absolute_ridge, value_method=args.value_method,
+                               multiples=Multiples.parse(args.multiples), bi_samples=args.bi_samples)
+        report = compress(model, calib, opts, progress=False)
+    t_compress = time.time() - t0
+    res = perplexity(model, model.tokenizer, "wikitext2", 2048, limit=args.windows or None, progress=False)
+    row = {"tag": args.tag, **{k: v for k, v in vars(args).items() if k not in ("out", "tag")},
+           "ppl": res["ppl"], "windows": res["windows"], "compress_seconds": round(t_compress, 1),
+           "achieved_rate": report.get("achieved_rate"), "eps_used": report.get("eps"),
+           "widths": [[w.k_mlp, w.d_qk, w.d_v] for w in model.config.layers], "threads": torch.get_num_threads()}
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if k != "widths"}))
+
+
+if __name__ == "__main__":
+    main()

