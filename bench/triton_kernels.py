@@ -106,7 +106,7 @@ def bench_decode(torch, reference, triton_attention, shape: dict, warmup: int, i
     triton_attention.attention(*args)  # the new token is in the cache from here on (same slot every call)
     res = dict(shape)
     res["kv_bytes"] = kv_bytes
-    res["launch"] = triton_attention.decode_config(B, H, H_kv, d_qk, d_v, S, "cuda")
+    res["launch"] = triton_attention.decode_config(B, H, H_kv, d_qk, d_v, S, torch.float16, "cuda")
     res["max_abs_err_vs_reference"] = _max_err(torch, reference, triton_attention, x)
     timed = {
         "decode_kernels": lambda: triton_attention.decode_attention(*decode_args),
@@ -131,6 +131,7 @@ def bench_prefill(torch, reference, triton_attention, shape: dict, warmup: int, 
     triton_attention.attention(*args)
     res = dict(shape)
     res["useful_flops"] = flops
+    res["launch"] = triton_attention.prefill_config(T, H, H_kv, d_qk, d_v, torch.float16, "cuda")
     res["max_abs_err_vs_reference"] = _max_err(torch, reference, triton_attention, x)
     timed = {
         "prefill_kernel": lambda: triton_attention.prefill_attention(*prefill_args),

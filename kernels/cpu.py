@@ -12,7 +12,8 @@ per (cos, sin, freq_idx) objects, so the decode loop does not convert them on ev
 
 from __future__ import annotations
 
-import torch  # first: the extension then shares torch's OpenMP runtime (one thread pool)
+import numpy as np
+import torch  # before the extension: it then shares torch's OpenMP runtime (one thread pool)
 
 try:
     from . import _cpu_attention as _ext
@@ -26,6 +27,7 @@ except Exception as exc:  # ImportError, or OSError when libgomp is missing
     )
 
 _F32, _F64, _I32 = torch.float32, torch.float64, torch.int32
+_NP_DTYPES = {_F32: np.float32, _F64: np.float64}
 
 # (id(cos), id(sin), id(freq_idx), dtype) -> (cos_np, sin_np, fidx_np, [(tensor, version), ...], sources).
 # An entry holds the source tensors (so their ids cannot be reused while it exists) and, for
@@ -123,14 +125,16 @@ def attention(q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_len
     """Same contract as `reference.attention`; writes k_cache/v_cache in place, returns out [B, T, H, d_v]."""
     if _ext is None:
         raise RuntimeError(f"the C++ CPU attention kernel is unavailable: {_LOAD_ERROR}")
-    dtype = q.dtype
-    if dtype is not _F32 and dtype is not _F64:
-        raise ValueError(f"q: the CPU attention kernel supports float32 and float64, got {dtype}")
-    if q.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, v: expected 4-d tensors, got q {tuple(q.shape)} and v {tuple(v.shape)}")
-    tables = _tables(cos, sin, freq_idx, dtype)
-    B, T, H, _ = q.shape
-    out = torch.empty((B, T, H, v.shape[3]), dtype=dtype)
+    np_dtype = _NP_DTYPES.get(q.dtype)
+    if np_dtype is None:
+        raise ValueError(f"q: the CPU attention kernel supports float32 and float64, got {q.dtype}")
+    q_shape, v_shape = q.shape, v.shape
+    if len(q_shape) != 4 or len(v_shape) != 4:
+        raise ValueError(f"q, v: expected 4-d tensors, got q {tuple(q_shape)} and v {tuple(v_shape)}")
+    tables = _tables(cos, sin, freq_idx, q.dtype)
+    # `out` comes from numpy: cheaper than torch.empty(dtype=...) followed by .numpy() on the hot path.
+    out_np = np.empty((q_shape[0], q_shape[1], q_shape[2], v_shape[3]), np_dtype)
+    out = torch.from_numpy(out_np)
     scale = float(scale)
     try:
         # Fast path: q/k/v may be strided views (made contiguous here); the caches must already
@@ -140,11 +144,10 @@ def attention(q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_len
         v_np = v.contiguous().numpy()
         kc_np = k_cache.numpy()
         vc_np = v_cache.numpy()
+        cl_np = cache_lens.numpy() if cache_lens.dtype is _I32 and cache_lens.is_contiguous() else _lens(cache_lens)
+        nl_np = new_lens.numpy() if new_lens.dtype is _I32 and new_lens.is_contiguous() else _lens(new_lens)
     except (TypeError, RuntimeError, AttributeError):  # CUDA tensor, requires_grad, non-tensor, ...
         _checked_call(q, k, v, k_cache, v_cache, tables, cache_lens, new_lens, scale, out)
         return out
-    _ext.attention(
-        q_np, k_np, v_np, kc_np, vc_np, tables[0], tables[1], tables[2], _lens(cache_lens), _lens(new_lens), scale,
-        out.numpy(),
-    )
+    _ext.attention(q_np, k_np, v_np, kc_np, vc_np, tables[0], tables[1], tables[2], cl_np, nl_np, scale, out_np)
     return out

@@ -688,17 +688,12 @@ def prefill_attention(
         return out
     cos, sin, freq_idx = cos.contiguous(), sin.contiguous(), freq_idx.contiguous()
 
-    block_p, block_dv = _block(half), _block(d_v)
-    on_gpu = q.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-    big = 2 * block_p + block_dv > 384  # wide heads: smaller tiles to stay in registers
-    if block_m is None:
-        block_m = min(64 if big else 128, _block(t * group)) if on_gpu else 16
-    if block_n is None:
-        block_n = (32 if big else 64) if on_gpu else 16
-    if num_warps is None:
-        num_warps = 8 if block_m >= 128 else 4
-    if num_stages is None:
-        num_stages = 3 if on_gpu else 1
+    config = prefill_config(t, h, h_kv, d_qk, d_v, q.dtype, q.device)
+    block_p, block_dv = config["BLOCK_P"], config["BLOCK_DV"]
+    block_m = config["BLOCK_M"] if block_m is None else block_m
+    block_n = config["BLOCK_N"] if block_n is None else block_n
+    num_warps = config["num_warps"] if num_warps is None else num_warps
+    num_stages = config["num_stages"] if num_stages is None else num_stages
     grid = (triton.cdiv(t * group, block_m), batch * h_kv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, cos, sin, freq_idx, cache_lens, new_lens, float(scale),
@@ -711,24 +706,57 @@ def prefill_attention(
     return out
 
 
-def decode_config(batch: int, h: int, h_kv: int, d_qk: int, d_v: int, capacity: int, device) -> dict:
-    """The decode launch parameters `decode_attention` picks by default (also reported by the benchmark)."""
-    device = torch.device(device)
-    on_gpu = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+def _on_gpu(device) -> bool:
+    return torch.device(device).type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def prefill_config(t: int, h: int, h_kv: int, d_qk: int, d_v: int, dtype: torch.dtype, device) -> dict:
+    """Default prefill launch parameters (tiles sized so K/V stages fit shared memory)."""
     block_p, block_dv = _block(d_qk // 2), _block(d_v)
-    block_n = (32 if 2 * block_p + block_dv > 384 else 64) if on_gpu else 16
+    config = {"BLOCK_P": block_p, "BLOCK_DV": block_dv, "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if not _on_gpu(device):  # the interpreter: small tiles so small tests cover several of them
+        return config
+    wide = 2 * block_p + block_dv > 384
+    rows = _block(t * (h // h_kv))
+    if dtype.itemsize <= 2:  # (128, 64) x 8 warps for d <= 128; (64, 32) x 8 warps for d = 256
+        block_m = min(64 if wide else 128, rows)
+        config.update(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_stages=2 if wide else 3)
+        config["num_warps"] = 8 if block_m >= 64 else 4
+    elif dtype.itemsize == 4:
+        config.update(BLOCK_M=min(64, rows), BLOCK_N=32, num_stages=2)
+    else:
+        config.update(BLOCK_M=min(32, rows), BLOCK_N=16, num_stages=1)
+    return config
+
+
+def decode_config(
+    batch: int, h: int, h_kv: int, d_qk: int, d_v: int, capacity: int, dtype: torch.dtype, device
+) -> dict:
+    """Default decode launch parameters (also reported by the benchmark)."""
+    device = torch.device(device)
+    block_p, block_dv = _block(d_qk // 2), _block(d_v)
+    # (32 keys x 4 warps: no register spills at d_qk = d_v = 128 or 256 on sm_90 in both
+    # the dot and the multiply-sum variant)
+    if not _on_gpu(device):
+        block_n, num_stages = 16, 1
+    elif dtype.itemsize <= 4:
+        block_n, num_stages = 32, 2
+    else:
+        block_n, num_stages = 16, 1
     return {
         "BLOCK_N": block_n,
         "BLOCK_P": block_p,
         "BLOCK_DV": block_dv,
         "USE_DOT": h // h_kv > 1,
+        "num_stages": num_stages,
+        "num_warps": 4,
         "num_splits": choose_num_splits(batch, h_kv, capacity, block_n, _num_sms(device)),
     }
 
 
 def decode_attention(
     q, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale, out=None,
-    num_splits=None, block_n=None, use_dot=None, num_warps=4,
+    num_splits=None, block_n=None, use_dot=None, num_warps=None, num_stages=None,
 ):  # fmt: skip
     """Flash-decoding for one new token per sequence: q [B, 1, H, d_qk] -> out [B, 1, H, d_v].
 
@@ -749,9 +777,11 @@ def decode_attention(
         return out
     cos, sin, freq_idx = cos.contiguous(), sin.contiguous(), freq_idx.contiguous()
 
-    config = decode_config(batch, h, h_kv, d_qk, d_v, capacity, q.device)
+    config = decode_config(batch, h, h_kv, d_qk, d_v, capacity, q.dtype, q.device)
     block_p, block_dv = config["BLOCK_P"], config["BLOCK_DV"]
     block_n = config["BLOCK_N"] if block_n is None else block_n
+    num_warps = config["num_warps"] if num_warps is None else num_warps
+    num_stages = config["num_stages"] if num_stages is None else num_stages
     if num_splits is None:
         num_splits = choose_num_splits(batch, h_kv, capacity, block_n, _num_sms(q.device))
     use_dot = config["USE_DOT"] if use_dot is None else bool(use_dot)
@@ -773,7 +803,7 @@ def decode_attention(
         q.stride(0), q.stride(2), q.stride(3), *k_cache.stride(), *v_cache.stride(),
         out.stride(0), out.stride(2), out.stride(3),
         GROUP=group, NUM_SPLITS=num_splits, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_P=block_p,
-        BLOCK_DV=block_dv, USE_DOT=bool(use_dot), COMPUTE=compute, num_warps=num_warps,
+        BLOCK_DV=block_dv, USE_DOT=bool(use_dot), COMPUTE=compute, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(batch * h,)](

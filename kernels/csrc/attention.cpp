@@ -114,14 +114,15 @@ inline double hsum(__m256d v) {
 #endif
 
 #if defined(__AVX512F__)
-// 512 -> 256 bits by adding the halves (zero-masked shuffle: the unmasked intrinsics start from an
-// undefined register, which trips -Wmaybe-uninitialized in GCC 12).
-inline __m256 fold(__m512 v) {
-  return _mm512_castps512_ps256(_mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xFFFF, v, v, 0x4E)));
-}
+// 512 -> 256 bits by adding the halves. Zero-masked extracts: GCC 12 implements the unmasked
+// ones (and the 512->256 casts) from an undefined register, which trips -Wmaybe-uninitialized.
 inline __m256d fold(__m512d v) {
-  const __m512 f = _mm512_castpd_ps(v);
-  return _mm512_castpd512_pd256(_mm512_add_pd(v, _mm512_castps_pd(_mm512_maskz_shuffle_f32x4(0xFFFF, f, f, 0x4E))));
+  return _mm256_add_pd(_mm512_maskz_extractf64x4_pd(0xF, v, 0), _mm512_maskz_extractf64x4_pd(0xF, v, 1));
+}
+inline __m256 fold(__m512 v) {
+  const __m512d d = _mm512_castps_pd(v);  // bit casts only: the halves are added as floats
+  return _mm256_add_ps(_mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 0)),
+                       _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, d, 1)));
 }
 
 inline float dot(const float* a, const float* b, i64 n) {

@@ -1,0 +1,136 @@
+"""PNG plots made from result JSON files (never from memory).
+
+- throughput JSON (`modegpt bench throughput --json`): tok/s vs batch, tok/s vs compression rate;
+- quality JSON (`python -m modegpt_rt.bench.quality --json`): perplexity and accuracy vs rate;
+- a checkpoint's config.json: per-layer widths / sparsity chosen by the allocation (paper Fig. 8).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_throughput(res: dict, out_dir: Path, stem: str) -> list[Path]:
+    plt = _plt()
+    rows = res["results"]
+    series = defaultdict(list)
+    for r in rows:
+        series[(r["label"], r["impl"])].append((r["batch"], r["tok_s"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, impl), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label} ({impl})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens/s (new tokens / wall time incl. prefill)")
+    ax.set_title(f"throughput, {res.get('device', 'cpu')} {res.get('dtype', '')}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    outs = [out_dir / f"{stem}_vs_batch.png"]
+    fig.tight_layout()
+    fig.savefig(outs[0], dpi=120)
+    plt.close(fig)
+
+    by_batch = defaultdict(list)
+    for r in rows:
+        if r["impl"].startswith("modegpt_rt"):
+            by_batch[r["batch"]].append((r["rate"], r["tok_s"]))
+    if by_batch:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for b, pts in sorted(by_batch.items()):
+            pts.sort()
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {b}")
+        hf = [r for r in rows if r["impl"] == "transformers"]
+        for r in hf:
+            ax.axhline(r["tok_s"], ls="--", lw=0.8, color="gray")
+            ax.text(0, r["tok_s"], f"transformers b{r['batch']}", fontsize=7, va="bottom")
+        ax.set_xlabel("compression rate (%)")
+        ax.set_ylabel("tokens/s")
+        ax.set_title("modegpt_rt throughput vs compression rate")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        outs.append(out_dir / f"{stem}_vs_rate.png")
+        fig.savefig(outs[-1], dpi=120)
+        plt.close(fig)
+    return outs
+
+
+def plot_quality(res: dict, out_dir: Path, stem: str) -> list[Path]:
+    plt = _plt()
+    rows = sorted(res["rows"], key=lambda r: r["rate"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rates = [100 * r["rate"] for r in rows]
+    axes[0].plot(rates, [r["ppl"] for r in rows], marker="o")
+    axes[0].set_xlabel("compression rate (%)")
+    axes[0].set_ylabel("WikiText-2 perplexity")
+    axes[0].grid(alpha=0.3)
+    tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
+    for t in tasks:
+        axes[1].plot(rates, [100 * r["zeroshot"][t] for r in rows], marker=".", label=t)
+    if tasks:
+        axes[1].plot(rates, [100 * r["average"] for r in rows], marker="o", color="k", lw=2, label="average")
+    axes[1].set_xlabel("compression rate (%)")
+    axes[1].set_ylabel("zero-shot accuracy (%)")
+    axes[1].legend(fontsize=7)
+    axes[1].grid(alpha=0.3)
+    fig.suptitle(res.get("title", "quality vs compression rate"))
+    fig.tight_layout()
+    out = out_dir / f"{stem}.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out]
+
+
+def plot_widths(cfg: dict, out_dir: Path, stem: str) -> list[Path]:
+    plt = _plt()
+    layers = cfg["layers"]
+    comp = cfg.get("compression") or {}
+    x = list(range(len(layers)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x, [1 - w["k_mlp"] / cfg["intermediate_size"] for w in layers], marker="o", label="MLP (1 - k/d_int)")
+    ax.plot(x, [1 - w["d_qk"] / cfg["head_dim"] for w in layers], marker="s", label="key/query (1 - d_qk/d_h)")
+    ax.plot(x, [1 - w["d_v"] / cfg["head_dim"] for w in layers], marker="^", label="value (1 - d_v/d_h)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"per-layer sparsity, {comp.get('allocation', '?')} allocation, "
+                 f"rate {comp.get('target_rate', 0):.0%}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = out_dir / f"{stem}_widths.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out]
+
+
+def plot_files(paths, out_dir="bench/results") -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outs = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            p = p / "config.json"
+        res = json.loads(p.read_text())
+        stem = p.parent.name if p.name == "config.json" else p.stem
+        if res.get("kind") == "throughput":
+            outs += plot_throughput(res, out_dir, stem)
+        elif res.get("kind") == "quality":
+            outs += plot_quality(res, out_dir, stem)
+        elif "layers" in res and "intermediate_size" in res:
+            outs += plot_widths(res, out_dir, stem)
+        else:
+            raise ValueError(f"{p}: not a throughput/quality result or a checkpoint config.json")
+    return outs

@@ -1,0 +1,63 @@
+"""The quality table: perplexity, zero-shot accuracy and decode speed per checkpoint, as one JSON.
+
+    python -m modegpt_rt.bench.quality dense=PATH 20%=DIR 30%=DIR --json bench/results/quality.json \
+        [--ppl-json LABEL=FILE ...] [--zeroshot-json LABEL=FILE ...] [--throughput-json FILE]
+
+Runs nothing itself: it gathers the JSON written by `modegpt eval ppl --json`,
+`modegpt eval zeroshot --json` and `modegpt bench throughput --json`, so every
+figure in the table traces back to the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _pairs(items):
+    out = {}
+    for item in items or []:
+        label, _, path = item.partition("=")
+        out[label] = json.loads(Path(path).read_text())
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--rate", action="append", default=[], help="LABEL=RATE")
+    p.add_argument("--ppl-json", action="append", default=[])
+    p.add_argument("--zeroshot-json", action="append", default=[])
+    p.add_argument("--throughput-json", default=None)
+    p.add_argument("--title", default="SmolLM2-135M, MoDeGPT")
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+    rates = {k: float(v) for k, v in (r.split("=") for r in args.rate)}
+    ppl, zs = _pairs(args.ppl_json), _pairs(args.zeroshot_json)
+    tput = json.loads(Path(args.throughput_json).read_text()) if args.throughput_json else None
+    rows = []
+    for label, rate in rates.items():
+        row = {"label": label, "rate": rate}
+        if label in ppl:
+            row["ppl"] = ppl[label]["ppl"]
+            row["ppl_windows"] = ppl[label]["windows"]
+        if label in zs:
+            tasks = zs[label]["tasks"]
+            row["zeroshot"] = {t: (r["acc_norm"] if r.get("acc_norm") is not None else r["acc"])
+                               for t, r in tasks.items()}
+            row["average"] = sum(row["zeroshot"].values()) / len(tasks)
+            row["zeroshot_n"] = {t: r["n"] for t, r in tasks.items()}
+        if tput:
+            for r in tput["results"]:
+                if r["impl"].startswith("modegpt_rt") and abs(r["rate"] - rate) < 1e-9:
+                    row[f"tok_s_b{r['batch']}"] = r["tok_s"]
+        rows.append(row)
+    out = {"kind": "quality", "title": args.title, "rows": rows,
+           "metric_note": "zero-shot: acc_norm where lm-eval reports it (ARC, PIQA, HellaSwag), acc for WinoGrande"}
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
