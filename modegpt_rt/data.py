@@ -11,19 +11,28 @@ import torch
 WIKITEXT_FILES = {"valid": "wiki.valid.raw", "test": "wiki.test.raw"}
 
 
-def find_data_dir() -> Path:
-    """shared/data: $MODEGPT_DATA, else the nearest `shared/data` above the cwd or this package."""
+def find_data_dir(start: str | os.PathLike | None = None) -> Path:
+    """Locate the task data: ``$MODEGPT_DATA`` if set, else the nearest ``shared/data`` directory found by
+    walking up from ``start`` (default: the current directory) and from this file's location."""
     env = os.environ.get("MODEGPT_DATA")
     if env:
-        return Path(env)
-    searched = []
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for base in (start, *start.parents):
-            for cand in (base / "shared" / "data", base / "data"):
-                searched.append(str(cand))
-                if (cand / "wikitext-2-raw").is_dir():
-                    return cand
-    raise FileNotFoundError("no shared/data folder found (set MODEGPT_DATA); looked in: " + ", ".join(searched[:6]))
+        p = Path(env).expanduser()
+        if p.is_dir():
+            return p
+        raise FileNotFoundError(f"MODEGPT_DATA={env!r} is not a directory")
+    roots = [Path(start) if start is not None else Path.cwd(), Path(__file__).resolve().parent]
+    searched: list[str] = []
+    for root in roots:
+        root = root.resolve()
+        for d in (root, *root.parents):
+            cand = d / "shared" / "data"
+            searched.append(str(cand))
+            if cand.is_dir():
+                return cand
+    raise FileNotFoundError(
+        "data (WikiText-2, zero-shot tasks) not found: set MODEGPT_DATA or create a 'shared/data' directory; searched "
+        + ", ".join(dict.fromkeys(searched))
+    )
 
 
 def read_text(source: str, split: str = "test") -> str:

@@ -31,7 +31,9 @@ We recover lm-eval's text as follows: for ActivityNet items (activity label not 
 WikiHow items have an empty ``ctx_b``) the part after the last sentence end (``[.!?]`` + whitespace) is taken
 as ``ctx_b`` and ``.capitalize()``-d; then lm-eval's ``preprocess`` is applied to the query and to each ending
 (idempotent on text klosax already cleaned, and it removes the few ``[...]`` tags klosax kept).  On this file
-the ActivityNet rule selects exactly the 3,243 ActivityNet items of the validation split.
+the ActivityNet rule selects exactly the 3,243 ActivityNet items of the validation split.  Known residual
+differences: a ``ctx_b`` that itself contains a sentence end would be capitalised only after it, and ~5 items
+where klosax's tag removal left an unmatched ``[`` (lm-eval's regex would have removed text up to a later tag).
 
 Tokenisation (lm-eval ``HFLM._encode_pair``): trailing whitespace of the context is moved to the front of the
 continuation; ``whole = encode(context + continuation)``, ``ctx = encode(context)``,
@@ -52,6 +54,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from modegpt_rt.data import find_data_dir
 
 TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "piqa", "winogrande", "hellaswag")
 TARGET_DELIMITER = " "
@@ -120,30 +124,6 @@ class Doc:
 
 
 # ----------------------------------------------------------------------------------------------- data location
-
-
-def find_data_dir(start: str | os.PathLike | None = None) -> Path:
-    """Locate the task data: ``$MODEGPT_DATA`` if set, else the nearest ``shared/data`` directory found by
-    walking up from ``start`` (default: the current directory) and from this file's location."""
-    env = os.environ.get("MODEGPT_DATA")
-    if env:
-        p = Path(env).expanduser()
-        if p.is_dir():
-            return p
-        raise FileNotFoundError(f"MODEGPT_DATA={env!r} is not a directory")
-    roots = [Path(start) if start is not None else Path.cwd(), Path(__file__).resolve().parent]
-    searched: list[str] = []
-    for root in roots:
-        root = root.resolve()
-        for d in (root, *root.parents):
-            cand = d / "shared" / "data"
-            searched.append(str(cand))
-            if cand.is_dir():
-                return cand
-    raise FileNotFoundError(
-        "zero-shot task data not found: set MODEGPT_DATA or create a 'shared/data' directory; searched "
-        + ", ".join(dict.fromkeys(searched))
-    )
 
 
 def _resolve(data_dir: str | os.PathLike | None) -> Path:

@@ -142,6 +142,8 @@ def test_cpu_kernel_matches_reference_f64(d_qk, d_v, G, mode):
         (1, 130, [0], [130], 8, 46, 17),
         (3, 1, [300, 64, 63], [1, 1, 1], 3, 64, 48),  # decode across chunk boundaries
         (2, 1, [511, 128], [1, 1], 1, 2, 1),
+        (2, 5, [3, 0], [5, 4], 3, 300, 260),  # rows wider than the kernel's stack scratch
+        (2, 1, [40, 7], [1, 1], 2, 258, 300),
     ],
 )
 def test_cpu_kernel_long_contexts_f64(B, T, cl, nl, G, d_qk, d_v):

@@ -33,6 +33,16 @@ def data_dir():
     return _data_dir()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model gains nothing from intra-op threads, and on a busy machine OpenMP spin-waiting makes
+    these tests ~50x slower; restore the caller's setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------------------------- formats
 
 ARC_E = [

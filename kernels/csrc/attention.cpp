@@ -528,7 +528,8 @@ void attend_row(const Problem<T>& pb, i64 b, i64 t, i64 h, T* __restrict qbuf) {
 }
 
 // Up to four query rows of one KV group (b, g), given as (t, h) pairs: each key and value row is
-// loaded once for all of them. Rows r >= nr are padding (zero query, scratch accumulator).
+// loaded once for all of them. Rows r >= nr are padding (zero query, zero probabilities, and
+// their own scratch accumulator rows: scratch holds 3 rows of d_v).
 template <typename T>
 void attend_rows4(const Problem<T>& pb, i64 b, i64 g, const i64* t_of, const i64* h_of, int nr,
                   T* __restrict qbuf, T* __restrict scratch) {
@@ -547,7 +548,7 @@ void attend_rows4(const Problem<T>& pb, i64 b, i64 g, const i64* t_of, const i64
     } else {
       pos[r] = -1;
       zero(qr, d_qk);
-      acc[r] = scratch;
+      acc[r] = scratch + (r - 1) * d_v;  // nr >= 1, so r - 1 is in 0..2
     }
     zero(acc[r], d_v);
     m[r] = -std::numeric_limits<T>::infinity();
@@ -603,6 +604,7 @@ void run(const Problem<T>& pb) {
   max_threads = omp_get_max_threads();
 #endif
   const bool parallel = max_threads > 1 && work >= kParallelWork;
+  (void)parallel;  // unused without OpenMP
 
   // Work items. Prefill: tiles of 4 rows (t, head-in-group), t-major, of one KV group, so each
   // key and value row is loaded once per tile. Decode: one item per (b, h); grouping the heads of
@@ -614,7 +616,7 @@ void run(const Problem<T>& pb) {
   const i64 n_items = grouped ? B * H_kv * tiles : B * H;
   const i64 n_rows = B * H_kv * T_;
 
-  const size_t scratch_per_thread = static_cast<size_t>(4 * pb.d_qk + pb.d_v);
+  const size_t scratch_per_thread = static_cast<size_t>(4 * pb.d_qk + 3 * pb.d_v);
   std::vector<T> heap;  // only when the rows are too wide for the stack buffer
   if (pb.d_qk > kMaxStackD || pb.d_v > kMaxStackD) heap.resize(static_cast<size_t>(max_threads) * scratch_per_thread);
 
@@ -624,7 +626,7 @@ void run(const Problem<T>& pb) {
 #ifdef _OPENMP
     tid = omp_get_thread_num();
 #endif
-    alignas(64) T stack_buf[5 * kMaxStackD];
+    alignas(64) T stack_buf[7 * kMaxStackD];  // 4 query rows + 3 padding accumulators
     T* qbuf = heap.empty() ? stack_buf : heap.data() + static_cast<size_t>(tid) * scratch_per_thread;
     T* scratch = qbuf + 4 * pb.d_qk;
 
