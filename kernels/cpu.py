@@ -29,9 +29,10 @@ except Exception as exc:  # ImportError, or OSError when libgomp is missing
 _F32, _F64, _I32 = torch.float32, torch.float64, torch.int32
 _NP_DTYPES = {_F32: np.float32, _F64: np.float64}
 
-# (id(cos), id(sin), id(freq_idx), dtype) -> (cos_np, sin_np, fidx_np, [(tensor, version), ...], sources).
-# An entry holds the source tensors (so their ids cannot be reused while it exists) and, for
-# tables it had to convert, their version counters (an in-place edit makes it rebuild).
+# (ids and data pointers of cos, sin, freq_idx; dtype) -> (cos_np, sin_np, fidx_np, checks, sources).
+# An entry holds the source tensors (so their ids and memory cannot be reused while it exists);
+# `checks` has the version counters of the tables it had to convert (an in-place edit of one
+# makes it rebuild; unconverted tables are live views anyway).
 _TABLES: dict[tuple, tuple] = {}
 _TABLES_MAX = 512
 
@@ -66,7 +67,10 @@ def _as_np(t: torch.Tensor, name: str, dtype: torch.dtype | None = None):
 
 
 def _tables(cos, sin, freq_idx, dtype):
-    key = (id(cos), id(sin), id(freq_idx), dtype)
+    try:
+        key = (id(cos), id(sin), id(freq_idx), cos.data_ptr(), sin.data_ptr(), freq_idx.data_ptr(), dtype)
+    except AttributeError:
+        key = None  # not tensors: the build below says which
     hit = _TABLES.get(key)
     if hit is not None:
         for t, ver in hit[3]:
@@ -77,14 +81,11 @@ def _tables(cos, sin, freq_idx, dtype):
     checks = []
     arrays = []
     for t, name, want in ((cos, "cos", dtype), (sin, "sin", dtype), (freq_idx, "freq_idx", _I32)):
-        converted = not (
-            isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == want and t.is_contiguous()
-        )
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not (t.device.type == "cpu" and t.dtype == want and t.is_contiguous()):
+            checks.append((t, _version(t)))  # converted copy: watch the source for in-place edits
         arrays.append(t.detach().to(device="cpu", dtype=want).contiguous().numpy())
-        if converted:
-            checks.append((t, _version(t)))
     if len(_TABLES) >= _TABLES_MAX:
         _TABLES.clear()
     entry = (arrays[0], arrays[1], arrays[2], tuple(checks), (cos, sin, freq_idx))

@@ -50,9 +50,20 @@ Numerics
 Softmax statistics and accumulators are float32 for fp16/bf16/fp32 inputs and float64
 for float64 inputs (``COMPUTE``); dots take operands in the query dtype (keys and values
 are cast to it, like the reference) with ``input_precision="ieee"``, so fp32 inputs are
-not silently run in tf32 and float64 inputs give float64 math (the interpreter evaluates
-float64 exactly; the tests compare with the reference at 1e-9). ``scale`` is a float64
+not silently run in tf32 and float64 inputs give float64 math (the interpreter runs it in
+numpy float64; the tests compare with the reference at 1e-9). ``scale`` is a float64
 kernel argument so that float64 runs are not limited by a float32 scale.
+
+Launch configurations
+---------------------
+``prefill_config`` / ``decode_config`` pick tiles per dtype and head width. The prefill
+key loop has an unmasked part (tiles every row of the block sees) and a masked part
+along the causal diagonal. fp16/bf16 prefill: BLOCK_M x BLOCK_N = 128 x 64 with 8 warps
+(64 x 32 for 256-wide heads); decode: 32 keys per tile, 4 warps. These were checked by
+compiling ahead of time for sm_90 (no register spills for fp16/bf16/fp32 at
+d_qk = d_v = 128 and 256) but never timed here: run
+``python -m modegpt_rt.bench.triton_kernels`` on a GPU. Under the interpreter all tiles
+are 16 wide so that small tests cover several tiles and splits.
 
 Flash-decoding splits
 ---------------------
@@ -722,10 +733,10 @@ def prefill_config(t: int, h: int, h_kv: int, d_qk: int, d_v: int, dtype: torch.
         block_m = min(64 if wide else 128, rows)
         config.update(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, num_stages=2 if wide else 3)
         config["num_warps"] = 8 if block_m >= 64 else 4
-    elif dtype.itemsize == 4:
-        config.update(BLOCK_M=min(64, rows), BLOCK_N=32, num_stages=2)
+    elif dtype.itemsize == 4:  # ieee fp32 dots run on FMA units and need many registers
+        config.update(BLOCK_M=min(32, rows), BLOCK_N=16 if wide else 32, num_warps=8, num_stages=2)
     else:
-        config.update(BLOCK_M=min(32, rows), BLOCK_N=16, num_stages=1)
+        config.update(BLOCK_M=min(16 if wide else 32, rows), BLOCK_N=16, num_stages=1)
     return config
 
 
@@ -735,11 +746,12 @@ def decode_config(
     """Default decode launch parameters (also reported by the benchmark)."""
     device = torch.device(device)
     block_p, block_dv = _block(d_qk // 2), _block(d_v)
-    # (32 keys x 4 warps: no register spills at d_qk = d_v = 128 or 256 on sm_90 in both
-    # the dot and the multiply-sum variant)
+    # 32 keys x 4 warps: no register spills on sm_90 for fp16/bf16 at d_qk = d_v = 128 or 256,
+    # in both the dot and the multiply-sum variant
+    wide = 2 * block_p + block_dv > 384
     if not _on_gpu(device):
         block_n, num_stages = 16, 1
-    elif dtype.itemsize <= 4:
+    elif dtype.itemsize <= 2 or (dtype.itemsize == 4 and not wide):
         block_n, num_stages = 32, 2
     else:
         block_n, num_stages = 16, 1

@@ -39,8 +39,23 @@ def rope_tables(P, head_dim, dtype=torch.float64, base=10000.0):
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def make_case(seed, B, T, H_kv, G, d_qk, d_v, cache_lens, new_lens, *, extra_slots=5, dtype=torch.float64,
-              P=None, q_gain=1.0, fidx_dtype=torch.int64):
+def make_case(
+    seed,
+    B,
+    T,
+    H_kv,
+    G,
+    d_qk,
+    d_v,
+    cache_lens,
+    new_lens,
+    *,
+    extra_slots=5,
+    dtype=torch.float64,
+    P=None,
+    q_gain=1.0,
+    fidx_dtype=torch.int64,
+):
     """Random inputs. Cached slots < cache_lens[b] hold finite data; later slots are poisoned."""
     g = torch.Generator().manual_seed(seed)
     H = H_kv * G
@@ -64,8 +79,19 @@ def make_case(seed, B, T, H_kv, G, d_qk, d_v, cache_lens, new_lens, *, extra_slo
     unused = torch.arange(S)[None, :] >= cache_lens[:, None].long()  # [B, S]
     k_cache[unused[:, None, :, None].expand_as(k_cache)] = float("nan")
     v_cache[unused[:, None, :, None].expand_as(v_cache)] = float("nan")
-    return dict(q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, cos=cos, sin=sin, freq_idx=freq_idx.to(fidx_dtype),
-                cache_lens=cache_lens, new_lens=new_lens, scale=1.0 / math.sqrt(d_qk))
+    return dict(
+        q=q,
+        k=k,
+        v=v,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        cos=cos,
+        sin=sin,
+        freq_idx=freq_idx.to(fidx_dtype),
+        cache_lens=cache_lens,
+        new_lens=new_lens,
+        scale=1.0 / math.sqrt(d_qk),
+    )
 
 
 def run_reference(case):
@@ -92,9 +118,18 @@ def run_raw_poisoned_out(case):
     out = torch.full((B, T, H, d_v), float("nan"), dtype=q.dtype)
     kc, vc = case["k_cache"].clone(), case["v_cache"].clone()
     cpu._ext.attention(
-        q.numpy(), case["k"].numpy(), case["v"].numpy(), kc.numpy(), vc.numpy(),
-        case["cos"].to(q.dtype).numpy(), case["sin"].to(q.dtype).numpy(), case["freq_idx"].to(torch.int32).numpy(),
-        case["cache_lens"].numpy(), case["new_lens"].numpy(), case["scale"], out.numpy(),
+        q.numpy(),
+        case["k"].numpy(),
+        case["v"].numpy(),
+        kc.numpy(),
+        vc.numpy(),
+        case["cos"].to(q.dtype).numpy(),
+        case["sin"].to(q.dtype).numpy(),
+        case["freq_idx"].to(torch.int32).numpy(),
+        case["cache_lens"].numpy(),
+        case["new_lens"].numpy(),
+        case["scale"],
+        out.numpy(),
     )
     return out, kc, vc
 
@@ -233,8 +268,16 @@ def _good_args(dtype=torch.float64):
     [
         ("k", lambda c: c["k"][..., :6].contiguous(), r"k: expected shape .*\(2, 3, 2, 8\).*got \(2, 3, 2, 6\)"),
         ("v", lambda c: c["v"][:, :2].contiguous(), r"v: expected shape .*\(2, 3, 2, 6\).*got \(2, 2, 2, 6\)"),
-        ("k_cache", lambda c: c["k_cache"][:, :1].contiguous(), r"k_cache: expected shape .*\(2, 2, 9, 8\).*got \(2, 1, 9, 8\)"),
-        ("v_cache", lambda c: c["v_cache"][..., :5].contiguous(), r"v_cache: expected shape .*\(2, 2, 9, 6\).*got \(2, 2, 9, 5\)"),
+        (
+            "k_cache",
+            lambda c: c["k_cache"][:, :1].contiguous(),
+            r"k_cache: expected shape .*\(2, 2, 9, 8\).*got \(2, 1, 9, 8\)",
+        ),
+        (
+            "v_cache",
+            lambda c: c["v_cache"][..., :5].contiguous(),
+            r"v_cache: expected shape .*\(2, 2, 9, 6\).*got \(2, 2, 9, 5\)",
+        ),
         ("freq_idx", lambda c: c["freq_idx"][:, :3].contiguous(), r"freq_idx: expected shape .*\(2, 4\).*got \(2, 3\)"),
         ("sin", lambda c: c["sin"][:5].contiguous(), r"sin: expected shape .*got \(5, 7\)"),
         ("cache_lens", lambda c: c["cache_lens"][:1].contiguous(), r"cache_lens: expected shape .*\(2,\).*got \(1,\)"),
@@ -263,7 +306,9 @@ def test_cpu_kernel_rejects_bad_arguments():
         cpu.attention(**dict(case, q=case["q"].bfloat16()))
     with pytest.raises(ValueError, match=r"k_cache: must be C-contiguous"):
         cpu.attention(**dict(case, k_cache=case["k_cache"].transpose(0, 1).contiguous().transpose(0, 1)))
-    with pytest.raises(ValueError, match=r"k_cache: sequence 0 needs 7 cached \+ 3 new positions but the cache holds S = 9"):
+    with pytest.raises(
+        ValueError, match=r"k_cache: sequence 0 needs 7 cached \+ 3 new positions but the cache holds S = 9"
+    ):
         cpu.attention(**dict(case, cache_lens=torch.tensor([7, 0], dtype=torch.int32)))
     with pytest.raises(ValueError, match=r"cache_lens: entry 1 is negative"):
         cpu.attention(**dict(case, cache_lens=torch.tensor([0, -1], dtype=torch.int32)))
@@ -274,9 +319,18 @@ def test_cpu_kernel_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"out: expected shape .*\(2, 3, 4, 6\).*got \(2, 3, 4, 5\)"):
         c = case
         cpu._ext.attention(
-            c["q"].numpy(), c["k"].numpy(), c["v"].numpy(), c["k_cache"].numpy(), c["v_cache"].numpy(),
-            c["cos"].numpy(), c["sin"].numpy(), c["freq_idx"].int().numpy(), c["cache_lens"].numpy(),
-            c["new_lens"].numpy(), c["scale"], torch.empty(2, 3, 4, 5, dtype=torch.float64).numpy(),
+            c["q"].numpy(),
+            c["k"].numpy(),
+            c["v"].numpy(),
+            c["k_cache"].numpy(),
+            c["v_cache"].numpy(),
+            c["cos"].numpy(),
+            c["sin"].numpy(),
+            c["freq_idx"].int().numpy(),
+            c["cache_lens"].numpy(),
+            c["new_lens"].numpy(),
+            c["scale"],
+            torch.empty(2, 3, 4, 5, dtype=torch.float64).numpy(),
         )
 
 

@@ -44,7 +44,7 @@ namespace {
 
 constexpr int kKC = 128;          // keys per online-softmax chunk
 constexpr i64 kMaxStackD = 256;   // d_qk, d_v up to this use stack scratch buffers
-constexpr double kParallelWork = 3.0e4;  // below this many multiply-adds, stay on one thread
+constexpr double kParallelWork = 1.0e5;  // below this many multiply-adds (a few us), stay on one thread
 
 template <typename T>
 struct Problem {
@@ -644,7 +644,7 @@ void run(const Problem<T>& pb) {
 #pragma omp for schedule(dynamic, 1)
     for (i64 i = 0; i < n_items; ++i) {
       if (grouped) {
-        const i64 tile = i % tiles;
+        const i64 tile = tiles - 1 - i % tiles;  // the longest (latest) rows first: better balance
         const i64 bg = i / tiles;
         const i64 b = bg / H_kv, g = bg % H_kv;
         const i64 n = pb.new_lens[b];
