@@ -13,11 +13,11 @@ import json
 import time
 
 import torch
+from modegpt_rt.compressor.compress import CompressOptions, compress
+from modegpt_rt.compressor.widths import Multiples
 
 import modegpt_rt
 from modegpt_rt import data
-from modegpt_rt.compressor.compress import CompressOptions, compress
-from modegpt_rt.compressor.widths import Multiples
 from modegpt_rt.evaluate import perplexity
 
 

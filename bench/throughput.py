@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import torch
+from modegpt_rt.bench.machine import describe
 
 import modegpt_rt
-from modegpt_rt.bench.machine import describe
 
 
 def _prompts(batch, length, vocab, seed=0):

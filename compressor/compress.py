@@ -13,8 +13,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
-
 from modegpt_rt.compressor.algorithms import (
     allocate_sparsity,
     block_influence,
@@ -25,7 +23,9 @@ from modegpt_rt.compressor.algorithms import (
     svd_value_output,
 )
 from modegpt_rt.compressor.widths import Multiples, widths_for_sparsity
-from modegpt_rt.config import LayerWidths
+from tqdm.auto import tqdm
+
+from modegpt_rt.config import LayerWidths, ModelConfig
 from modegpt_rt.model import Layer, Model, rms_norm
 
 MAX_RATE = 0.95

@@ -45,7 +45,7 @@ def _triton_available() -> bool:
     return triton_attention.available()
 
 
-def resolve_backend(backend: str, device: torch.device | str) -> str:
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
     """Pick the implementation for `device`; 'auto' prefers the fast path that exists."""
     device = torch.device(device)
     if backend == "auto":
@@ -53,7 +53,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         if device.type == "cuda" and _triton_available():
             return "triton"
-        if device.type == "cpu" and _cpu_available():
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64) and _cpu_available():
             return "cpu"
         return "torch"
     if backend not in BACKENDS:
@@ -65,6 +65,8 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             from . import cpu
 
             raise RuntimeError(f"backend 'cpu' requested but the C++ extension is unavailable: {cpu.load_error()}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"backend 'cpu' (C++ kernel) handles float32/float64, not {dtype}")
     if backend == "triton" and not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for testing)")
     return backend

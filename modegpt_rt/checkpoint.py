@@ -123,8 +123,9 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     for file in files:
         if not file.exists():
             if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-                raise CheckpointError(f"{folder}: only pickle weights (*.bin/*.pt) found; modegpt_rt loads only "
-                                      f"safetensors (convert with transformers' save_pretrained(safe_serialization=True))")
+                raise CheckpointError(
+                    f"{folder}: only pickle weights (*.bin/*.pt) found; modegpt_rt loads only safetensors "
+                    "(convert with transformers' save_pretrained(safe_serialization=True))")
             raise CheckpointError(f"{folder}: weights file {file.name} is missing")
         try:
             tensors.update(load_file(str(file)))
@@ -268,7 +269,8 @@ def _write_shards(tensors, folder: Path, max_shard_bytes: int):
         save_file(shard, str(folder / fname), metadata=meta)
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=1))
 
 
 def load_tokenizer(path):

@@ -169,7 +169,7 @@ class Model(nn.Module):
         self.register_buffer("cos", cos.to(device=device, dtype=table_dtype), persistent=False)
         self.register_buffer("sin", sin.to(device=device, dtype=table_dtype), persistent=False)
         self.scale = 1.0 / math.sqrt(config.head_dim)  # the original scale: reduced q·k approximates the full one
-        self.backend = kernels.resolve_backend(backend, device)
+        self.backend = kernels.resolve_backend(backend, device, dtype)
 
     @property
     def device(self) -> torch.device:
@@ -180,7 +180,7 @@ class Model(nn.Module):
         return self.embed.dtype
 
     def set_backend(self, backend: str) -> str:
-        self.backend = kernels.resolve_backend(backend, self.device)
+        self.backend = kernels.resolve_backend(backend, self.device, self.dtype)
         return self.backend
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:

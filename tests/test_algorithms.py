@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from modegpt_rt.compressor.algorithms import (
     allocate_sparsity,
     cr_key_query,
@@ -15,8 +14,9 @@ from modegpt_rt.compressor.algorithms import (
     svd_value_output,
 )
 from modegpt_rt.compressor.widths import Multiples, widths_for_sparsity
-from modegpt_rt.config import ModelConfig
 from modegpt_rt.kernels.reference import apply_rope
+
+from modegpt_rt.config import ModelConfig
 
 torch.set_default_dtype(torch.float64)
 
@@ -55,7 +55,7 @@ def test_type3_stacked_svd_is_optimal(G, k):
     # no other rank-k reduction tried does better
     b1 = _type3_error(C, Wv, Wos, *svd_value_output(C, Wv, Wos, k, "b1"))
     assert err <= b1 + 1e-9
-    for trial in range(20):
+    for _ in range(20):
         A = torch.randn(dh, k, generator=g)
         Wv_try = Wv @ A
         # best W_o for this W_v (least squares in the C-metric), so the alternative is at its strongest

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from modegpt_rt.compressor.compress import CompressOptions, compress
 
 import modegpt_rt
 from modegpt_rt.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from modegpt_rt.compressor.compress import CompressOptions, compress
 from modegpt_rt.config import ConfigError
 
 

@@ -2,14 +2,15 @@
 
 import pytest
 import torch
-
-import modegpt_rt
 from modegpt_rt.compressor.compress import CompressOptions, compress
 
-PROMPTS = [
-    "The capital of France is",
+import modegpt_rt
+
+PROMPTS = [  # prompts whose greedy continuation runs the full 48 tokens (no EOS)
     "Once upon a time, in a small village by the sea, there lived",
     "def fibonacci(n):",
+    "The history of the Roman Empire",
+    "In 1998, the band released their second album,",
 ]
 
 
