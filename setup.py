@@ -42,6 +42,7 @@ ext = Pybind11Extension(
     extra_link_args=link_args,
 )
 
+
 class OptionalBuildExt(build_ext):
     """A missing compiler must not block installation: the runtime reports the
     missing extension and falls back to the torch reference."""

@@ -41,22 +41,38 @@ def main(argv=None):
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     model = modegpt_rt.load(None, backend="torch")
-    calib = data.calibration_windows(data.tokenize(model.tokenizer, data.read_text("wikitext2", "valid")),
-                                     args.samples, args.seqlen, args.seed)
+    calib = data.calibration_windows(
+        data.tokenize(model.tokenizer, data.read_text("wikitext2", "valid")), args.samples, args.seqlen, args.seed
+    )
     t0 = time.time()
     report = {}
     if args.rate > 0:
-        opts = CompressOptions(rate=args.rate, allocation=args.allocation, split=args.split, eps=args.eps,
-                               max_layer_sparsity=args.max_layer_sparsity, ridge=args.ridge,
-                               ridge_relative=not args.absolute_ridge, value_method=args.value_method,
-                               multiples=Multiples.parse(args.multiples), bi_samples=args.bi_samples)
+        opts = CompressOptions(
+            rate=args.rate,
+            allocation=args.allocation,
+            split=args.split,
+            eps=args.eps,
+            max_layer_sparsity=args.max_layer_sparsity,
+            ridge=args.ridge,
+            ridge_relative=not args.absolute_ridge,
+            value_method=args.value_method,
+            multiples=Multiples.parse(args.multiples),
+            bi_samples=args.bi_samples,
+        )
         report = compress(model, calib, opts, progress=False)
     t_compress = time.time() - t0
     res = perplexity(model, model.tokenizer, "wikitext2", 2048, limit=args.windows or None, progress=False)
-    row = {"tag": args.tag, **{k: v for k, v in vars(args).items() if k not in ("out", "tag")},
-           "ppl": res["ppl"], "windows": res["windows"], "compress_seconds": round(t_compress, 1),
-           "achieved_rate": report.get("achieved_rate"), "eps_used": report.get("eps"),
-           "widths": [[w.k_mlp, w.d_qk, w.d_v] for w in model.config.layers], "threads": torch.get_num_threads()}
+    row = {
+        "tag": args.tag,
+        **{k: v for k, v in vars(args).items() if k not in ("out", "tag")},
+        "ppl": res["ppl"],
+        "windows": res["windows"],
+        "compress_seconds": round(t_compress, 1),
+        "achieved_rate": report.get("achieved_rate"),
+        "eps_used": report.get("eps"),
+        "widths": [[w.k_mlp, w.d_qk, w.d_v] for w in model.config.layers],
+        "threads": torch.get_num_threads(),
+    }
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k != "widths"}))

@@ -105,8 +105,7 @@ def plot_widths(cfg: dict, out_dir: Path, stem: str) -> list[Path]:
     ax.set_xlabel("layer")
     ax.set_ylabel("sparsity")
     ax.set_ylim(0, 1)
-    ax.set_title(f"per-layer sparsity, {comp.get('allocation', '?')} allocation, "
-                 f"rate {comp.get('target_rate', 0):.0%}")
+    ax.set_title(f"per-layer sparsity, {comp.get('allocation', '?')} allocation, rate {comp.get('target_rate', 0):.0%}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -43,8 +43,9 @@ def main(argv=None):
             row["ppl_windows"] = ppl[label]["windows"]
         if label in zs:
             tasks = zs[label]["tasks"]
-            row["zeroshot"] = {t: (r["acc_norm"] if r.get("acc_norm") is not None else r["acc"])
-                               for t, r in tasks.items()}
+            row["zeroshot"] = {
+                t: (r["acc_norm"] if r.get("acc_norm") is not None else r["acc"]) for t, r in tasks.items()
+            }
             row["average"] = sum(row["zeroshot"].values()) / len(tasks)
             row["zeroshot_n"] = {t: r["n"] for t, r in tasks.items()}
         if tput:
@@ -52,8 +53,12 @@ def main(argv=None):
                 if r["impl"].startswith("modegpt_rt") and abs(r["rate"] - rate) < 1e-9:
                     row[f"tok_s_b{r['batch']}"] = r["tok_s"]
         rows.append(row)
-    out = {"kind": "quality", "title": args.title, "rows": rows,
-           "metric_note": "zero-shot: acc_norm where lm-eval reports it (ARC, PIQA, HellaSwag), acc for WinoGrande"}
+    out = {
+        "kind": "quality",
+        "title": args.title,
+        "rows": rows,
+        "metric_note": "zero-shot: acc_norm where lm-eval reports it (ARC, PIQA, HellaSwag), acc for WinoGrande",
+    }
     Path(args.json).write_text(json.dumps(out, indent=2))
     for r in rows:
         print(r)

@@ -79,8 +79,13 @@ def time_transformers(path, batch, prompt, new, repeats, device, dtype):
 def summarize(runs, batch, new):
     wall = statistics.median(r["wall"] for r in runs)
     prefill = statistics.median(r["prefill"] for r in runs)
-    return {"tok_s": batch * new / wall, "decode_tok_s": batch * (new - 1) / max(wall - prefill, 1e-9),
-            "wall_s": wall, "prefill_s": prefill, "runs": runs}
+    return {
+        "tok_s": batch * new / wall,
+        "decode_tok_s": batch * (new - 1) / max(wall - prefill, 1e-9),
+        "wall_s": wall,
+        "prefill_s": prefill,
+        "runs": runs,
+    }
 
 
 def _label(model):
@@ -98,27 +103,57 @@ def main(args):
 
     def report(row):
         results.append(row)
-        print(f"{row['label']:<28} {row['impl']:<18} {row['batch']:>5} {row['tok_s']:>8.1f} "
-              f"{row['decode_tok_s']:>12.1f} {row['prefill_s']:>9.3f}", flush=True)
+        print(
+            f"{row['label']:<28} {row['impl']:<18} {row['batch']:>5} {row['tok_s']:>8.1f} "
+            f"{row['decode_tok_s']:>12.1f} {row['prefill_s']:>9.3f}",
+            flush=True,
+        )
 
     if args.hf_baseline:
         base = paths[0] or modegpt_rt.default_model_path()
         for b in batches:
-            s = summarize(time_transformers(base, b, args.prompt, args.new, args.repeats, args.device, dtype), b,
-                          args.new)
-            report({"model": str(base), "label": "dense", "rate": 0.0, "impl": "transformers", "batch": b,
-                    "prompt": args.prompt, "new": args.new, **s})
+            s = summarize(
+                time_transformers(base, b, args.prompt, args.new, args.repeats, args.device, dtype), b, args.new
+            )
+            report(
+                {
+                    "model": str(base),
+                    "label": "dense",
+                    "rate": 0.0,
+                    "impl": "transformers",
+                    "batch": b,
+                    "prompt": args.prompt,
+                    "new": args.new,
+                    **s,
+                }
+            )
     for path in paths:
         model = modegpt_rt.load(path, device=args.device, dtype=dtype, backend=args.backend, tokenizer=False)
         rate, label = _label(model)
         for b in batches:
             s = summarize(time_runtime(model, b, args.prompt, args.new, args.repeats), b, args.new)
-            report({"model": str(path or modegpt_rt.default_model_path()), "label": label, "rate": rate,
-                    "impl": f"modegpt_rt/{model.backend}", "batch": b, "prompt": args.prompt, "new": args.new,
-                    "params": model.config.total_params(), **s})
+            report(
+                {
+                    "model": str(path or modegpt_rt.default_model_path()),
+                    "label": label,
+                    "rate": rate,
+                    "impl": f"modegpt_rt/{model.backend}",
+                    "batch": b,
+                    "prompt": args.prompt,
+                    "new": args.new,
+                    "params": model.config.total_params(),
+                    **s,
+                }
+            )
         del model
-    out = {"kind": "throughput", "machine": describe(), "command": "modegpt " + " ".join(sys.argv[1:]),
-           "dtype": args.dtype, "device": args.device, "results": results}
+    out = {
+        "kind": "throughput",
+        "machine": describe(),
+        "command": "modegpt " + " ".join(sys.argv[1:]),
+        "dtype": args.dtype,
+        "device": args.device,
+        "results": results,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

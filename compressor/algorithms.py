@@ -151,8 +151,15 @@ def _scaled(scores, weights, params, target, eps, cap):
     return phi
 
 
-def allocate_sparsity(scores, target: float, eps: float | None = None, max_sparsity: float = 0.8,
-                      weights=None, params=None, cap: float = 0.95):
+def allocate_sparsity(
+    scores,
+    target: float,
+    eps: float | None = None,
+    max_sparsity: float = 0.8,
+    weights=None,
+    params=None,
+    cap: float = 0.95,
+):
     """Global sparsity allocation φ = c · softmax(−w ⊙ s / ε) (eq. 11; eq. 43 for the B.11 split).
 
     scores: importance per entry (layer, or layer×module for the split); weights: w of eq. 43

@@ -95,8 +95,7 @@ def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions):
     dense = cfg.dense()
     mlp_p = 3 * cfg.hidden_size * cfg.intermediate_size
     attn_p = dense.layer_params(0) - mlp_p
-    info.update(bi_samples=int(bi.shape[0]), bi_layer=layer_s.tolist(), bi_attn=attn_s.tolist(),
-                bi_mlp=mlp_s.tolist())
+    info.update(bi_samples=int(bi.shape[0]), bi_layer=layer_s.tolist(), bi_attn=attn_s.tolist(), bi_mlp=mlp_s.tolist())
     if not opts.split:
         phi, eps = allocate_sparsity(layer_s, opts.rate, opts.eps, opts.max_layer_sparsity)
         return phi.tolist(), phi.tolist(), {**info, "eps": eps}
@@ -104,8 +103,7 @@ def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions):
     scores = torch.cat([attn_s, mlp_s])
     params = torch.tensor([attn_p] * L + [mlp_p] * L, dtype=torch.float64)
     weights = params / params.mean()
-    phi, eps = allocate_sparsity(scores, opts.rate, opts.eps, opts.max_layer_sparsity, weights=weights,
-                                 params=params)
+    phi, eps = allocate_sparsity(scores, opts.rate, opts.eps, opts.max_layer_sparsity, weights=weights, params=params)
     return phi[:L].tolist(), phi[L:].tolist(), {**info, "eps": eps}
 
 
@@ -163,8 +161,9 @@ def compress_mlp(layer: Layer, C_sigma: torch.Tensor, k: int, ridge: float, rela
 
 
 @torch.no_grad()
-def compress(model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = True,
-             calibration: dict | None = None) -> dict:
+def compress(
+    model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = True, calibration: dict | None = None
+) -> dict:
     """Compress `model` in place with MoDeGPT on calibration `tokens` [N, L]; returns a report."""
     opts.validate()
     if model.dtype != torch.float32:
@@ -239,4 +238,3 @@ def compress(model: Model, tokens: torch.Tensor, opts: CompressOptions, progress
     }
     model.config = cfg.with_layers(widths, compression=report)
     return report
-

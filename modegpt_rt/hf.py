@@ -85,11 +85,13 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
             cache = rt.new_cache(B, T)
             packed_logits = rt.step(packed, cache, lens, last_only=False)
             logits = torch.zeros_like(packed_logits).scatter_(
-                1, order[:, :, None].expand_as(packed_logits), packed_logits)
+                1, order[:, :, None].expand_as(packed_logits), packed_logits
+            )
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):

@@ -19,8 +19,15 @@ from modegpt_rt import kernels
 from modegpt_rt.config import LayerWidths, ModelConfig
 
 # HF-style names of one layer's tensors, relative to `model.layers.N.`
-PROJ_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJ_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
 ROPE_IDX_NAME = "self_attn.rope_freq_idx"
 
@@ -185,8 +192,9 @@ class Model(nn.Module):
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         if capacity > self.config.max_position_embeddings:
-            raise ValueError(f"cache capacity {capacity} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"cache capacity {capacity} exceeds max_position_embeddings {self.config.max_position_embeddings}"
+            )
         kw = dict(device=self.device, dtype=self.dtype)
         ks = [torch.zeros(batch_size, layer.n_kv, capacity, layer.d_qk, **kw) for layer in self.layers]
         vs = [torch.zeros(batch_size, layer.n_kv, capacity, layer.d_v, **kw) for layer in self.layers]
@@ -212,7 +220,11 @@ class Model(nn.Module):
         q = q.view(B, T, layer.n_head, layer.d_qk)
         k = apply_rope(k, c, s)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=self.scale,
             enable_gqa=G > 1,
         )
         return F.linear(out.transpose(1, 2).reshape(B, T, -1), layer.wo)
@@ -226,8 +238,9 @@ class Model(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"{input_ids.shape[1]} tokens exceed max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"{input_ids.shape[1]} tokens exceed max_position_embeddings {self.config.max_position_embeddings}"
+            )
         h = F.embedding(input_ids.to(self.device), self.embed)
         for layer in self.layers:
             h = self.layer_forward(layer, h)
@@ -241,8 +254,9 @@ class Model(nn.Module):
 
     # ------------------------------------------------------- cached inference
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, cache: KVCache, new_lens: torch.Tensor | None = None,
-             last_only: bool = True) -> torch.Tensor:
+    def step(
+        self, input_ids: torch.Tensor, cache: KVCache, new_lens: torch.Tensor | None = None, last_only: bool = True
+    ) -> torch.Tensor:
         """Append input_ids [B, T] (right-padded; new_lens [B] valid counts) to the cache.
 
         Returns logits [B, vocab] of each sequence's last valid new token (or [B, T, vocab]).
@@ -257,8 +271,18 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(rms_norm(h, layer.attn_norm, eps))
             attn = kernels.attention(
-                q, k, v, cache.k[i], cache.v[i], self.cos, self.sin, layer.freq_idx, cache.lens, new_lens,
-                self.scale, backend=self.backend,
+                q,
+                k,
+                v,
+                cache.k[i],
+                cache.v[i],
+                self.cos,
+                self.sin,
+                layer.freq_idx,
+                cache.lens,
+                new_lens,
+                self.scale,
+                backend=self.backend,
             )
             h = h + F.linear(attn.reshape(B, T, -1), layer.wo)
             h = h + layer.mlp(rms_norm(h, layer.mlp_norm, eps))

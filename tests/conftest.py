@@ -17,9 +17,21 @@ except FileNotFoundError:
 def tiny_hf_config(**overrides):
     from transformers import LlamaConfig
 
-    kw = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
-              num_key_value_heads=2, head_dim=10, max_position_embeddings=128, rms_norm_eps=1e-5,
-              tie_word_embeddings=False, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    kw = dict(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=10,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     kw.update(overrides)
     return LlamaConfig(**kw)
 
@@ -69,7 +81,14 @@ def smollm2_hf(smollm2_path):
 
 
 def random_config(**kw) -> ModelConfig:
-    base = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8)
+    base = dict(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     base.update(kw)
     return ModelConfig(**base)

@@ -182,8 +182,15 @@ def test_allocation_uniform_cases():
 
 @pytest.mark.parametrize("multiples", [Multiples(), Multiples(64, 4, 8)])
 def test_widths_keep_global_budget(multiples):
-    cfg = ModelConfig(vocab_size=100, hidden_size=64, intermediate_size=256, num_hidden_layers=6,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    cfg = ModelConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
     phi = [0.1, 0.5, 0.3, 0.2, 0.45, 0.25]
     widths = widths_for_sparsity(cfg, phi, phi, multiples)
     new = cfg.with_layers(widths)

@@ -64,10 +64,16 @@ def test_rate_zero_reproduces_logits_and_roundtrips(tiny_hf_dir, tmp_path):
     assert (again(ids).logits - before).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("opts", [
-    dict(rate=0.3), dict(rate=0.4, allocation="uniform"), dict(rate=0.3, split=True),
-    dict(rate=0.25, value_method="b1"), dict(rate=0.3, multiples="16,2,4"),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(rate=0.3),
+        dict(rate=0.4, allocation="uniform"),
+        dict(rate=0.3, split=True),
+        dict(rate=0.25, value_method="b1"),
+        dict(rate=0.3, multiples="16,2,4"),
+    ],
+)
 def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, opts):
     from modegpt_rt.compressor.widths import Multiples
 

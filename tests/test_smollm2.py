@@ -28,7 +28,7 @@ def test_smollm2_rate_zero_reproduces_dense_logits(smollm2_path, smollm2_hf):
 def _hf_greedy(hf, tok, prompt, n):
     ids = tok(prompt, return_tensors="pt")
     out = hf.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
-    return out[0, ids["input_ids"].shape[1]:].tolist()
+    return out[0, ids["input_ids"].shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -50,8 +50,9 @@ def test_smollm2_greedy_48_tokens_match_transformers(smollm2, smollm2_hf, backen
 
 def test_smollm2_streaming_and_stop_string(smollm2):
     pieces = []
-    res = smollm2.generate(["The capital of France is"], max_new_tokens=20, temperature=0,
-                           stream=lambda i, t, s: pieces.append(s))[0]
+    res = smollm2.generate(
+        ["The capital of France is"], max_new_tokens=20, temperature=0, stream=lambda i, t, s: pieces.append(s)
+    )[0]
     assert "".join(pieces) == res.text and len(pieces) == len(res.token_ids)
     word = res.text.split()[1]
     stopped = smollm2.generate(["The capital of France is"], max_new_tokens=20, temperature=0, stop=[word])[0]

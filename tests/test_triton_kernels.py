@@ -21,7 +21,23 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton", reason="triton is not importable; the Triton kernels cannot be tested")
+triton = pytest.importorskip("triton", reason="triton is not importable; the Triton kernels cannot be tested")
+import triton.language as tl  # noqa: E402
+import triton.language.standard  # noqa: E402
+
+if type(tl.zeros).__name__ != "InterpretedFunction":
+    # triton was imported before this module set TRITON_INTERPRET=1 (in a whole-suite run,
+    # torch._dynamo imports it while other test modules are collected), so its own
+    # @triton.jit helpers (tl.zeros, tl.sum, tl.max, ...) were built for the compiler and
+    # fail inside interpreted kernels. Rebuild them for the interpreter.
+    importlib.reload(triton.language.standard)
+    importlib.reload(triton.language)
+    if type(tl.zeros).__name__ != "InterpretedFunction":
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1 and could not be switched to the interpreter; "
+            "run with TRITON_INTERPRET=1 in the environment",
+            allow_module_level=True,
+        )
 
 try:  # the installed package layout
     from modegpt_rt.kernels import reference, triton_attention
@@ -33,7 +49,7 @@ except Exception:  # not installed, or the package __init__ is broken: use the s
     from kernels import reference, triton_attention
 
 if type(triton_attention._prefill_kernel).__name__ != "InterpretedFunction":
-    # imported earlier without TRITON_INTERPRET=1: rebuild the kernels for the interpreter
+    # imported earlier without TRITON_INTERPRET=1: rebuild our kernels for the interpreter too
     triton_attention = importlib.reload(triton_attention)
 
 REF_POISON = 7.0e3  # finite stand-in for NaN in the reference's caches
