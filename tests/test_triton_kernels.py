@@ -21,17 +21,17 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-triton = pytest.importorskip("triton", reason="triton is not importable; the Triton kernels cannot be tested")
+pytest.importorskip("triton", reason="triton is not importable; the Triton kernels cannot be tested")
 import triton.language as tl  # noqa: E402
-import triton.language.standard  # noqa: E402
+import triton.language.standard as tl_standard  # noqa: E402
 
 if type(tl.zeros).__name__ != "InterpretedFunction":
     # triton was imported before this module set TRITON_INTERPRET=1 (in a whole-suite run,
     # torch._dynamo imports it while other test modules are collected), so its own
     # @triton.jit helpers (tl.zeros, tl.sum, tl.max, ...) were built for the compiler and
     # fail inside interpreted kernels. Rebuild them for the interpreter.
-    importlib.reload(triton.language.standard)
-    importlib.reload(triton.language)
+    importlib.reload(tl_standard)
+    importlib.reload(tl)
     if type(tl.zeros).__name__ != "InterpretedFunction":
         pytest.skip(
             "triton was imported before TRITON_INTERPRET=1 and could not be switched to the interpreter; "

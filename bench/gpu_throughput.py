@@ -1,0 +1,206 @@
+"""The paper's GPU throughput protocol with random weights (throughput does not depend on values).
+
+    python -m modegpt_rt.bench.gpu_throughput --json bench/results/gpu_throughput.json
+        [--batch 1,16,64,256] [--prompt 256] [--new 256] [--models dense,paper30,5,10,20,40] [--hf-baseline]
+
+LLaMA-2-7B shape, fp16. Models: dense; the paper's 30% layer ranks
+(shared/bench/llama2-ranks-30pct.json: φ_l = 1 − rank_l / hidden applied to every module of
+layer l); uniform 5/10/20/40%. All through modegpt_rt (the same code path for dense), and dense
+through transformers (sdpa, static cache) in the same run. `--tiny` runs a small config on CPU
+to check the script itself where no GPU is lent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from modegpt_rt.bench.machine import describe
+from modegpt_rt.compressor.widths import widths_for_sparsity
+
+from modegpt_rt.config import ModelConfig
+from modegpt_rt.model import Model
+
+LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=16,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def find_ranks_file() -> Path:
+    from modegpt_rt.data import find_data_dir
+
+    return find_data_dir().parent / "bench" / "llama2-ranks-30pct.json"
+
+
+def sparsities(name: str, cfg: ModelConfig):
+    L = cfg.num_hidden_layers
+    if name == "dense":
+        return [0.0] * L
+    if name == "paper30":
+        ranks = json.loads(find_ranks_file().read_text())["llama-2-7b"]["layer_ranks"]
+        if len(ranks) != L:  # --tiny: stretch the paper's profile over fewer layers
+            ranks = [ranks[int(i * len(ranks) / L)] for i in range(L)]
+        return [1 - r / 4096 for r in ranks]
+    return [float(name) / 100] * L
+
+
+def random_model(cfg: ModelConfig, device, dtype) -> Model:
+    model = Model(cfg, device=device, dtype=dtype, backend="auto")
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=g) if p.dim() > 1 else p.fill_(1.0)
+        for layer in model.layers:
+            layer.freq_idx = torch.arange(layer.d_qk // 2, dtype=torch.int32, device=device).repeat(layer.n_kv, 1)
+    return model
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_generate(model, batch, prompt, new, repeats):
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt)).tolist()
+    model.generate(ids, max_new_tokens=2, temperature=0, ignore_eos=True)
+    walls = []
+    for _ in range(repeats):
+        _sync(model.device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, temperature=0, ignore_eos=True)
+        _sync(model.device)
+        walls.append(time.perf_counter() - t0)
+    return walls
+
+
+def time_transformers(cfg_kw, batch, prompt, new, repeats, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(**{k: v for k, v in cfg_kw.items()}, attn_implementation="sdpa")
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    ids = torch.randint(3, cfg_kw["vocab_size"], (batch, prompt), device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    walls = []
+    with torch.no_grad():
+        hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            hf.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+            _sync(device)
+            walls.append(time.perf_counter() - t0)
+    del hf
+    return walls
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", default="1,16,64,256")
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--models", default="dense,paper30,5,10,20,40")
+    p.add_argument("--hf-baseline", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="small config on CPU (checks the script, not a result)")
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+    if args.tiny:
+        shape, device, dtype = TINY, "cpu", torch.float32
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("gpu_throughput: no CUDA device; run on a GPU machine (or --tiny to check the script)")
+        shape, device, dtype = LLAMA2_7B, "cuda", torch.float16
+    base = ModelConfig(**shape)
+    rows = []
+    batches = [int(b) for b in args.batch.split(",")]
+
+    def record(label, impl, b, walls, params):
+        wall = statistics.median(walls)
+        rows.append(
+            {
+                "label": label,
+                "impl": impl,
+                "batch": b,
+                "prompt": args.prompt,
+                "new": args.new,
+                "tok_s": b * args.new / wall,
+                "wall_s": wall,
+                "walls": walls,
+                "params": params,
+                "rate": 0.0 if label == "dense" else (0.3 if label == "paper30" else float(label) / 100),
+            }
+        )
+        print(f"{label:>8} {impl:<22} batch {b:>4}: {rows[-1]['tok_s']:10.1f} tok/s", flush=True)
+
+    if args.hf_baseline:
+        for b in batches:
+            try:
+                record(
+                    "dense",
+                    "transformers",
+                    b,
+                    time_transformers(shape, b, args.prompt, args.new, args.repeats, device, dtype),
+                    base.total_params(),
+                )
+            except torch.OutOfMemoryError:
+                print(f"transformers batch {b}: out of memory")
+                torch.cuda.empty_cache()
+    for name in args.models.split(","):
+        phi = sparsities(name, base)
+        cfg = base.with_layers(widths_for_sparsity(base, phi, phi))
+        model = random_model(cfg, device, dtype)
+        for b in batches:
+            try:
+                walls = time_generate(model, b, args.prompt, args.new, args.repeats)
+            except torch.OutOfMemoryError:
+                print(f"{name} batch {b}: out of memory")
+                torch.cuda.empty_cache()
+                continue
+            record(name, f"modegpt_rt/{model.backend}", b, walls, cfg.total_params())
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    out = {
+        "kind": "throughput",
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "machine": describe(),
+        "command": "python -m modegpt_rt.bench.gpu_throughput " + " ".join(sys.argv[1:]),
+        "tiny": args.tiny,
+        "results": rows,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
