@@ -79,6 +79,7 @@ Value checks (lengths within the cache, frequency indices within the tables) are
 for CPU tensors only: on CUDA they would cost a device sync per call.
 """
 
+import functools
 import math
 import os
 
@@ -567,8 +568,13 @@ def _compute_dtype(dtype: torch.dtype):
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
     return 4  # the interpreter: a nominal small machine
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def choose_num_splits(batch: int, h_kv: int, capacity: int, block_n: int, num_sms: int, max_splits: int = 64) -> int:

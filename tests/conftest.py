@@ -1,7 +1,12 @@
 import os
 
-import pytest
 import torch
+
+# Triton kernels are tested under the interpreter where no GPU is present; set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from modegpt_rt.config import ModelConfig
 

@@ -353,3 +353,18 @@ def test_triton_rejects_bad_inputs():
         call(v_cache=args[4][:, :, :, :4])
     with pytest.raises(ValueError, match="dtype"):
         call(q=args[0].to(torch.int32))
+
+
+def test_triton_module_imports_without_triton(monkeypatch):
+    """Without triton the module still imports: available() is False and attention() explains why."""
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("_triton_attention_without_triton", triton_attention.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not module.available()
+    case = make_case(seed=710, B=1, T=2, H=2, H_kv=1, d_qk=4, d_v=3, S=4, cache_lens=[0], new_lens=[2])
+    with pytest.raises(RuntimeError, match="triton is not importable"):
+        module.attention(*case.args())
