@@ -60,4 +60,12 @@ class OptionalBuildExt(build_ext):
             print(f"WARNING: building {ext.name} failed ({e}); the torch reference will be used")
 
 
-setup(ext_modules=[ext], cmdclass={"build_ext": OptionalBuildExt})
+linear_ext = Pybind11Extension(
+    "modegpt_rt.kernels._cpu_linear",
+    ["kernels/csrc/linear.cpp"],
+    cxx_std=17,
+    extra_compile_args=compile_args,
+    extra_link_args=link_args,
+)
+
+setup(ext_modules=[ext, linear_ext], cmdclass={"build_ext": OptionalBuildExt})

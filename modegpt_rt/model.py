@@ -124,20 +124,20 @@ class Layer(nn.Module):
         self.freq_idx = torch.as_tensor(freq_idx, dtype=torch.int32, device=dev).contiguous()
 
     # ---------------------------------------------------------------- compute
-    def qkv(self, x):
+    def qkv(self, x, linear=F.linear):
         """x: [B, T, d] normed -> q [B, T, H, d_qk], k [B, T, H_kv, d_qk], v [B, T, H_kv, d_v]."""
         B, T, _ = x.shape
-        qkv = F.linear(x, self.wqkv)
+        qkv = linear(x, self.wqkv)
         q_end, k_end, _ = self.qkv_sizes
         q = qkv[..., :q_end].view(B, T, self.n_head, self.d_qk)
         k = qkv[..., q_end:k_end].view(B, T, self.n_kv, self.d_qk)
         v = qkv[..., k_end:].view(B, T, self.n_kv, self.d_v)
         return q, k, v
 
-    def mlp(self, x):
-        gate_up = F.linear(x, self.w_gate_up)
+    def mlp(self, x, linear=F.linear):
+        gate_up = linear(x, self.w_gate_up)
         gate, up = gate_up[..., : self.k_mlp], gate_up[..., self.k_mlp :]
-        return F.linear(F.silu(gate) * up, self.w_down)
+        return linear(F.silu(gate) * up, self.w_down)
 
 
 @dataclass
@@ -176,7 +176,7 @@ class Model(nn.Module):
         self.register_buffer("cos", cos.to(device=device, dtype=table_dtype), persistent=False)
         self.register_buffer("sin", sin.to(device=device, dtype=table_dtype), persistent=False)
         self.scale = 1.0 / math.sqrt(config.head_dim)  # the original scale: reduced q·k approximates the full one
-        self.backend = kernels.resolve_backend(backend, device, dtype)
+        self.set_backend(backend)
 
     @property
     def device(self) -> torch.device:
@@ -187,7 +187,18 @@ class Model(nn.Module):
         return self.embed.dtype
 
     def set_backend(self, backend: str) -> str:
+        """Choose the attention implementation (auto | torch | cpu | triton); returns the one in use.
+
+        With the C++ kernels the decode-time projections also use the C++ skinny product
+        (weights streamed once per step for all batch rows); prefill-sized products stay with torch.
+        """
         self.backend = kernels.resolve_backend(backend, self.device, self.dtype)
+        self._linear = F.linear
+        if self.backend == "cpu" and self.dtype == torch.float32:
+            from modegpt_rt.kernels import cpu_linear
+
+            if cpu_linear.available():
+                self._linear = cpu_linear.linear
         return self.backend
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
@@ -229,8 +240,8 @@ class Model(nn.Module):
         )
         return F.linear(out.transpose(1, 2).reshape(B, T, -1), layer.wo)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
+    def logits(self, h: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        return linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> Output:
@@ -267,9 +278,10 @@ class Model(nn.Module):
         if int((cache.lens + new_lens).max()) > cache.capacity:
             raise ValueError(f"KV cache of {cache.capacity} positions cannot take {T} more tokens")
         eps = self.config.rms_norm_eps
+        lin = self._linear
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(rms_norm(h, layer.attn_norm, eps))
+            q, k, v = layer.qkv(rms_norm(h, layer.attn_norm, eps), lin)
             attn = kernels.attention(
                 q,
                 k,
@@ -284,10 +296,10 @@ class Model(nn.Module):
                 self.scale,
                 backend=self.backend,
             )
-            h = h + F.linear(attn.reshape(B, T, -1), layer.wo)
-            h = h + layer.mlp(rms_norm(h, layer.mlp_norm, eps))
+            h = h + lin(attn.reshape(B, T, -1), layer.wo)
+            h = h + layer.mlp(rms_norm(h, layer.mlp_norm, eps), lin)
         cache.lens += new_lens
         if last_only:
             last = (new_lens.long() - 1).clamp(min=0)
             h = h[torch.arange(B, device=h.device), last]
-        return self.logits(h)
+        return self.logits(h, lin)
