@@ -24,12 +24,42 @@ def available() -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if (_ext is None or rows > MAX_ROWS or x.dtype != torch.float32 or w.dtype != torch.float32
-            or x.device.type != "cpu" or not w.is_contiguous()):
+    if (
+        _ext is None
+        or rows > MAX_ROWS
+        or x.dtype != torch.float32
+        or w.dtype != torch.float32
+        or x.device.type != "cpu"
+        or not w.is_contiguous()
+    ):
         return F.linear(x, w)
     if w.shape[1] != x.shape[-1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features, w is {list(w.shape)}")
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
     _ext.linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), rows, w.shape[1], w.shape[0])
+    return out
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += delta (in place, when given); returns RMSNorm(h) * weight. Contiguous float32 CPU tensors."""
+    out = torch.empty_like(h)
+    rows = h.numel() // h.shape[-1]
+    _ext.add_rms_norm(
+        h.data_ptr(),
+        0 if delta is None else delta.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        rows,
+        h.shape[-1],
+        eps,
+    )
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dim (contiguous float32)."""
+    k = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], k, dtype=gate_up.dtype)
+    _ext.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], k)
     return out

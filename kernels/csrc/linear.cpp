@@ -6,6 +6,7 @@
 // registers/L1, rows split across OpenMP threads.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 
@@ -118,10 +119,50 @@ void linear(std::uintptr_t x_ptr, std::uintptr_t w_ptr, std::uintptr_t y_ptr, in
   }
 }
 
+// out[r] = h[r] * rsqrt(mean(h[r]^2) + eps) * w; with `delta`, first h[r] += delta[r] (residual add).
+void add_rms_norm(std::uintptr_t h_ptr, std::uintptr_t delta_ptr, std::uintptr_t w_ptr, std::uintptr_t out_ptr,
+                  int64_t rows, int64_t dim, double eps) {
+  float* h = reinterpret_cast<float*>(h_ptr);
+  const float* delta = reinterpret_cast<const float*>(delta_ptr);
+  const float* w = reinterpret_cast<const float*>(w_ptr);
+  float* out = reinterpret_cast<float*>(out_ptr);
+  py::gil_scoped_release nogil;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* hr = h + r * dim;
+    if (delta) {
+      const float* dr = delta + r * dim;
+#pragma omp simd
+      for (int64_t i = 0; i < dim; ++i) hr[i] += dr[i];
+    }
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < dim; ++i) ss += hr[i] * hr[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + static_cast<float>(eps));
+    float* o = out + r * dim;
+#pragma omp simd
+    for (int64_t i = 0; i < dim; ++i) o[i] = w[i] * (hr[i] * inv);
+  }
+}
+
+// out[r, :k] = silu(gu[r, :k]) * gu[r, k:2k]
+void silu_mul(std::uintptr_t gu_ptr, std::uintptr_t out_ptr, int64_t rows, int64_t k) {
+  const float* gu = reinterpret_cast<const float*>(gu_ptr);
+  float* out = reinterpret_cast<float*>(out_ptr);
+  py::gil_scoped_release nogil;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gu + r * 2 * k;
+    const float* u = g + k;
+    float* o = out + r * k;
+    for (int64_t i = 0; i < k; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu_linear, m) {
   m.doc() = "skinny float32 matrix products y = x W^T for the decode step (raw pointers, contiguous rows)";
   m.def("linear", &linear, "y[M, N] = x[M, K] @ W[N, K]^T; pointers to contiguous float32 buffers",
         py::arg("x_ptr"), py::arg("w_ptr"), py::arg("y_ptr"), py::arg("M"), py::arg("K"), py::arg("N"));
+  m.def("add_rms_norm", &add_rms_norm, "h += delta (if delta_ptr != 0); out = RMSNorm(h) * w (float32 rows)");
+  m.def("silu_mul", &silu_mul, "out = silu(gu[:, :k]) * gu[:, k:] (float32 rows)");
 }
