@@ -37,7 +37,8 @@ def test_cpu_linear_batched_shapes_and_fallbacks():
 @pytest.mark.parametrize("rows,dim", [(1, 576), (5, 17), (3, 1)])
 def test_cpu_linear_add_rms_norm_and_silu_mul(rows, dim):
     g = torch.Generator().manual_seed(dim)
-    h, d, w = (torch.randn(rows, dim, generator=g) for _ in range(3))
+    h, d = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
+    w = torch.randn(dim, generator=g)
     h_ref = h + d
     ref = w * (h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + 1e-5))
     out = cpu_linear.add_rms_norm(h, d, w, 1e-5)
