@@ -18,7 +18,15 @@ from modegpt_rt.kernels.reference import apply_rope
 
 from modegpt_rt.config import ModelConfig
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Brute-force checks in float64; restored afterwards so other test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _psd(d, seed, tokens=200):
