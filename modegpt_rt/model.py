@@ -230,6 +230,14 @@ class Model(nn.Module):
         q = apply_rope(q.view(B, T, layer.n_kv, G, layer.d_qk), c[:, :, None], s[:, :, None])
         q = q.view(B, T, layer.n_head, layer.d_qk)
         k = apply_rope(k, c, s)
+        # torch's fused CPU/GPU attention needs equal q/k and v widths (else a ~5x slower path that
+        # materializes T×T): zero-pad to the larger one. Zero q/k dims leave scores unchanged; zero
+        # v dims give zero outputs, sliced off.
+        width = max(layer.d_qk, layer.d_v)
+        if layer.d_qk < width:
+            q, k = F.pad(q, (0, width - layer.d_qk)), F.pad(k, (0, width - layer.d_qk))
+        if layer.d_v < width:
+            v = F.pad(v, (0, width - layer.d_v))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -237,7 +245,7 @@ class Model(nn.Module):
             is_causal=True,
             scale=self.scale,
             enable_gqa=G > 1,
-        )
+        )[..., : layer.d_v]
         return F.linear(out.transpose(1, 2).reshape(B, T, -1), layer.wo)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
