@@ -129,8 +129,8 @@ def svd_value_output(C: torch.Tensor, W_v: torch.Tensor, W_os: list[torch.Tensor
 # ------------------------------------------------------------------ allocation
 def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> tuple[float, int]:
     """Σ_tokens (1 − cos(x_in, x_out)) and the token count (Section 3.3, Men et al. 2024)."""
-    cos = torch.nn.functional.cosine_similarity(x_in.double().flatten(0, -2), x_out.double().flatten(0, -2), dim=-1)
-    return (1 - cos).sum().item(), cos.numel()
+    cos = torch.nn.functional.cosine_similarity(x_in.flatten(0, -2), x_out.flatten(0, -2), dim=-1)
+    return (1 - cos.double()).sum().item(), cos.numel()
 
 
 def _scaled(scores, weights, params, target, eps, cap):
