@@ -14,7 +14,6 @@ import time
 
 import torch
 from modegpt_rt.compressor.compress import CompressOptions, compress
-from modegpt_rt.compressor.widths import Multiples
 
 import modegpt_rt
 from modegpt_rt import data
@@ -47,18 +46,7 @@ def main(argv=None):
     t0 = time.time()
     report = {}
     if args.rate > 0:
-        opts = CompressOptions(
-            rate=args.rate,
-            allocation=args.allocation,
-            split=args.split,
-            eps=args.eps,
-            max_layer_sparsity=args.max_layer_sparsity,
-            ridge=args.ridge,
-            ridge_relative=not args.absolute_ridge,
-            value_method=args.value_method,
-            multiples=Multiples.parse(args.multiples),
-            bi_samples=args.bi_samples,
-        )
+        opts = CompressOptions.from_args(args)
         report = compress(model, calib, opts, progress=False)
     t_compress = time.time() - t0
     res = perplexity(model, model.tokenizer, "wikitext2", 2048, limit=args.windows or None, progress=False)

@@ -45,6 +45,22 @@ class CompressOptions:
     bi_samples: int = 32  # calibration samples used for the Block Influence scores
     micro_batch: int = 4
 
+    @classmethod
+    def from_args(cls, args) -> CompressOptions:
+        """From parsed command-line arguments (`modegpt compress`, bench/experiment.py)."""
+        return cls(
+            rate=args.rate,
+            allocation=args.allocation,
+            split=args.split,
+            eps=args.eps,
+            max_layer_sparsity=args.max_layer_sparsity,
+            ridge=args.ridge,
+            ridge_relative=not args.absolute_ridge,
+            value_method=args.value_method,
+            multiples=Multiples.parse(args.multiples),
+            bi_samples=args.bi_samples,
+        )
+
     def validate(self):
         if not 0.0 <= self.rate <= MAX_RATE:
             raise ValueError(f"rate {self.rate} outside [0, {MAX_RATE}]")

@@ -38,24 +38,13 @@ def cmd_compress(args):
     from modegpt_rt import data
     from modegpt_rt.checkpoint import save_checkpoint
     from modegpt_rt.compressor.compress import MAX_RATE, CompressOptions, compress
-    from modegpt_rt.compressor.widths import Multiples
 
     if not 0 <= args.rate <= MAX_RATE:
         raise ValueError(f"--rate {args.rate} outside [0, {MAX_RATE}]")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
-    opts = CompressOptions(
-        rate=args.rate,
-        allocation=args.allocation,
-        split=args.split,
-        eps=args.eps,
-        max_layer_sparsity=args.max_layer_sparsity,
-        ridge=args.ridge,
-        value_method=args.value_method,
-        multiples=Multiples.parse(args.multiples),
-        bi_samples=args.bi_samples,
-    )
+    opts = CompressOptions.from_args(args)
     opts.validate()
     model = modegpt_rt.load(args.model, backend="torch")
     text = data.read_text(args.calib, split="valid")
@@ -197,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="stacked",
         help="GQA value-output: exact stacked SVD or the paper's B.1 projection",
     )
+    c.add_argument("--absolute-ridge", action="store_true", help="use --ridge as an absolute λ (the paper's λ = 1)")
     c.add_argument("--multiples", default=None, help="round widths to MLP,PAIRS,V multiples, e.g. 64,8,16")
     c.add_argument("--bi-samples", type=int, default=32, help="calibration windows for Block Influence scores")
     c.add_argument("--seed", type=int, default=0)

@@ -19,7 +19,6 @@ from modegpt_rt.kernels.reference import apply_rope
 from modegpt_rt.config import ModelConfig
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """Brute-force checks in float64; restored afterwards so other test modules are unaffected."""
