@@ -20,6 +20,9 @@ class ModegptConfig(PretrainedConfig):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("use_cache", False)
+        # our RoPE fields are read by modegpt_rt.load from config.json; keep them out of
+        # transformers' RoPE standardisation, which warns about the unknown layout
+        self.modegpt_rope_scaling = kwargs.pop("rope_scaling", None)
         super().__init__(**kwargs)
 
 
