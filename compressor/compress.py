@@ -70,8 +70,6 @@ class CompressOptions:
             raise ValueError(f"value method {self.value_method!r}: choose stacked or b1")
         if self.ridge <= 0:
             raise ValueError(f"ridge λ must be positive, got {self.ridge}")
-        if self.rate >= self.max_layer_sparsity and self.allocation == "global" and self.eps is None:
-            pass  # falls back to uniform, reported in the summary
 
 
 def _batches(n: int, size: int):
