@@ -37,6 +37,7 @@ if sys.platform != "win32":
 ext = Pybind11Extension(
     "modegpt_rt.kernels._cpu_attention",
     ["kernels/csrc/attention.cpp"],
+    depends=["kernels/csrc/attention_core.h"],
     cxx_std=17,
     extra_compile_args=compile_args,
     extra_link_args=link_args,
@@ -63,6 +64,7 @@ class OptionalBuildExt(build_ext):
 linear_ext = Pybind11Extension(
     "modegpt_rt.kernels._cpu_linear",
     ["kernels/csrc/linear.cpp"],
+    depends=["kernels/csrc/attention_core.h"],
     cxx_std=17,
     extra_compile_args=compile_args,
     extra_link_args=link_args,

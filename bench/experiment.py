@@ -34,7 +34,7 @@ def main(argv=None):
     p.add_argument("--absolute-ridge", action="store_true")
     p.add_argument("--value-method", default="stacked")
     p.add_argument("--multiples", default=None)
-    p.add_argument("--bi-samples", type=int, default=32)
+    p.add_argument("--bi-samples", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="")

@@ -57,6 +57,16 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     return out
 
 
+def decode_plan(layer_ptrs, layer_widths, **kw):
+    """A C++ `DecodePlan`: every layer of a float32 decode step in one call (see csrc/linear.cpp).
+
+    layer_ptrs: per layer the data pointers of [attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down,
+    k_cache, v_cache, freq_idx]; layer_widths: per layer [d_qk, d_v, k_mlp]. The caller keeps
+    those tensors alive and unchanged while the plan is used.
+    """
+    return _ext.DecodePlan(layer_ptrs, layer_widths, **kw)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim (contiguous float32)."""
     k = gate_up.shape[-1] // 2

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--absolute-ridge", action="store_true", help="use --ridge as an absolute λ (the paper's λ = 1)")
     c.add_argument("--multiples", default=None, help="round widths to MLP,PAIRS,V multiples, e.g. 64,8,16")
-    c.add_argument("--bi-samples", type=int, default=32, help="calibration windows for Block Influence scores")
+    c.add_argument("--bi-samples", type=int, default=8, help="calibration windows for the Block Influence scores")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

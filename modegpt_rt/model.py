@@ -147,6 +147,7 @@ class KVCache:
     k: list[torch.Tensor]  # [B, H_kv, S, d_qk] after RoPE
     v: list[torch.Tensor]  # [B, H_kv, S, d_v]
     lens: torch.Tensor  # [B] int32 tokens cached
+    plan: object = None  # (tensors it points into, C++ DecodePlan) of the fused CPU decode step
 
     @property
     def capacity(self) -> int:
@@ -322,14 +323,20 @@ class Model(nn.Module):
         return rms_norm(h, self.norm, eps)
 
     def _step_fused(self, input_ids, cache, new_lens):
-        """The same step with the C++ kernels (float32 CPU): residual add + RMSNorm fused, SiLU·up fused,
-        skinny products for the projections. Removes most per-op dispatch cost at batch 1."""
+        """The same step with the C++ kernels (float32 CPU). Decode-sized steps (≤ MAX_ROWS new tokens
+        in all) run every layer in one C++ call (`DecodePlan`); prefill-sized ones per op, with
+        residual add + RMSNorm fused, SiLU·up fused, and MKL for the wide products."""
         from modegpt_rt.kernels import cpu, cpu_linear
 
         B, T = input_ids.shape
         eps = self.config.rms_norm_eps
-        lin = self._linear
         h = F.embedding(input_ids, self.embed)  # residual stream, updated in place
+        if B * T <= cpu_linear.MAX_ROWS:
+            out = torch.empty_like(h)
+            lens = new_lens if new_lens.dtype == torch.int32 else new_lens.to(torch.int32)
+            self._decode_plan(cache).step(h.data_ptr(), out.data_ptr(), cache.lens.data_ptr(), lens.data_ptr(), T)
+            return out
+        lin = self._linear
         norms = [layer.attn_norm for layer in self.layers] + [self.norm]
         x = cpu_linear.add_rms_norm(h, None, norms[0], eps)
         for i, layer in enumerate(self.layers):
@@ -341,3 +348,39 @@ class Model(nn.Module):
             down = lin(cpu_linear.silu_mul(lin(x, layer.w_gate_up)), layer.w_down)
             x = cpu_linear.add_rms_norm(h, down, norms[i + 1], eps)
         return x
+
+    def _decode_plan(self, cache: KVCache):
+        """The C++ plan of raw pointers into this model's weights and `cache`, built once per cache
+        (rebuilt if a weight tensor was replaced since)."""
+        from modegpt_rt.kernels import cpu_linear
+
+        tensors = [self.norm]
+        for i, layer in enumerate(self.layers):
+            tensors += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down]
+            tensors += [cache.k[i], cache.v[i], layer.freq_idx]
+        if cache.plan is not None and len(cache.plan[0]) == len(tensors) + 2:
+            if all(a is b for a, b in zip(cache.plan[0], tensors)):
+                return cache.plan[1]
+        cos = self.cos.to(torch.float32).contiguous()
+        sin = self.sin.to(torch.float32).contiguous()
+        if not all(t.is_contiguous() for t in tensors):
+            raise RuntimeError("the fused decode step needs contiguous weights and caches")
+        per = [tensors[1 + 9 * i : 10 + 9 * i] for i in range(len(self.layers))]
+        plan = cpu_linear.decode_plan(
+            [[t.data_ptr() for t in p] for p in per],
+            [[layer.d_qk, layer.d_v, layer.k_mlp] for layer in self.layers],
+            final_norm=self.norm.data_ptr(),
+            cos=cos.data_ptr(),
+            sin=sin.data_ptr(),
+            batch=cache.lens.shape[0],
+            hidden=self.config.hidden_size,
+            heads=self.config.num_attention_heads,
+            kv_heads=self.config.num_key_value_heads,
+            capacity=cache.capacity,
+            positions=cos.shape[0],
+            rot=cos.shape[1],
+            eps=self.config.rms_norm_eps,
+            scale=self.scale,
+        )
+        cache.plan = (tensors + [cos, sin], plan)
+        return plan

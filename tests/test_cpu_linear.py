@@ -47,3 +47,44 @@ def test_cpu_linear_add_rms_norm_and_silu_mul(rows, dim):
     assert torch.allclose(out2, ref, atol=1e-5) and torch.allclose(h, h_ref)
     gu = torch.randn(rows, 2 * dim, generator=g)
     assert torch.allclose(cpu_linear.silu_mul(gu), F.silu(gu[:, :dim]) * gu[:, dim:], atol=1e-6)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 1), (2, 2)])
+def test_cpu_decode_plan_matches_torch_steps(heads, kv_heads):
+    """The one-call C++ decode step (all layers) against the torch step on a compressed random model:
+    odd pair counts, d_v != d_qk, GQA, ragged new tokens (one sequence idle), several steps."""
+    from conftest import random_config
+
+    from modegpt_rt.config import LayerWidths
+    from modegpt_rt.model import Model
+
+    widths = (LayerWidths(48, 8, 8), LayerWidths(17, 6, 3), LayerWidths(5, 2, 7))
+    cfg = random_config(num_hidden_layers=3, num_attention_heads=heads, num_key_value_heads=kv_heads, layers=widths)
+    g = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    ref = Model(cfg, backend="torch")
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "norm" in name else 0.3))
+        for layer in ref.layers:  # a random subset of rotary frequencies per KV group
+            layer.freq_idx = torch.stack([torch.randperm(4, generator=g)[: layer.d_qk // 2] for _ in range(kv_heads)])
+            layer.freq_idx = layer.freq_idx.sort(-1).values.to(torch.int32).contiguous()
+    fused = Model(cfg, backend="torch")
+    fused.load_state_dict(ref.state_dict())
+    for a, b in zip(fused.layers, ref.layers):
+        a.freq_idx = b.freq_idx.clone()
+    assert fused.set_backend("cpu") == "cpu" and fused._fused
+    caches = [m.new_cache(3, 12) for m in (ref, fused)]
+    steps = [
+        (torch.randint(0, 50, (3, 4), generator=g), torch.tensor([4, 2, 0], dtype=torch.int32)),  # ragged prefill
+        (torch.randint(0, 50, (3, 1), generator=g), torch.tensor([1, 1, 1], dtype=torch.int32)),
+        (torch.randint(0, 50, (3, 2), generator=g), torch.tensor([1, 2, 2], dtype=torch.int32)),
+        (torch.randint(0, 50, (3, 1), generator=g), torch.tensor([1, 0, 1], dtype=torch.int32)),
+    ]
+    for ids, lens in steps:
+        want = ref.step(ids, caches[0], lens.clone())
+        got = fused.step(ids, caches[1], lens.clone())
+        live = lens > 0
+        assert torch.allclose(got[live], want[live], atol=2e-5, rtol=1e-4)
+    assert caches[1].plan is not None
+    for kr, kf in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        assert torch.allclose(kr, kf, atol=1e-5)

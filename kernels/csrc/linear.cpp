@@ -5,10 +5,16 @@
 // here every row of W is streamed once and dotted with all m inputs while it is in
 // registers/L1, rows split across OpenMP threads.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
+#include <vector>
+
+#include "attention_core.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -98,12 +104,8 @@ using BlockFn = void (*)(const float*, int64_t, const float*, float*, int64_t, i
 constexpr BlockFn kBlocks[kMaxRows + 1] = {nullptr,         rows_block<1>, rows_block<2>, rows_block<3>, rows_block<4>,
                                            rows_block<5>, rows_block<6>, rows_block<7>, rows_block<8>};
 
-void linear(std::uintptr_t x_ptr, std::uintptr_t w_ptr, std::uintptr_t y_ptr, int64_t M, int64_t K, int64_t N) {
-  if (M < 1 || K < 1 || N < 1) throw std::invalid_argument("linear: empty shape");
-  const float* x = reinterpret_cast<const float*>(x_ptr);
-  const float* W = reinterpret_cast<const float*>(w_ptr);
-  float* y = reinterpret_cast<float*>(y_ptr);
-  py::gil_scoped_release nogil;
+// y[M, N] = x[M, K] W[N, K]^T (all contiguous).
+void gemv(const float* x, const float* W, float* y, int64_t M, int64_t K, int64_t N) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
     const BlockFn fn = kBlocks[mb];
@@ -119,14 +121,16 @@ void linear(std::uintptr_t x_ptr, std::uintptr_t w_ptr, std::uintptr_t y_ptr, in
   }
 }
 
-// out[r] = h[r] * rsqrt(mean(h[r]^2) + eps) * w; with `delta`, first h[r] += delta[r] (residual add).
-void add_rms_norm(std::uintptr_t h_ptr, std::uintptr_t delta_ptr, std::uintptr_t w_ptr, std::uintptr_t out_ptr,
-                  int64_t rows, int64_t dim, double eps) {
-  float* h = reinterpret_cast<float*>(h_ptr);
-  const float* delta = reinterpret_cast<const float*>(delta_ptr);
-  const float* w = reinterpret_cast<const float*>(w_ptr);
-  float* out = reinterpret_cast<float*>(out_ptr);
+void linear(std::uintptr_t x_ptr, std::uintptr_t w_ptr, std::uintptr_t y_ptr, int64_t M, int64_t K, int64_t N) {
+  if (M < 1 || K < 1 || N < 1) throw std::invalid_argument("linear: empty shape");
   py::gil_scoped_release nogil;
+  gemv(reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const float*>(w_ptr), reinterpret_cast<float*>(y_ptr),
+       M, K, N);
+}
+
+// out[r] = h[r] * rsqrt(mean(h[r]^2) + eps) * w; with `delta`, first h[r] += delta[r] (residual add).
+void add_rms_norm_rows(float* h, const float* delta, const float* w, float* out, int64_t rows, int64_t dim,
+                       double eps) {
   for (int64_t r = 0; r < rows; ++r) {
     float* hr = h + r * dim;
     if (delta) {
@@ -144,11 +148,15 @@ void add_rms_norm(std::uintptr_t h_ptr, std::uintptr_t delta_ptr, std::uintptr_t
   }
 }
 
-// out[r, :k] = silu(gu[r, :k]) * gu[r, k:2k]
-void silu_mul(std::uintptr_t gu_ptr, std::uintptr_t out_ptr, int64_t rows, int64_t k) {
-  const float* gu = reinterpret_cast<const float*>(gu_ptr);
-  float* out = reinterpret_cast<float*>(out_ptr);
+void add_rms_norm(std::uintptr_t h_ptr, std::uintptr_t delta_ptr, std::uintptr_t w_ptr, std::uintptr_t out_ptr,
+                  int64_t rows, int64_t dim, double eps) {
   py::gil_scoped_release nogil;
+  add_rms_norm_rows(reinterpret_cast<float*>(h_ptr), reinterpret_cast<const float*>(delta_ptr),
+                    reinterpret_cast<const float*>(w_ptr), reinterpret_cast<float*>(out_ptr), rows, dim, eps);
+}
+
+// out[r, :k] = silu(gu[r, :k]) * gu[r, k:2k]
+void silu_mul_rows(const float* gu, float* out, int64_t rows, int64_t k) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* g = gu + r * 2 * k;
     const float* u = g + k;
@@ -156,6 +164,140 @@ void silu_mul(std::uintptr_t gu_ptr, std::uintptr_t out_ptr, int64_t rows, int64
     for (int64_t i = 0; i < k; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   }
 }
+
+void silu_mul(std::uintptr_t gu_ptr, std::uintptr_t out_ptr, int64_t rows, int64_t k) {
+  py::gil_scoped_release nogil;
+  silu_mul_rows(reinterpret_cast<const float*>(gu_ptr), reinterpret_cast<float*>(out_ptr), rows, k);
+}
+
+// ---- the whole decode step in one call ----------------------------------------------------------
+// Every layer of a float32 model for a few new tokens per sequence: RMSNorm, fused q|k|v product,
+// RoPE + cache append + attention (attention_core.h), output product with the residual add,
+// RMSNorm, gate|up product, SiLU·up, down product with the residual add. The Python side builds
+// a plan of raw pointers once per (model, cache) and keeps the tensors alive; a step is then one
+// call instead of ~10 per layer, which is what batch-1 decoding spent its time between.
+
+struct LayerPlan {
+  const float *attn_norm, *wqkv, *wo, *mlp_norm, *w_gate_up, *w_down;
+  float *k_cache, *v_cache;
+  const std::int32_t* freq_idx;
+  int64_t d_qk, d_v, k_mlp;
+};
+
+class DecodePlan {
+ public:
+  DecodePlan(const std::vector<std::vector<std::uintptr_t>>& ptrs, const std::vector<std::vector<int64_t>>& widths,
+             std::uintptr_t final_norm, std::uintptr_t cos, std::uintptr_t sin, int64_t batch, int64_t hidden,
+             int64_t heads, int64_t kv_heads, int64_t capacity, int64_t positions, int64_t rot, double eps, double scale)
+      : final_norm_(reinterpret_cast<const float*>(final_norm)),
+        cos_(reinterpret_cast<const float*>(cos)),
+        sin_(reinterpret_cast<const float*>(sin)),
+        B_(batch), d_(hidden), H_(heads), H_kv_(kv_heads), S_(capacity), P_(positions), R_(rot), eps_(eps),
+        scale_(static_cast<float>(scale)) {
+    if (ptrs.size() != widths.size()) throw std::invalid_argument("DecodePlan: one pointer list and one width list per layer");
+    if (H_kv_ < 1 || H_ % H_kv_ != 0) throw std::invalid_argument("DecodePlan: heads must be a multiple of kv_heads");
+    for (size_t i = 0; i < ptrs.size(); ++i) {
+      const auto& p = ptrs[i];
+      const auto& w = widths[i];
+      if (p.size() != 9 || w.size() != 3) throw std::invalid_argument("DecodePlan: a layer needs 9 pointers and 3 widths");
+      if (w[0] < 2 || w[0] % 2 || w[1] < 1 || w[2] < 1) throw std::invalid_argument("DecodePlan: bad layer widths");
+      LayerPlan l{reinterpret_cast<const float*>(p[0]), reinterpret_cast<const float*>(p[1]),
+                  reinterpret_cast<const float*>(p[2]), reinterpret_cast<const float*>(p[3]),
+                  reinterpret_cast<const float*>(p[4]), reinterpret_cast<const float*>(p[5]),
+                  reinterpret_cast<float*>(p[6]),       reinterpret_cast<float*>(p[7]),
+                  reinterpret_cast<const std::int32_t*>(p[8]), w[0], w[1], w[2]};
+      layers_.push_back(l);
+      max_qkv_ = std::max(max_qkv_, H_ * w[0] + H_kv_ * (w[0] + w[1]));
+      max_attn_ = std::max(max_attn_, H_ * w[1]);
+      max_k_ = std::max(max_k_, w[2]);
+    }
+  }
+
+  // h [B, T, d]: embeddings of the new tokens, used as the residual stream (overwritten);
+  // out [B, T, d]: final-normed hidden states. cache_lens / new_lens [B] int32 (not updated here).
+  void step(std::uintptr_t h_ptr, std::uintptr_t out_ptr, std::uintptr_t cache_lens_ptr, std::uintptr_t new_lens_ptr,
+            int64_t T) {
+    if (T < 1) throw std::invalid_argument("DecodePlan.step: no new tokens");
+    float* h = reinterpret_cast<float*>(h_ptr);
+    float* out = reinterpret_cast<float*>(out_ptr);
+    const auto* cache_lens = reinterpret_cast<const std::int32_t*>(cache_lens_ptr);
+    const auto* new_lens = reinterpret_cast<const std::int32_t*>(new_lens_ptr);
+    const int64_t M = B_ * T;
+    for (int64_t b = 0; b < B_; ++b)
+      if (new_lens[b] < 0 || new_lens[b] > T || cache_lens[b] < 0 || cache_lens[b] + new_lens[b] > S_ ||
+          cache_lens[b] + new_lens[b] > P_)
+        throw std::invalid_argument("DecodePlan.step: cache lengths out of range");
+    py::gil_scoped_release nogil;
+    qkv_.resize(M * max_qkv_);
+    q_.resize(M * max_qkv_);
+    attn_.resize(M * max_attn_);
+    x_.resize(M * d_);
+    delta_.resize(M * d_);
+    gu_.resize(M * 2 * max_k_);
+    act_.resize(M * max_k_);
+    float* x = x_.data();
+    add_rms_norm_rows(h, nullptr, layers_.empty() ? final_norm_ : layers_[0].attn_norm, x, M, d_, eps_);
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const LayerPlan& l = layers_[i];
+      const int64_t nq = H_ * l.d_qk, nk = H_kv_ * l.d_qk, nv = H_kv_ * l.d_v, n = nq + nk + nv;
+      gemv(x, l.wqkv, qkv_.data(), M, d_, n);
+      // split the fused rows into contiguous q [M, nq], k [M, nk], v [M, nv]
+      float* q = q_.data();
+      float* k = q + M * nq;
+      float* v = k + M * nk;
+      for (int64_t r = 0; r < M; ++r) {
+        const float* src = qkv_.data() + r * n;
+        std::memcpy(q + r * nq, src, sizeof(float) * nq);
+        std::memcpy(k + r * nk, src + nq, sizeof(float) * nk);
+        std::memcpy(v + r * nv, src + nq + nk, sizeof(float) * nv);
+      }
+      Problem<float> pb{};
+      pb.q = q;
+      pb.k = k;
+      pb.v = v;
+      pb.k_cache = l.k_cache;
+      pb.v_cache = l.v_cache;
+      pb.cos = cos_;
+      pb.sin = sin_;
+      pb.freq_idx = l.freq_idx;
+      pb.cache_lens = cache_lens;
+      pb.new_lens = new_lens;
+      pb.out = attn_.data();
+      pb.scale = scale_;
+      pb.B = B_;
+      pb.T_ = T;
+      pb.H = H_;
+      pb.H_kv = H_kv_;
+      pb.G = H_ / H_kv_;
+      pb.d_qk = l.d_qk;
+      pb.half = l.d_qk / 2;
+      pb.d_v = l.d_v;
+      pb.S = S_;
+      pb.P = P_;
+      pb.R = R_;
+      run(pb);
+      gemv(attn_.data(), l.wo, delta_.data(), M, H_ * l.d_v, d_);
+      add_rms_norm_rows(h, delta_.data(), l.mlp_norm, x, M, d_, eps_);
+      gemv(x, l.w_gate_up, gu_.data(), M, d_, 2 * l.k_mlp);
+      silu_mul_rows(gu_.data(), act_.data(), M, l.k_mlp);
+      gemv(act_.data(), l.w_down, delta_.data(), M, l.k_mlp, d_);
+      const float* next_norm = i + 1 < layers_.size() ? layers_[i + 1].attn_norm : final_norm_;
+      add_rms_norm_rows(h, delta_.data(), next_norm, i + 1 < layers_.size() ? x : out, M, d_, eps_);
+    }
+    if (layers_.empty()) std::memcpy(out, x, sizeof(float) * M * d_);
+  }
+
+  int64_t batch() const { return B_; }
+
+ private:
+  std::vector<LayerPlan> layers_;
+  const float *final_norm_, *cos_, *sin_;
+  int64_t B_, d_, H_, H_kv_, S_, P_, R_;
+  double eps_;
+  float scale_;
+  int64_t max_qkv_ = 0, max_attn_ = 0, max_k_ = 0;
+  std::vector<float> qkv_, q_, attn_, x_, delta_, gu_, act_;
+};
 
 }  // namespace
 
@@ -165,4 +307,14 @@ PYBIND11_MODULE(_cpu_linear, m) {
         py::arg("x_ptr"), py::arg("w_ptr"), py::arg("y_ptr"), py::arg("M"), py::arg("K"), py::arg("N"));
   m.def("add_rms_norm", &add_rms_norm, "h += delta (if delta_ptr != 0); out = RMSNorm(h) * w (float32 rows)");
   m.def("silu_mul", &silu_mul, "out = silu(gu[:, :k]) * gu[:, k:] (float32 rows)");
+  py::class_<DecodePlan>(m, "DecodePlan", "all layers of a float32 decode step in one call (raw pointers)")
+      .def(py::init<const std::vector<std::vector<std::uintptr_t>>&, const std::vector<std::vector<int64_t>>&,
+                    std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    int64_t, int64_t, double, double>(),
+           py::arg("layer_ptrs"), py::arg("layer_widths"), py::arg("final_norm"), py::arg("cos"), py::arg("sin"),
+           py::arg("batch"), py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("capacity"),
+           py::arg("positions"), py::arg("rot"), py::arg("eps"), py::arg("scale"))
+      .def("step", &DecodePlan::step, py::arg("h_ptr"), py::arg("out_ptr"), py::arg("cache_lens_ptr"),
+           py::arg("new_lens_ptr"), py::arg("T"))
+      .def_property_readonly("batch", &DecodePlan::batch);
 }
