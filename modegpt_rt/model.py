@@ -18,6 +18,10 @@ from torch import nn
 from modegpt_rt import kernels
 from modegpt_rt.config import LayerWidths, ModelConfig
 
+# Steps with at most this many new tokens in all run every layer in one C++ call (DecodePlan);
+# larger (prefill) steps go op by op with MKL for the wide products. 0 disables the plan.
+DECODE_PLAN_MAX_ROWS = 16
+
 # HF-style names of one layer's tensors, relative to `model.layers.N.`
 PROJ_NAMES = (
     "self_attn.q_proj",
@@ -331,7 +335,7 @@ class Model(nn.Module):
         B, T = input_ids.shape
         eps = self.config.rms_norm_eps
         h = F.embedding(input_ids, self.embed)  # residual stream, updated in place
-        if B * T <= cpu_linear.MAX_ROWS:
+        if B * T <= DECODE_PLAN_MAX_ROWS:
             out = torch.empty_like(h)
             lens = new_lens if new_lens.dtype == torch.int32 else new_lens.to(torch.int32)
             self._decode_plan(cache).step(h.data_ptr(), out.data_ptr(), cache.lens.data_ptr(), lens.data_ptr(), T)
