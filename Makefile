@@ -4,6 +4,7 @@
 SAMPLES ?= 128
 SEQLEN ?= 2048
 RATE ?= 0.3
+ALLOCATION ?= uniform
 OUT ?= out/smollm2-$(RATE)
 VENV := .venv/bin
 
@@ -13,7 +14,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/modegpt compress --rate $(RATE) --samples $(SAMPLES) --seqlen $(SEQLEN) --out $(OUT) --overwrite
+	$(VENV)/modegpt compress --rate $(RATE) --allocation $(ALLOCATION) --samples $(SAMPLES) --seqlen $(SEQLEN) --out $(OUT) --overwrite
 	$(VENV)/modegpt eval ppl $(OUT) --limit 16
 	$(VENV)/modegpt generate $(OUT) "The history of the Roman Empire" --max-new-tokens 48
 
