@@ -1,0 +1,75 @@
+"""Side-by-side decode throughput with the models interleaved round by round.
+
+    python -m modegpt_rt.bench.interleaved PATH [PATH...] [--batch 1,8] [--rounds 5] [--json OUT]
+
+`modegpt bench throughput` times one model after another, so a change in the machine's memory
+bandwidth between them (shared hosts) shows up as a speed difference. Here every round runs each
+model once (prompt 128 + 128 new greedy tokens, EOS ignored) and the medians over rounds are
+compared, so slow phases hit all models alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from modegpt_rt.bench.machine import describe
+
+import modegpt_rt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = [modegpt_rt.load(path) for path in args.paths]
+    batches = [int(b) for b in args.batch.split(",")]
+    g = torch.Generator().manual_seed(0)
+    vocab = models[0].config.vocab_size
+    times = {(i, b): [] for i in range(len(models)) for b in batches}
+    for b in batches:
+        prompts = torch.randint(0, vocab, (b, args.prompt), generator=g).tolist()
+        for m in models:
+            m.generate(prompts, max_new_tokens=4, temperature=0, ignore_eos=True)  # warm-up
+        for _ in range(args.rounds):
+            for i, m in enumerate(models):
+                t0 = time.perf_counter()
+                m.generate(prompts, max_new_tokens=args.new, temperature=0, ignore_eos=True)
+                times[(i, b)].append(b * args.new / (time.perf_counter() - t0))
+    rows = []
+    for b in batches:
+        base = statistics.median(times[(0, b)])
+        for i, path in enumerate(args.paths):
+            med = statistics.median(times[(i, b)])
+            rate = (models[i].config.compression or {}).get("target_rate", 0.0)
+            rows.append(
+                {"path": path, "rate": rate, "batch": b, "tok_s": med, "vs_first": med / base, "runs": times[(i, b)]}
+            )
+            print(f"{path:<40} rate {rate:<5} batch {b:<3} {med:7.1f} tok/s  {med / base:5.2f}x first")
+    if args.json:
+        out = {
+            "kind": "interleaved_throughput",
+            "command": "python -m modegpt_rt.bench.interleaved " + " ".join(argv or __import__("sys").argv[1:]),
+            "machine": describe(),
+            "threads": args.threads,
+            "prompt": args.prompt,
+            "new": args.new,
+            "rounds": args.rounds,
+            "results": rows,
+        }
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
