@@ -327,7 +327,7 @@ class Model(nn.Module):
         return rms_norm(h, self.norm, eps)
 
     def _step_fused(self, input_ids, cache, new_lens):
-        """The same step with the C++ kernels (float32 CPU). Decode-sized steps (≤ MAX_ROWS new tokens
+        """The same step with the C++ kernels (float32 CPU). Decode-sized steps (≤ DECODE_PLAN_MAX_ROWS new tokens
         in all) run every layer in one C++ call (`DecodePlan`); prefill-sized ones per op, with
         residual add + RMSNorm fused, SiLU·up fused, and MKL for the wide products."""
         from modegpt_rt.kernels import cpu, cpu_linear
@@ -337,7 +337,7 @@ class Model(nn.Module):
         h = F.embedding(input_ids, self.embed)  # residual stream, updated in place
         if B * T <= DECODE_PLAN_MAX_ROWS:
             out = torch.empty_like(h)
-            lens = new_lens if new_lens.dtype == torch.int32 else new_lens.to(torch.int32)
+            lens = new_lens.to(torch.int32).contiguous()
             self._decode_plan(cache).step(h.data_ptr(), out.data_ptr(), cache.lens.data_ptr(), lens.data_ptr(), T)
             return out
         lin = self._linear
