@@ -35,6 +35,7 @@ def main(argv=None):
     p.add_argument("--value-method", default="stacked")
     p.add_argument("--multiples", default=None)
     p.add_argument("--bi-samples", type=int, default=8)
+    p.add_argument("--refit", default="none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="")

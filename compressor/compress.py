@@ -20,6 +20,7 @@ from modegpt_rt.compressor.algorithms import (
     nystrom_mlp,
     pair_dims,
     pair_energy,
+    psd_solve,
     svd_value_output,
 )
 from modegpt_rt.compressor.widths import Multiples, widths_for_sparsity
@@ -43,6 +44,7 @@ class CompressOptions:
     value_method: str = "stacked"  # stacked | b1
     multiples: Multiples = field(default_factory=Multiples)
     bi_samples: int = 8  # calibration samples used for the Block Influence scores
+    refit: str = "none"  # none | mlp | all: least-squares refit of down (and output) projections to the dense stream
     micro_batch: int = 4
 
     @classmethod
@@ -59,6 +61,7 @@ class CompressOptions:
             value_method=args.value_method,
             multiples=Multiples.parse(args.multiples),
             bi_samples=args.bi_samples,
+            refit=getattr(args, "refit", "none"),
         )
 
     def validate(self):
@@ -68,6 +71,8 @@ class CompressOptions:
             raise ValueError(f"allocation {self.allocation!r}: choose global or uniform")
         if self.value_method not in ("stacked", "b1"):
             raise ValueError(f"value method {self.value_method!r}: choose stacked or b1")
+        if self.refit not in ("none", "mlp", "all"):
+            raise ValueError(f"refit {self.refit!r}: choose none, mlp or all")
         if self.ridge <= 0:
             raise ValueError(f"ridge λ must be positive, got {self.ridge}")
 
@@ -145,6 +150,22 @@ class _Stats:
         self.tokens += x.shape[0]
 
 
+class _Cross:
+    """Cross-correlation Σ aᵀb in float64 from float32 micro-batch products."""
+
+    def __init__(self, m, n):
+        self.C = torch.zeros(m, n, dtype=torch.float64)
+
+    def add(self, a, b):
+        self.C += (a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])).double()
+
+
+def refit_projection(gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """argmin_W ‖A W − Y‖² from Gram AᵀA and cross-correlation AᵀY, with a tiny relative ridge for rank-deficient A."""
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-30)
+    return psd_solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross)
+
+
 def compress_attention(layer: Layer, C: torch.Tensor, widths: LayerWidths, cfg: ModelConfig, method: str):
     """Type II (q, k) + Type III (v, o) for one layer from its attention-input correlation C."""
     w = {n: t.double() for n, t in layer.split_weights().items()}
@@ -204,6 +225,9 @@ def compress(
     t_alloc = time.time() - t0
 
     h = torch.nn.functional.embedding(tokens, model.embed)  # [N, L, d] float32
+    # refit: the dense model's residual stream, advanced layer by layer with the dense weights, is the
+    # least-squares target of the new output/down projections (they absorb the error of earlier layers)
+    hd = h.clone() if opts.refit != "none" else None
     bar = tqdm(list(enumerate(model.layers)), desc="compress", unit="layer", disable=not progress)
     for i, layer in bar:
         w = widths[i]
@@ -212,29 +236,52 @@ def compress(
         stats = _Stats(cfg.hidden_size)
         for sl in mb:
             stats.add(rms_norm(h[sl], layer.attn_norm, eps))
+            if hd is not None:
+                hd[sl] += model.attention_block(layer, hd[sl])  # dense weights still in place
         if (w.d_qk, w.d_v) != (cfg.head_dim, cfg.head_dim):
             new, freq_idx = compress_attention(layer, stats.C, w, cfg, opts.value_method)
             layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, freq_idx)
         else:
             layer.set_widths(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v))
+        del stats
+        if opts.refit == "all":
+            gram, cross = _Stats(layer.n_head * layer.d_v), _Cross(layer.n_head * layer.d_v, cfg.hidden_size)
+            for sl in mb:
+                z = model.attention_heads(layer, h[sl])
+                gram.add(z)
+                cross.add(z, hd[sl] - h[sl])
+            new = {n: t.double() for n, t in layer.split_weights().items()}
+            new["self_attn.o_proj"] = refit_projection(gram.C, cross.C).T
+            layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, layer.freq_idx)
+            del gram, cross
         # residual through the compressed attention; MLP statistics on that input. The activations
         # act(x W_gate) ⊙ (x W_up) are kept: Nyström keeps a subset of their channels, so the compressed
         # MLP's output is just the new down projection of the kept ones (no second gate/up pass).
         compress_k = w.k_mlp != cfg.intermediate_size
         mstats = _Stats(cfg.intermediate_size)
+        cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if hd is not None else None
         acts = []
         for sl in mb:
             h[sl] += model.attention_block(layer, h[sl])
             gate_up = torch.nn.functional.linear(rms_norm(h[sl], layer.mlp_norm, eps), layer.w_gate_up)
             act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
             del gate_up
-            if compress_k:
+            if compress_k or cross is not None:
                 mstats.add(act)
+            if cross is not None:
+                hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
+                cross.add(act, hd[sl] - h[sl])
             acts.append(act)
+        idx = torch.arange(cfg.intermediate_size)
         if compress_k:
             new, idx = compress_mlp(layer, mstats.C, w.k_mlp, opts.ridge, opts.ridge_relative)
+        else:
+            new = {n: t.double() for n, t in layer.split_weights().items()}
+        if cross is not None:
+            new["mlp.down_proj"] = refit_projection(mstats.C[idx][:, idx], cross.C[idx]).T
+        if compress_k or cross is not None:
             layer.load_weights(cfg, w, new, layer.freq_idx)
-            del mstats
+        del mstats, cross
         for sl, act in zip(mb, acts):
             h[sl] += torch.nn.functional.linear(act[..., idx] if compress_k else act, layer.w_down)
         del acts
@@ -259,6 +306,7 @@ def compress(
         "ridge_lambda": opts.ridge,
         "ridge_relative_to_mean_diag": opts.ridge_relative,
         "value_method": opts.value_method,
+        "refit": opts.refit,
         "multiples": asdict(opts.multiples),
         "attn_sparsity": attn_phi,
         "mlp_sparsity": mlp_phi,

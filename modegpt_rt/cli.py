@@ -79,6 +79,7 @@ def _print_summary(cfg, report):
     eps = report.get("eps")
     print(
         f"allocation {report['allocation']}{' (B.11 split)' if report['split_mlp_attention'] else ''}"
+        f"{'' if report.get('refit', 'none') == 'none' else ', refit ' + report['refit']}"
         f"{f', eps={eps:.4g}' if eps else ''}; wall time {report['wall_seconds']:.0f} s "
         f"(allocation {report['allocation_seconds']:.0f} s); peak memory {report['peak_rss_gib']:.2f} GiB"
     )
@@ -189,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--absolute-ridge", action="store_true", help="use --ridge as an absolute λ (the paper's λ = 1)")
     c.add_argument("--multiples", default=None, help="round widths to MLP,PAIRS,V multiples, e.g. 64,8,16")
     c.add_argument("--bi-samples", type=int, default=8, help="calibration windows for the Block Influence scores")
+    c.add_argument(
+        "--refit",
+        choices=["none", "mlp", "all"],
+        default="none",
+        help="least-squares refit of the down (mlp) and also output (all) projections to the dense model's "
+        "residual stream; none = the paper's local reconstruction (default none)",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -217,22 +217,31 @@ class Model(nn.Module):
         return KVCache(ks, vs, torch.zeros(batch_size, dtype=torch.int32, device=self.device))
 
     # ------------------------------------------------------------ full forward
-    def layer_forward(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
-        """One layer on full sequences starting at position 0, no cache (calibration, perplexity)."""
-        h = h + self.attention_block(layer, h)
+    def layer_forward(self, layer: Layer, h: torch.Tensor, positions=None, mask=None) -> torch.Tensor:
+        """One layer on full sequences, no cache (calibration, perplexity, scoring).
+
+        Default: causal, every sequence from position 0. `positions` [B, T] and a boolean `mask`
+        [B, 1, T, T] (True = attend) score packed sequences (several continuations of one context).
+        """
+        h = h + self.attention_block(layer, h, positions, mask)
         return h + layer.mlp(rms_norm(h, layer.mlp_norm, self.config.rms_norm_eps))
 
-    def attention_block(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
-        """Attention sub-block output (before the residual add) for full sequences from position 0."""
+    def attention_block(self, layer: Layer, h: torch.Tensor, positions=None, mask=None) -> torch.Tensor:
+        """Attention sub-block output (before the residual add); see `layer_forward`."""
+        return F.linear(self.attention_heads(layer, h, positions, mask), layer.wo)
+
+    def attention_heads(self, layer: Layer, h: torch.Tensor, positions=None, mask=None) -> torch.Tensor:
+        """Concatenated attention head outputs [B, T, n_head·d_v], the input of the output projection."""
         from modegpt_rt.kernels.reference import apply_rope
 
         B, T, _ = h.shape
         q, k, v = layer.qkv(rms_norm(h, layer.attn_norm, self.config.rms_norm_eps))
         idx = layer.freq_idx.long()
-        c = self.cos[:T][:, idx].to(h.dtype)  # [T, H_kv, d_qk/2]
-        s = self.sin[:T][:, idx].to(h.dtype)
+        rows = slice(0, T) if positions is None else positions
+        c = self.cos[rows][..., idx].to(h.dtype)  # [(B,) T, H_kv, d_qk/2]
+        s = self.sin[rows][..., idx].to(h.dtype)
         G = layer.n_head // layer.n_kv
-        q = apply_rope(q.view(B, T, layer.n_kv, G, layer.d_qk), c[:, :, None], s[:, :, None])
+        q = apply_rope(q.view(B, T, layer.n_kv, G, layer.d_qk), c.unsqueeze(-2), s.unsqueeze(-2))
         q = q.view(B, T, layer.n_head, layer.d_qk)
         k = apply_rope(k, c, s)
         # torch's fused CPU/GPU attention needs equal q/k and v widths (else a ~5x slower path that
@@ -247,11 +256,12 @@ class Model(nn.Module):
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=mask is None,
             scale=self.scale,
             enable_gqa=G > 1,
         )[..., : layer.d_v]
-        return F.linear(out.transpose(1, 2).reshape(B, T, -1), layer.wo)
+        return out.transpose(1, 2).reshape(B, T, -1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
@@ -265,10 +275,21 @@ class Model(nn.Module):
             raise ValueError(
                 f"{input_ids.shape[1]} tokens exceed max_position_embeddings {self.config.max_position_embeddings}"
             )
+        return Output(self.logits(self.hidden_states(input_ids)))
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, positions=None, mask=None) -> torch.Tensor:
+        """Last layer's output [B, T, d] before the final norm (`logits` applies it); args as `layer_forward`."""
+        if positions is not None and int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(positions.max())} beyond max_position_embeddings")
         h = F.embedding(input_ids.to(self.device), self.embed)
+        if positions is not None:
+            positions = positions.to(self.device)
+        if mask is not None:
+            mask = mask.to(self.device)
         for layer in self.layers:
-            h = self.layer_forward(layer, h)
-        return Output(self.logits(h))
+            h = self.layer_forward(layer, h, positions, mask)
+        return h
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
         """See `modegpt_rt.generate.generate`."""

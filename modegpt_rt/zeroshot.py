@@ -366,6 +366,7 @@ def loglikelihoods(
     progress: bool = False,
     desc: str = "loglikelihood",
     use_logits_to_keep: bool = True,
+    pack: bool = True,
 ) -> list[float]:
     """Sum of log-probabilities of each continuation given its context, like lm-eval ``loglikelihood``.
 
@@ -378,6 +379,10 @@ def loglikelihoods(
     If ``model.forward`` has a ``logits_to_keep`` parameter (transformers causal LMs) and
     ``use_logits_to_keep`` is true, it is passed so that the LM head only runs on the trailing positions that
     contain continuations; otherwise ``model(input_ids)`` is called with no other argument.
+
+    With ``pack`` (default) and a model that has ``hidden_states(ids, positions, mask)`` and ``logits(h)``
+    (modegpt_rt's ``Model``), the requests that share a context are scored in one packed row instead: the
+    context is computed once (see ``_packed_loglikelihoods``); about 2.4x faster on the five tasks.
     """
     import torch
 
@@ -394,6 +399,109 @@ def loglikelihoods(
     order = [uniq.setdefault(p, len(uniq)) for p in pairs]
     uniq_pairs = list(uniq)
     encoded = encode_pairs(tokenizer, uniq_pairs, add_bos=add_bos)
+    for pair, (_, cont) in zip(uniq_pairs, encoded):
+        if len(cont) == 0:
+            raise ValueError(f"empty continuation after tokenisation for request {pair!r}")
+        if len(cont) > max_length:
+            raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
+
+    results = [0.0] * len(encoded)
+    todo = list(range(len(encoded)))
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=len(encoded), desc=desc, unit="req")
+    try:
+        if pack and hasattr(model, "hidden_states") and hasattr(model, "logits"):
+            todo = _packed_loglikelihoods(model, encoded, results, batch_size, max_length, pbar)
+        _padded_loglikelihoods(
+            model, encoded, todo, results, batch_size, max_length, device, tokenizer, use_logits_to_keep, pbar
+        )
+    finally:
+        if pbar is not None:
+            pbar.close()
+    return [results[j] for j in order]
+
+
+def _packed_loglikelihoods(model, encoded, results, batch_size, max_length, pbar) -> list[int]:
+    """Score the requests that share a context in one packed row: the context once, then each continuation
+    (but its last token) at the positions it would have after the context, attending to the context and to
+    itself only.  Needs a model with ``hidden_states(ids, positions, mask)`` and ``logits(h)`` (modegpt_rt's).
+    ``batch_size`` counts requests per forward.  Returns the requests left for the padded path (a context
+    and continuation longer than ``max_length``).
+    """
+    import torch
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(encoded):
+        groups.setdefault(tuple(ctx), []).append(i)
+    rest, packs = [], []
+    for ctx, members in groups.items():
+        if len(ctx) + max(len(encoded[i][1]) for i in members) - 1 > max_length:
+            rest.extend(members)
+        else:
+            packs.append((ctx, members, len(ctx) + sum(len(encoded[i][1]) - 1 for i in members)))
+    packs.sort(key=lambda p: (-p[2], p[0]))
+    batches, cur, n_req = [], [], 0
+    for p in packs:
+        cur.append(p)
+        n_req += len(p[1])
+        if n_req >= batch_size:
+            batches.append(cur)
+            cur, n_req = [], 0
+    if cur:
+        batches.append(cur)
+    with torch.inference_mode():
+        for batch in batches:
+            T = batch[0][2]
+            ids = torch.zeros(len(batch), T, dtype=torch.long)
+            pos = torch.zeros(len(batch), T, dtype=torch.long)
+            seg = torch.full((len(batch), T), -1, dtype=torch.long)  # 0: context, j+1: continuation j, -1: pad
+            rows, cols, tgts, reqs = [], [], [], []
+            for r, (ctx, members, _) in enumerate(batch):
+                c = len(ctx)
+                ids[r, :c] = torch.tensor(ctx)
+                pos[r, :c] = torch.arange(c)
+                seg[r, :c] = 0
+                start = c
+                for j, i in enumerate(members):
+                    cont = encoded[i][1]
+                    n = len(cont) - 1
+                    ids[r, start : start + n] = torch.tensor(cont[:-1], dtype=torch.long)
+                    pos[r, start : start + n] = torch.arange(c, c + n)
+                    seg[r, start : start + n] = j + 1
+                    # token t of the continuation is predicted at the context's last position (t = 0),
+                    # else at the continuation's own token t - 1
+                    rows += [r] * len(cont)
+                    cols += [c - 1] + list(range(start, start + n))
+                    tgts += cont
+                    reqs += [i] * len(cont)
+                    start += n
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            sq, sk = seg[:, :, None], seg[:, None, :]
+            mask = causal & ((sk == 0) | (sk == sq))  # pads (-1) see the context and earlier pads
+            h = model.hidden_states(ids, pos, mask[:, None])
+            dev = h.device
+            sel = model.logits(h[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]).float()
+            tgt = torch.tensor(tgts, dtype=torch.long, device=dev)
+            tok_lp = torch.log_softmax(sel, dim=-1).gather(1, tgt[:, None]).squeeze(1)
+            uniq = sorted(set(reqs))
+            where = {i: k for k, i in enumerate(uniq)}
+            sums = torch.zeros(len(uniq), dtype=torch.float64, device=dev)
+            sums.index_add_(0, torch.tensor([where[i] for i in reqs], device=dev), tok_lp.double())
+            for k, i in enumerate(uniq):
+                results[i] = float(sums[k])
+            if pbar is not None:
+                pbar.update(len(uniq))
+    return rest
+
+
+def _padded_loglikelihoods(
+    model, encoded, todo, results, batch_size, max_length, device, tokenizer, use_logits_to_keep, pbar
+):
+    """One right-padded row per request (any model with ``model(ids).logits``), longest first."""
+    import torch
 
     keep_kw = use_logits_to_keep and _accepts_logits_to_keep(model)
     pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -402,62 +510,45 @@ def loglikelihoods(
 
     # lm-eval's Collator key: longest first, ties broken by the token tuple (deterministic).
     sorted_idx = sorted(
-        range(len(encoded)),
-        key=lambda i: (-len(encoded[i][0]) - len(encoded[i][1]), tuple(encoded[i][0] + encoded[i][1])),
+        todo, key=lambda i: (-len(encoded[i][0]) - len(encoded[i][1]), tuple(encoded[i][0] + encoded[i][1]))
     )
-    results = [0.0] * len(encoded)
-
-    pbar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=len(encoded), desc=desc, unit="req")
-    try:
-        with torch.inference_mode():
-            for b0 in range(0, len(sorted_idx), batch_size):
-                chunk = sorted_idx[b0 : b0 + batch_size]
-                inps, conts, lens = [], [], []
-                for i in chunk:
-                    ctx, cont = encoded[i]
-                    if len(cont) == 0:
-                        raise ValueError(f"empty continuation after tokenisation for request {uniq_pairs[i]!r}")
-                    if len(cont) > max_length:
-                        raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length={max_length}")
-                    inp = (ctx + cont)[-(max_length + 1) :][:-1]
-                    inps.append(inp)
-                    conts.append(cont)
-                    lens.append(len(inp))
-                T = max(lens)
-                batch = torch.full((len(chunk), T), int(pad_id), dtype=torch.long)
-                for r, inp in enumerate(inps):
-                    batch[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-                # only positions >= first_pos are read; a model that takes `logits_to_keep` (transformers)
-                # then projects just the last T - first_pos positions through the LM head
-                first_pos = min(L - len(c) for L, c in zip(lens, conts))
-                if keep_kw and first_pos > 0:
-                    logits = model(batch.to(device), logits_to_keep=T - first_pos).logits
-                    offset = T - logits.shape[1]
-                else:
-                    logits = model(batch.to(device)).logits
-                    offset = 0
-                rows = torch.cat([torch.full((len(c),), r, dtype=torch.long) for r, c in enumerate(conts)])
-                cols = torch.cat([torch.arange(L - len(c), L, dtype=torch.long) for L, c in zip(lens, conts)])
-                cols = cols - offset
-                tgt = torch.tensor([t for c in conts for t in c], dtype=torch.long)
-                rows_d, cols_d, tgt_d = rows.to(logits.device), cols.to(logits.device), tgt.to(logits.device)
-                sel = logits[rows_d, cols_d].float()  # [n_cont_tokens, V]
-                tok_lp = torch.log_softmax(sel, dim=-1).gather(1, tgt_d[:, None]).squeeze(1)
-                sums = torch.zeros(len(chunk), dtype=torch.float64, device=tok_lp.device)
-                sums.index_add_(0, rows_d, tok_lp.double())
-                for r, i in enumerate(chunk):
-                    results[i] = float(sums[r])
-                del logits, sel, tok_lp
-                if pbar is not None:
-                    pbar.update(len(chunk))
-    finally:
-        if pbar is not None:
-            pbar.close()
-    return [results[j] for j in order]
+    with torch.inference_mode():
+        for b0 in range(0, len(sorted_idx), batch_size):
+            chunk = sorted_idx[b0 : b0 + batch_size]
+            inps, conts, lens = [], [], []
+            for i in chunk:
+                ctx, cont = encoded[i]
+                inp = (ctx + cont)[-(max_length + 1) :][:-1]
+                inps.append(inp)
+                conts.append(cont)
+                lens.append(len(inp))
+            T = max(lens)
+            batch = torch.full((len(chunk), T), int(pad_id), dtype=torch.long)
+            for r, inp in enumerate(inps):
+                batch[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+            # only positions >= first_pos are read; a model that takes `logits_to_keep` (transformers)
+            # then projects just the last T - first_pos positions through the LM head
+            first_pos = min(L - len(c) for L, c in zip(lens, conts))
+            if keep_kw and first_pos > 0:
+                logits = model(batch.to(device), logits_to_keep=T - first_pos).logits
+                offset = T - logits.shape[1]
+            else:
+                logits = model(batch.to(device)).logits
+                offset = 0
+            rows = torch.cat([torch.full((len(c),), r, dtype=torch.long) for r, c in enumerate(conts)])
+            cols = torch.cat([torch.arange(L - len(c), L, dtype=torch.long) for L, c in zip(lens, conts)])
+            cols = cols - offset
+            tgt = torch.tensor([t for c in conts for t in c], dtype=torch.long)
+            rows_d, cols_d, tgt_d = rows.to(logits.device), cols.to(logits.device), tgt.to(logits.device)
+            sel = logits[rows_d, cols_d].float()  # [n_cont_tokens, V]
+            tok_lp = torch.log_softmax(sel, dim=-1).gather(1, tgt_d[:, None]).squeeze(1)
+            sums = torch.zeros(len(chunk), dtype=torch.float64, device=tok_lp.device)
+            sums.index_add_(0, rows_d, tok_lp.double())
+            for r, i in enumerate(chunk):
+                results[i] = float(sums[r])
+            del logits, sel, tok_lp
+            if pbar is not None:
+                pbar.update(len(chunk))
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -524,6 +615,7 @@ def evaluate(
     add_bos: bool | None = False,
     device=None,
     use_logits_to_keep: bool = True,
+    pack: bool = True,
 ) -> dict:
     """Zero-shot evaluation of ``model`` on ``tasks`` (names, a comma-separated string, or ``"all"``).
 
@@ -551,6 +643,7 @@ def evaluate(
         progress=progress,
         desc="zero-shot " + ",".join(names),
         use_logits_to_keep=use_logits_to_keep,
+        pack=pack,
     )
     seconds = time.perf_counter() - t0
     per_task = score_docs(docs, lls)

@@ -401,3 +401,44 @@ def test_zeroshot_evaluate_limit3(tiny, data_dir):
     assert res["average_norm"] == pytest.approx(sum(norms) / len(norms))
     assert math.isfinite(res["seconds"])
     assert "average" in zeroshot.format_results(res)
+
+
+def test_zeroshot_packed_rows_match_manual(tiny, data_dir, tmp_path):
+    """modegpt_rt's model scores the choices of one context in one packed row (context once, each continuation
+    masked to see the context and itself); the log-likelihoods equal the one-request-at-a-time reference."""
+    import modegpt_rt
+
+    hf, tok = tiny
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = modegpt_rt.load(tmp_path, backend="torch", tokenizer=False)
+    docs = _all_docs(data_dir)
+    pairs = [p for d in docs for p in d.requests]
+    pairs += [("Question: dresser\nAnswer:", "x"), ("Question: dresser\nAnswer:", " y z")]  # 1- and 2-token conts
+    expected = [_manual_ll(hf, tok, c, k) for c, k in pairs]
+    calls = []
+    inner = model.hidden_states
+
+    def spy(ids, positions=None, mask=None):
+        calls.append((tuple(ids.shape), mask is not None))
+        return inner(ids, positions, mask)
+
+    model.hidden_states = spy
+    for bs in (1, 5, 64):
+        calls.clear()
+        got = zeroshot.loglikelihoods(model, tok, pairs, batch_size=bs)
+        for g, e in zip(got, expected):
+            assert abs(g - e) < 1e-4, (g, e)
+        assert calls and all(packed for _, packed in calls)
+        # shared contexts are packed: fewer rows than requests
+        assert sum(shape[0] for shape, _ in calls) < len(set(pairs))
+    # contexts too long for max_length fall back to left-truncated single rows
+    enc = zeroshot.encode_pairs(tok, pairs)
+    long_pairs = [p for p, (c, k) in zip(pairs, enc) if len(k) <= 24 < len(c) + len(k) - 1]
+    short_pairs = [("Answer:", " yes"), ("Answer:", " no way"), ("Question: dresser", " drawer")]
+    assert len(long_pairs) >= 10 and len(short_pairs) >= 2
+    calls.clear()
+    mixed = long_pairs + short_pairs
+    got = zeroshot.loglikelihoods(model, tok, mixed, batch_size=5, max_length=24)
+    for (c, k), g in zip(mixed, got):
+        assert abs(g - _manual_ll(hf, tok, c, k, max_length=24)) < 1e-4
+    assert any(packed for _, packed in calls) and any(not packed for _, packed in calls)
