@@ -4,7 +4,9 @@
 SAMPLES ?= 128
 SEQLEN ?= 2048
 RATE ?= 0.3
-ALLOCATION ?= uniform
+ALLOCATION ?= global
+MAX_LAYER_SPARSITY ?= 0.5
+REFIT ?= all
 OUT ?= out/smollm2-$(RATE)
 VENV := .venv/bin
 
@@ -14,7 +16,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/modegpt compress --rate $(RATE) --allocation $(ALLOCATION) --samples $(SAMPLES) --seqlen $(SEQLEN) --out $(OUT) --overwrite
+	$(VENV)/modegpt compress --rate $(RATE) --allocation $(ALLOCATION) --max-layer-sparsity $(MAX_LAYER_SPARSITY) --refit $(REFIT) --samples $(SAMPLES) --seqlen $(SEQLEN) --out $(OUT) --overwrite
 	$(VENV)/modegpt eval ppl $(OUT) --limit 16
 	$(VENV)/modegpt generate $(OUT) "The history of the Roman Empire" --max-new-tokens 48
 

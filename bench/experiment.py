@@ -35,15 +35,22 @@ def main(argv=None):
     p.add_argument("--value-method", default="stacked")
     p.add_argument("--multiples", default=None)
     p.add_argument("--bi-samples", type=int, default=8)
-    p.add_argument("--refit", default="none")
+    p.add_argument("--refit", default="all")
+    p.add_argument("--refit-samples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", default="wikitext2", help="wikitext2 | generated | a text file")
+    p.add_argument("--zeroshot-limit", type=int, default=0, help="also score the five tasks on N items each")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     model = modegpt_rt.load(None, backend="torch")
-    calib = data.calibration_windows(
-        data.tokenize(model.tokenizer, data.read_text("wikitext2", "valid")), args.samples, args.seqlen, args.seed
-    )
+    t0 = time.time()
+    if args.calib == "generated":
+        calib = data.generated_calibration(model, args.samples, args.seqlen, args.seed, progress=False)
+    else:
+        text = data.read_text(args.calib, "valid")
+        calib = data.calibration_windows(data.tokenize(model.tokenizer, text), args.samples, args.seqlen, args.seed)
+    t_calib = time.time() - t0
     t0 = time.time()
     report = {}
     if args.rate > 0:
@@ -51,11 +58,19 @@ def main(argv=None):
         report = compress(model, calib, opts, progress=False)
     t_compress = time.time() - t0
     res = perplexity(model, model.tokenizer, "wikitext2", 2048, limit=args.windows or None, progress=False)
+    zs = {}
+    if args.zeroshot_limit:
+        from modegpt_rt import zeroshot
+
+        r = zeroshot.evaluate(model, model.tokenizer, zeroshot.TASKS, limit=args.zeroshot_limit, progress=False)
+        zs = {"zeroshot": {k: v.get("acc_norm", v["acc"]) for k, v in r["tasks"].items()}, "zs_avg": r["average_norm"]}
     row = {
         "tag": args.tag,
         **{k: v for k, v in vars(args).items() if k not in ("out", "tag")},
         "ppl": res["ppl"],
         "windows": res["windows"],
+        **zs,
+        "calib_seconds": round(t_calib, 1),
         "compress_seconds": round(t_compress, 1),
         "achieved_rate": report.get("achieved_rate"),
         "eps_used": report.get("eps"),

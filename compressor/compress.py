@@ -44,7 +44,8 @@ class CompressOptions:
     value_method: str = "stacked"  # stacked | b1
     multiples: Multiples = field(default_factory=Multiples)
     bi_samples: int = 8  # calibration samples used for the Block Influence scores
-    refit: str = "none"  # none | mlp | all: least-squares refit of down (and output) projections to the dense stream
+    refit: str = "all"  # none | mlp | all: least-squares refit of down (and output) projections to the dense stream
+    refit_samples: int = 32  # calibration windows that carry the dense stream for the refit (0: all)
     micro_batch: int = 4
 
     @classmethod
@@ -61,7 +62,8 @@ class CompressOptions:
             value_method=args.value_method,
             multiples=Multiples.parse(args.multiples),
             bi_samples=args.bi_samples,
-            refit=getattr(args, "refit", "none"),
+            refit=getattr(args, "refit", "all"),
+            refit_samples=getattr(args, "refit_samples", 32),
         )
 
     def validate(self):
@@ -73,6 +75,8 @@ class CompressOptions:
             raise ValueError(f"value method {self.value_method!r}: choose stacked or b1")
         if self.refit not in ("none", "mlp", "all"):
             raise ValueError(f"refit {self.refit!r}: choose none, mlp or all")
+        if self.refit_samples < 0:
+            raise ValueError(f"refit samples must be >= 0 (0 = all), got {self.refit_samples}")
         if self.ridge <= 0:
             raise ValueError(f"ridge λ must be positive, got {self.ridge}")
 
@@ -225,18 +229,24 @@ def compress(
     t_alloc = time.time() - t0
 
     h = torch.nn.functional.embedding(tokens, model.embed)  # [N, L, d] float32
+    N = h.shape[0]
     # refit: the dense model's residual stream, advanced layer by layer with the dense weights, is the
-    # least-squares target of the new output/down projections (they absorb the error of earlier layers)
-    hd = h.clone() if opts.refit != "none" else None
+    # least-squares target of the new output/down projections (they absorb the error of earlier layers).
+    # It is carried for the first R windows only; micro-batches never straddle window R.
+    R = 0 if opts.refit == "none" else min(N, opts.refit_samples or N)
+    hd = h[:R].clone() if R else None
+    mb = list(_batches(R, opts.micro_batch)) + [
+        slice(s.start + R, s.stop + R) for s in _batches(N - R, opts.micro_batch)
+    ]
+    fit = [sl.stop <= R for sl in mb]  # micro-batches inside the refit windows
     bar = tqdm(list(enumerate(model.layers)), desc="compress", unit="layer", disable=not progress)
     for i, layer in bar:
         w = widths[i]
-        mb = list(_batches(h.shape[0], opts.micro_batch))
         # attention: statistics of the attention input, then Type II + III
         stats = _Stats(cfg.hidden_size)
-        for sl in mb:
+        for sl, f in zip(mb, fit):
             stats.add(rms_norm(h[sl], layer.attn_norm, eps))
-            if hd is not None:
+            if f:
                 hd[sl] += model.attention_block(layer, hd[sl])  # dense weights still in place
         if (w.d_qk, w.d_v) != (cfg.head_dim, cfg.head_dim):
             new, freq_idx = compress_attention(layer, stats.C, w, cfg, opts.value_method)
@@ -244,12 +254,16 @@ def compress(
         else:
             layer.set_widths(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v))
         del stats
+        heads = None  # refit "all": the head outputs, kept so the residual pass below needs no second attention
         if opts.refit == "all":
             gram, cross = _Stats(layer.n_head * layer.d_v), _Cross(layer.n_head * layer.d_v, cfg.hidden_size)
-            for sl in mb:
+            heads = []
+            for sl, f in zip(mb, fit):
                 z = model.attention_heads(layer, h[sl])
-                gram.add(z)
-                cross.add(z, hd[sl] - h[sl])
+                if f:
+                    gram.add(z)
+                    cross.add(z, hd[sl] - h[sl])
+                heads.append(z)
             new = {n: t.double() for n, t in layer.split_weights().items()}
             new["self_attn.o_proj"] = refit_projection(gram.C, cross.C).T
             layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, layer.freq_idx)
@@ -258,17 +272,21 @@ def compress(
         # act(x W_gate) ⊙ (x W_up) are kept: Nyström keeps a subset of their channels, so the compressed
         # MLP's output is just the new down projection of the kept ones (no second gate/up pass).
         compress_k = w.k_mlp != cfg.intermediate_size
-        mstats = _Stats(cfg.intermediate_size)
-        cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if hd is not None else None
+        mstats = _Stats(cfg.intermediate_size) if compress_k else None
+        cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if R else None
         acts = []
-        for sl in mb:
-            h[sl] += model.attention_block(layer, h[sl])
+        for j, (sl, f) in enumerate(zip(mb, fit)):
+            if heads is not None:
+                h[sl] += torch.nn.functional.linear(heads[j], layer.wo)
+                heads[j] = None
+            else:
+                h[sl] += model.attention_block(layer, h[sl])
             gate_up = torch.nn.functional.linear(rms_norm(h[sl], layer.mlp_norm, eps), layer.w_gate_up)
             act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
             del gate_up
-            if compress_k or cross is not None:
+            if mstats is not None:
                 mstats.add(act)
-            if cross is not None:
+            if f:
                 hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
                 cross.add(act, hd[sl] - h[sl])
             acts.append(act)
@@ -277,9 +295,17 @@ def compress(
             new, idx = compress_mlp(layer, mstats.C, w.k_mlp, opts.ridge, opts.ridge_relative)
         else:
             new = {n: t.double() for n, t in layer.split_weights().items()}
-        if cross is not None:
-            new["mlp.down_proj"] = refit_projection(mstats.C[idx][:, idx], cross.C[idx]).T
-        if compress_k or cross is not None:
+        if R:
+            if mstats is not None and R == N:
+                gram = mstats.C[idx][:, idx]
+            else:  # the Gram of the kept channels over the refit windows only
+                g = _Stats(len(idx))
+                for act, f in zip(acts, fit):
+                    if f:
+                        g.add(act[..., idx])
+                gram = g.C
+            new["mlp.down_proj"] = refit_projection(gram, cross.C[idx]).T
+        if compress_k or R:
             layer.load_weights(cfg, w, new, layer.freq_idx)
         del mstats, cross
         for sl, act in zip(mb, acts):
@@ -307,6 +333,7 @@ def compress(
         "ridge_relative_to_mean_diag": opts.ridge_relative,
         "value_method": opts.value_method,
         "refit": opts.refit,
+        "refit_samples": None if opts.refit == "none" else min(int(tokens.shape[0]), opts.refit_samples or 10**9),
         "multiples": asdict(opts.multiples),
         "attn_sparsity": attn_phi,
         "mlp_sparsity": mlp_phi,

@@ -47,8 +47,11 @@ def cmd_compress(args):
     opts = CompressOptions.from_args(args)
     opts.validate()
     model = modegpt_rt.load(args.model, backend="torch")
-    text = data.read_text(args.calib, split="valid")
-    calib = data.calibration_windows(data.tokenize(model.tokenizer, text), args.samples, args.seqlen, args.seed)
+    if args.calib == "generated":
+        calib = data.generated_calibration(model, args.samples, args.seqlen, args.seed, progress=not args.quiet)
+    else:
+        text = data.read_text(args.calib, split="valid")
+        calib = data.calibration_windows(data.tokenize(model.tokenizer, text), args.samples, args.seqlen, args.seed)
     info = {
         "source": args.calib if args.calib != "wikitext2" else "wikitext2/wiki.valid.raw",
         "samples": args.samples,
@@ -173,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="fraction of transformer-block projection parameters to remove, in [0, 0.95]",
     )
-    c.add_argument("--calib", default="wikitext2", help="'wikitext2' (wiki.valid.raw), a text file or a jsonl file")
+    c.add_argument(
+        "--calib",
+        default="wikitext2",
+        help="'wikitext2' (wiki.valid.raw), 'generated' (sampled from the model itself), a text or jsonl file",
+    )
     c.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     c.add_argument("--allocation", choices=["global", "uniform"], default="global")
@@ -193,9 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--refit",
         choices=["none", "mlp", "all"],
-        default="none",
+        default="all",
         help="least-squares refit of the down (mlp) and also output (all) projections to the dense model's "
-        "residual stream; none = the paper's local reconstruction (default none)",
+        "residual stream; none = the paper's local reconstruction only (default all)",
+    )
+    c.add_argument(
+        "--refit-samples",
+        type=int,
+        default=32,
+        help="calibration windows that carry the dense residual stream for --refit (default 32, 0 = all)",
     )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="output checkpoint directory")

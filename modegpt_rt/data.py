@@ -96,3 +96,42 @@ def eval_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
     if n == 0:
         raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     return tokens[: n * seqlen].view(n, seqlen)
+
+
+def generated_calibration(
+    model, samples: int, seqlen: int, seed: int = 0, batch_size: int = 16, progress: bool = True
+) -> torch.Tensor:
+    """Data-free calibration: `samples` sequences of `seqlen` tokens sampled from the model itself.
+
+    Each sequence starts from one token drawn uniformly from the vocabulary (special tokens
+    excluded when the tokenizer names them) and continues by plain sampling (temperature 1, no
+    top-k/top-p), through end-of-sequence tokens, so every window is exactly `seqlen` tokens.
+    Seeded: the same model, seed and sizes give the same windows. Returns [samples, seqlen].
+    """
+    if samples < 1 or seqlen < 2:
+        raise ValueError(f"need samples >= 1 and seqlen >= 2, got {samples} x {seqlen}")
+    if seqlen > model.config.max_position_embeddings:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's context of {model.config.max_position_embeddings}")
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    tok = getattr(model, "tokenizer", None)
+    special = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
+    allowed = torch.tensor([t for t in range(model.config.vocab_size) if t not in special])
+    starts = allowed[torch.randint(0, allowed.numel(), (samples,), generator=g)]
+    backend = model.backend
+    from modegpt_rt import kernels
+
+    if kernels.resolve_backend("auto", model.device, model.dtype) == "cpu":
+        model.set_backend("cpu")  # the C++ decode step: several times faster than the torch modules
+    rows = []
+    try:
+        for b0 in tqdm(range(0, samples, batch_size), desc="generate calibration", unit="batch", disable=not progress):
+            prompts = [[int(t)] for t in starts[b0 : b0 + batch_size]]
+            outs = model.generate(
+                prompts, max_new_tokens=seqlen - 1, temperature=1.0, seed=seed + b0, ignore_eos=True, tokenizer=None
+            )
+            rows += [p + o.token_ids for p, o in zip(prompts, outs)]
+    finally:
+        model.set_backend(backend)
+    return torch.tensor(rows, dtype=torch.long)

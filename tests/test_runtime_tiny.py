@@ -58,7 +58,7 @@ def test_rate_zero_reproduces_logits_and_roundtrips(tiny_hf_dir, tmp_path):
     ids = torch.randint(0, 97, (2, 30))
     before = model(ids).logits
     calib = torch.randint(0, 97, (4, 32))
-    compress(model, calib, CompressOptions(rate=0.0), progress=False)
+    compress(model, calib, CompressOptions(rate=0.0, refit="none"), progress=False)
     assert (model(ids).logits - before).abs().max() < 1e-5
     save_checkpoint(model, tmp_path / "ckpt")
     again = modegpt_rt.load(tmp_path / "ckpt", backend="torch")
@@ -68,13 +68,14 @@ def test_rate_zero_reproduces_logits_and_roundtrips(tiny_hf_dir, tmp_path):
 @pytest.mark.parametrize(
     "opts",
     [
-        dict(rate=0.3),
+        dict(rate=0.3, refit="none"),
         dict(rate=0.4, allocation="uniform"),
         dict(rate=0.3, split=True),
         dict(rate=0.25, value_method="b1"),
         dict(rate=0.3, multiples="16,2,4"),
         dict(rate=0.3, allocation="uniform", refit="mlp"),
         dict(rate=0.3, refit="all"),
+        dict(rate=0.3, refit="all", refit_samples=3),
     ],
 )
 def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, opts):
@@ -104,7 +105,7 @@ def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, o
 def test_compress_rejects_bad_options(tiny_hf_dir):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     bads = (dict(rate=-0.1), dict(rate=0.96), dict(rate=0.3, allocation="nope"), dict(rate=0.2, ridge=0))
-    for bad in (*bads, dict(rate=0.2, refit="some")):
+    for bad in (*bads, dict(rate=0.2, refit="some"), dict(rate=0.2, refit="mlp", refit_samples=-1)):
         with pytest.raises(ValueError):
             compress(model, torch.randint(0, 97, (2, 8)), CompressOptions(**bad), progress=False)
 
@@ -147,6 +148,14 @@ def test_refit_lowers_calibration_error_to_dense_stream(tmp_path):
     act = (torch.nn.functional.silu(gu[..., : layer.k_mlp]) * gu[..., layer.k_mlp :]).reshape(-1, layer.k_mlp)
     W = torch.linalg.lstsq(act.double(), (target - mid.double()).reshape(act.shape[0], -1)).solution
     assert torch.allclose(layer.w_down.double().T, W, atol=1e-3 * W.abs().max().item())
+    # refit on the first 2 windows only: the least-squares solution over those tokens
+    m = modegpt_rt.load(tmp_path, backend="torch")
+    opts = CompressOptions(rate=0.4, allocation="uniform", refit="mlp", refit_samples=2, micro_batch=4)
+    compress(m, calib, opts, progress=False)
+    n = 2 * calib.shape[1]
+    W2 = torch.linalg.lstsq(act[:n].double(), (target - mid.double())[:2].reshape(n, -1)).solution
+    assert torch.allclose(m.layers[0].w_down.double().T, W2, atol=1e-3 * W2.abs().max().item())
+    assert not torch.allclose(W2, W, atol=1e-2 * W.abs().max().item())
 
 
 def _compressed_ckpt(tiny_hf_dir, tmp_path):
@@ -252,3 +261,29 @@ def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
         hf_new = gen[i, 10:].tolist()
         n = next((j for j, t in enumerate(hf_new) if t in eos), 5)
         assert hf_new[:n] == own[i].token_ids[:n]
+
+
+def test_generated_calibration_is_seeded_sampling_from_the_model(tiny_hf_dir):
+    from modegpt_rt import data
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
+    with torch.no_grad():
+        model.lm_head.mul_(30.0)  # a peaked next-token distribution, so sampling from it is recognisable
+    a = data.generated_calibration(model, 5, 12, seed=3, batch_size=2, progress=False)
+    assert a.shape == (5, 12) and a.dtype == torch.long
+    assert int(a.min()) >= 0 and int(a.max()) < model.config.vocab_size
+    assert torch.equal(a, data.generated_calibration(model, 5, 12, seed=3, batch_size=2, progress=False))
+    assert not torch.equal(a, data.generated_calibration(model, 5, 12, seed=4, batch_size=2, progress=False))
+    assert model.backend == "torch"  # restored after generating with the C++ decode step
+
+    # each row continues its first token by sampling from the model: the sampled tokens are far
+    # likelier under the model than uniformly random ones
+    def mean_logp(x):
+        return torch.log_softmax(model(x).logits[:, :-1].double(), -1).gather(2, x[:, 1:, None]).mean().item()
+
+    rand = torch.randint(0, model.config.vocab_size, a.shape, generator=torch.Generator().manual_seed(0))
+    assert mean_logp(a) > mean_logp(rand) + 1.0
+    with pytest.raises(ValueError):
+        data.generated_calibration(model, 0, 12)
+    with pytest.raises(ValueError):
+        data.generated_calibration(model, 2, model.config.max_position_embeddings + 1)
