@@ -1,5 +1,5 @@
 # The two commands of the README.
-#   make demo   set up from nothing, compress SmolLM2-135M by 30%, evaluate it, generate with it
+#   make demo   set up from nothing, compress SmolLM2-135M by 30% (refit all), evaluate it, generate with it
 #   make test   set up from nothing and run the test suite
 SAMPLES ?= 128
 SEQLEN ?= 2048
