@@ -333,7 +333,7 @@ def compress(
         "ridge_relative_to_mean_diag": opts.ridge_relative,
         "value_method": opts.value_method,
         "refit": opts.refit,
-        "refit_samples": None if opts.refit == "none" else min(int(tokens.shape[0]), opts.refit_samples or 10**9),
+        "refit_samples": R or None,
         "multiples": asdict(opts.multiples),
         "attn_sparsity": attn_phi,
         "mlp_sparsity": mlp_phi,

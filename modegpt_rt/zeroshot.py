@@ -382,7 +382,8 @@ def loglikelihoods(
 
     With ``pack`` (default) and a model that has ``hidden_states(ids, positions, mask)`` and ``logits(h)``
     (modegpt_rt's ``Model``), the requests that share a context are scored in one packed row instead: the
-    context is computed once (see ``_packed_loglikelihoods``); about 2.4x faster on the five tasks.
+    context is computed once (see ``_packed_loglikelihoods``): 89 s instead of 168 s for the five tasks at
+    ``limit=200`` on a 30% SmolLM2.
     """
     import torch
 
