@@ -46,7 +46,6 @@ class CompressOptions:
     bi_samples: int = 8  # calibration samples used for the Block Influence scores
     refit: str = "all"  # none | mlp | all: least-squares refit of down (and output) projections to the dense stream
     refit_samples: int = 32  # calibration windows that carry the dense stream for the refit (0: all)
-    refit_weight: str = "uniform"  # uniform | rms: weight each token's error by 1/rms(dense stream)² in the refit
     micro_batch: int = 4
 
     @classmethod
@@ -65,7 +64,6 @@ class CompressOptions:
             bi_samples=args.bi_samples,
             refit=getattr(args, "refit", "all"),
             refit_samples=getattr(args, "refit_samples", 32),
-            refit_weight=getattr(args, "refit_weight", "uniform"),
         )
 
     def validate(self):
@@ -77,8 +75,6 @@ class CompressOptions:
             raise ValueError(f"value method {self.value_method!r}: choose stacked or b1")
         if self.refit not in ("none", "mlp", "all"):
             raise ValueError(f"refit {self.refit!r}: choose none, mlp or all")
-        if self.refit_weight not in ("uniform", "rms"):
-            raise ValueError(f"refit weight {self.refit_weight!r}: choose uniform or rms")
         if self.refit_samples < 0:
             raise ValueError(f"refit samples must be >= 0 (0 = all), got {self.refit_samples}")
         if self.ridge <= 0:
@@ -174,22 +170,6 @@ def refit_projection(gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-
     return psd_solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross)
 
 
-def _token_weights(hd: torch.Tensor, weight: str, eps: float) -> torch.Tensor | None:
-    """Per-token row scale for the refit: None (uniform), or 1/rms(hd) ("rms").
-
-    The next layer reads the stream through an RMSNorm, so an error of size e on a token of rms r costs it
-    e/r. Unweighted least squares is instead ruled by the few tokens with massive activations (the first
-    token of a window has a ~100× larger norm from layer 11 on in SmolLM2-135M).
-    """
-    if weight == "uniform":
-        return None
-    return torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def _row_scaled(x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-    return x if s is None else x * s
-
-
 def compress_attention(layer: Layer, C: torch.Tensor, widths: LayerWidths, cfg: ModelConfig, method: str):
     """Type II (q, k) + Type III (v, o) for one layer from its attention-input correlation C."""
     w = {n: t.double() for n, t in layer.split_weights().items()}
@@ -281,9 +261,8 @@ def compress(
             for sl, f in zip(mb, fit):
                 z = model.attention_heads(layer, h[sl])
                 if f:
-                    s = _token_weights(hd[sl], opts.refit_weight, eps)
-                    gram.add(_row_scaled(z, s))
-                    cross.add(_row_scaled(z, s), _row_scaled(hd[sl] - h[sl], s))
+                    gram.add(z)
+                    cross.add(z, hd[sl] - h[sl])
                 heads.append(z)
             new = {n: t.double() for n, t in layer.split_weights().items()}
             new["self_attn.o_proj"] = refit_projection(gram.C, cross.C).T
@@ -295,7 +274,7 @@ def compress(
         compress_k = w.k_mlp != cfg.intermediate_size
         mstats = _Stats(cfg.intermediate_size) if compress_k else None
         cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if R else None
-        acts, scales = [], []
+        acts = []
         for j, (sl, f) in enumerate(zip(mb, fit)):
             if heads is not None:
                 h[sl] += torch.nn.functional.linear(heads[j], layer.wo)
@@ -309,9 +288,7 @@ def compress(
                 mstats.add(act)
             if f:
                 hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
-                s = _token_weights(hd[sl], opts.refit_weight, eps)
-                cross.add(_row_scaled(act, s), _row_scaled(hd[sl] - h[sl], s))
-                scales.append(s)
+                cross.add(act, hd[sl] - h[sl])
             acts.append(act)
         idx = torch.arange(cfg.intermediate_size)
         if compress_k:
@@ -319,12 +296,13 @@ def compress(
         else:
             new = {n: t.double() for n, t in layer.split_weights().items()}
         if R:
-            if mstats is not None and R == N and opts.refit_weight == "uniform":
+            if mstats is not None and R == N:
                 gram = mstats.C[idx][:, idx]
-            else:  # the (weighted) Gram of the kept channels over the refit windows only
+            else:  # the Gram of the kept channels over the refit windows only
                 g = _Stats(len(idx))
-                for act, s in zip(acts, scales):  # the refit micro-batches come first
-                    g.add(_row_scaled(act[..., idx], s))
+                for act, f in zip(acts, fit):
+                    if f:
+                        g.add(act[..., idx])
                 gram = g.C
             new["mlp.down_proj"] = refit_projection(gram, cross.C[idx]).T
         if compress_k or R:
@@ -356,7 +334,6 @@ def compress(
         "value_method": opts.value_method,
         "refit": opts.refit,
         "refit_samples": R or None,
-        "refit_weight": opts.refit_weight if R else None,
         "multiples": asdict(opts.multiples),
         "attn_sparsity": attn_phi,
         "mlp_sparsity": mlp_phi,

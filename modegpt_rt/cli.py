@@ -210,13 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="calibration windows that carry the dense residual stream for --refit (default 32, 0 = all)",
     )
-    c.add_argument(
-        "--refit-weight",
-        choices=["uniform", "rms"],
-        default="uniform",
-        help="per-token weight of the refit error: uniform, or 1/rms² of the dense stream (what the next "
-        "RMSNorm sees; keeps the few massive-activation tokens from ruling the fit) (default uniform)",
-    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -76,7 +76,6 @@ def test_rate_zero_reproduces_logits_and_roundtrips(tiny_hf_dir, tmp_path):
         dict(rate=0.3, allocation="uniform", refit="mlp"),
         dict(rate=0.3, refit="all"),
         dict(rate=0.3, refit="all", refit_samples=3),
-        dict(rate=0.3, refit="all", refit_weight="rms"),
     ],
 )
 def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, opts):
@@ -106,12 +105,7 @@ def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, o
 def test_compress_rejects_bad_options(tiny_hf_dir):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     bads = (dict(rate=-0.1), dict(rate=0.96), dict(rate=0.3, allocation="nope"), dict(rate=0.2, ridge=0))
-    for bad in (
-        *bads,
-        dict(rate=0.2, refit="some"),
-        dict(rate=0.2, refit="mlp", refit_samples=-1),
-        dict(rate=0.2, refit_weight="x"),
-    ):
+    for bad in (*bads, dict(rate=0.2, refit="some"), dict(rate=0.2, refit="mlp", refit_samples=-1)):
         with pytest.raises(ValueError):
             compress(model, torch.randint(0, 97, (2, 8)), CompressOptions(**bad), progress=False)
 
@@ -162,14 +156,6 @@ def test_refit_lowers_calibration_error_to_dense_stream(tmp_path):
     W2 = torch.linalg.lstsq(act[:n].double(), (target - mid.double())[:2].reshape(n, -1)).solution
     assert torch.allclose(m.layers[0].w_down.double().T, W2, atol=1e-3 * W2.abs().max().item())
     assert not torch.allclose(W2, W, atol=1e-2 * W.abs().max().item())
-    # token-weighted refit: each token's row scaled by 1/rms of the dense stream it is fitted to
-    m = modegpt_rt.load(tmp_path, backend="torch")
-    opts = CompressOptions(rate=0.4, allocation="uniform", refit="mlp", refit_weight="rms")
-    compress(m, calib, opts, progress=False)
-    s = torch.rsqrt(target.pow(2).mean(-1, keepdim=True) + m.config.rms_norm_eps).reshape(-1, 1)
-    Ww = torch.linalg.lstsq(act.double() * s, (target - mid.double()).reshape(act.shape[0], -1) * s).solution
-    assert torch.allclose(m.layers[0].w_down.double().T, Ww, atol=1e-3 * Ww.abs().max().item())
-    assert not torch.allclose(Ww, W, atol=1e-2 * W.abs().max().item())
 
 
 def _compressed_ckpt(tiny_hf_dir, tmp_path):
