@@ -67,20 +67,42 @@ def plot_throughput(res: dict, out_dir: Path, stem: str) -> list[Path]:
     return outs
 
 
+def _quality_series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped by their `series` (the method); rows without one (dense at rate 0) join every series."""
+    named = {r["series"] for r in rows if r.get("series")}
+    shared = [r for r in rows if not r.get("series")]
+    if not named:
+        return {"": sorted(rows, key=lambda r: r["rate"])}
+    return {
+        n: sorted(shared + [r for r in rows if r.get("series") == n], key=lambda r: r["rate"]) for n in sorted(named)
+    }
+
+
 def plot_quality(res: dict, out_dir: Path, stem: str) -> list[Path]:
+    """Perplexity and zero-shot accuracy vs rate: one line per series (method); with a single series,
+    also each task's accuracy."""
     plt = _plt()
-    rows = sorted(res["rows"], key=lambda r: r["rate"])
+    groups = _quality_series(res["rows"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    rates = [100 * r["rate"] for r in rows]
-    axes[0].plot(rates, [r["ppl"] for r in rows], marker="o")
+    markers = "osD^v<>"
+    for k, (name, rows) in enumerate(groups.items()):
+        m = markers[k % len(markers)]
+        pts = [(100 * r["rate"], r["ppl"]) for r in rows if "ppl" in r]
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=m, label=name or None)
+        zs = [r for r in rows if "zeroshot" in r]
+        rates = [100 * r["rate"] for r in zs]
+        if len(groups) == 1:
+            for t in sorted({t for r in zs for t in r["zeroshot"]}):
+                axes[1].plot(rates, [100 * r["zeroshot"][t] for r in zs], marker=".", label=t)
+        if zs:
+            label = "average" + (f" ({name})" if name else "")
+            style = dict(color="k", lw=2) if len(groups) == 1 else dict(lw=2)
+            axes[1].plot(rates, [100 * r["average"] for r in zs], marker=m, label=label, **style)
     axes[0].set_xlabel("compression rate (%)")
     axes[0].set_ylabel("WikiText-2 perplexity")
     axes[0].grid(alpha=0.3)
-    tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
-    for t in tasks:
-        axes[1].plot(rates, [100 * r["zeroshot"][t] for r in rows], marker=".", label=t)
-    if tasks:
-        axes[1].plot(rates, [100 * r["average"] for r in rows], marker="o", color="k", lw=2, label="average")
+    if len(groups) > 1:
+        axes[0].legend(fontsize=7)
     axes[1].set_xlabel("compression rate (%)")
     axes[1].set_ylabel("zero-shot accuracy (%)")
     axes[1].legend(fontsize=7)

@@ -1,7 +1,8 @@
 """The quality table: perplexity, zero-shot accuracy and decode speed per checkpoint, as one JSON.
 
-    python -m modegpt_rt.bench.quality dense=PATH 20%=DIR 30%=DIR --json bench/results/quality.json \
-        [--ppl-json LABEL=FILE ...] [--zeroshot-json LABEL=FILE ...] [--throughput-json FILE]
+    python -m modegpt_rt.bench.quality --rate LABEL=RATE ... --json bench/results/quality.json \
+        [--ppl-json LABEL=FILE ...] [--zeroshot-json LABEL=FILE ...] [--series LABEL=NAME ...] \
+        [--throughput-json FILE]
 
 Runs nothing itself: it gathers the JSON written by `modegpt eval ppl --json`,
 `modegpt eval zeroshot --json` and `modegpt bench throughput --json`, so every
@@ -28,16 +29,22 @@ def main(argv=None):
     p.add_argument("--rate", action="append", default=[], help="LABEL=RATE")
     p.add_argument("--ppl-json", action="append", default=[])
     p.add_argument("--zeroshot-json", action="append", default=[])
+    p.add_argument("--series", action="append", default=[], help="LABEL=NAME: the method a row belongs to")
     p.add_argument("--throughput-json", default=None)
     p.add_argument("--title", default="SmolLM2-135M, MoDeGPT")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     rates = {k: float(v) for k, v in (r.split("=") for r in args.rate)}
+    series = dict(s.split("=", 1) for s in args.series)
+    if set(series) - set(rates):
+        p.error(f"--series for labels without --rate: {sorted(set(series) - set(rates))}")
     ppl, zs = _pairs(args.ppl_json), _pairs(args.zeroshot_json)
     tput = json.loads(Path(args.throughput_json).read_text()) if args.throughput_json else None
     rows = []
     for label, rate in rates.items():
         row = {"label": label, "rate": rate}
+        if label in series:
+            row["series"] = series[label]
         if label in ppl:
             row["ppl"] = ppl[label]["ppl"]
             row["ppl_windows"] = ppl[label]["windows"]

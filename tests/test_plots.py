@@ -1,0 +1,72 @@
+"""The result plots: each JSON kind gives a PNG, quality series are grouped, bad input is refused."""
+
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from modegpt_rt.bench import quality  # noqa: E402
+from modegpt_rt.bench.plots import _quality_series, plot_files  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _zs(avg):
+    return {"tasks": {"arc_easy": {"acc": avg, "acc_norm": avg, "n": 5}, "winogrande": {"acc": avg, "n": 5}}}
+
+
+def test_quality_json_and_plot_with_two_series(tmp_path):
+    args = ["--rate", "dense=0", "--rate", "30%=0.3", "--rate", "30% refit=0.3", "--rate", "20% refit=0.2"]
+    args += ["--series", "30%=paper", "--series", "30% refit=refit", "--series", "20% refit=refit"]
+    for label, ppl, acc in (
+        ("dense", 20.0, 0.5),
+        ("30%", 50.0, 0.4),
+        ("30% refit", 35.0, 0.42),
+        ("20% refit", 28.0, 0.45),
+    ):
+        args += ["--ppl-json", f"{label}={_write(tmp_path / f'p{ppl}.json', {'ppl': ppl, 'windows': 3})}"]
+        args += ["--zeroshot-json", f"{label}={_write(tmp_path / f'z{ppl}.json', _zs(acc))}"]
+    out = tmp_path / "quality.json"
+    quality.main([*args, "--json", str(out)])
+    res = json.loads(out.read_text())
+    rows = {r["label"]: r for r in res["rows"]}
+    assert rows["30% refit"]["series"] == "refit" and "series" not in rows["dense"]
+    assert rows["30% refit"]["average"] == pytest.approx(0.42) and rows["30%"]["ppl"] == 50.0
+    groups = _quality_series(res["rows"])
+    # dense (no series) joins both methods; each series sorted by rate
+    assert [r["label"] for r in groups["refit"]] == ["dense", "20% refit", "30% refit"]
+    assert [r["label"] for r in groups["paper"]] == ["dense", "30%"]
+    (png,) = plot_files([out], tmp_path / "plots")
+    assert png.name == "quality.png" and png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
+
+
+def test_quality_rejects_series_without_rate(tmp_path):
+    with pytest.raises(SystemExit):
+        quality.main(["--rate", "a=0.1", "--series", "b=x", "--json", str(tmp_path / "q.json")])
+
+
+def test_throughput_and_widths_plots(tmp_path):
+    rows = [
+        {"label": lab, "impl": "modegpt_rt (cpu)", "rate": rate, "batch": b, "tok_s": 10.0 * b * (1 + rate)}
+        for lab, rate in (("dense", 0.0), ("30%", 0.3))
+        for b in (1, 8)
+    ] + [{"label": "dense", "impl": "transformers", "rate": 0.0, "batch": 1, "tok_s": 5.0}]
+    tp = _write(tmp_path / "tp.json", {"kind": "throughput", "results": rows})
+    layers = [{"k_mlp": 100 - 10 * i, "d_qk": 8, "d_v": 6} for i in range(3)]
+    cfg_dir = tmp_path / "ck"
+    cfg_dir.mkdir()
+    _write(cfg_dir / "config.json", {"layers": layers, "intermediate_size": 128, "head_dim": 8})
+    outs = plot_files([tp, cfg_dir], tmp_path / "plots")
+    assert sorted(p.name for p in outs) == ["ck_widths.png", "tp_vs_batch.png", "tp_vs_rate.png"]
+    assert all(p.read_bytes()[:8] == PNG for p in outs)
+
+
+def test_plot_refuses_unknown_json(tmp_path):
+    with pytest.raises(ValueError, match="not a throughput/quality result"):
+        plot_files([_write(tmp_path / "x.json", {"hello": 1})], tmp_path)
