@@ -116,6 +116,33 @@ def cmd_eval_zeroshot(args):
     _write_json(res, args.json)
 
 
+def cmd_eval_paired(args):
+    import math
+
+    from modegpt_rt import zeroshot
+
+    a, b = (json.loads(Path(p).read_text()) for p in (args.base, args.other))
+    diffs = zeroshot.paired_difference(a, b)
+    if not diffs:
+        raise SystemExit("error: the two results share no task")
+
+    def row(name, n, x, y, se):
+        print(f"{name:>14} {n:>6} {100 * x:>7.1f} {100 * y:>7.1f} {100 * (y - x):>+7.1f} {100 * se:>6.1f}")
+
+    print(f"{'task':>14} {'n':>6} {'base':>7} {'other':>7} {'diff':>7} {'± se':>6}")
+    for task, d in diffs.items():
+        row(task, d["n"], d["a"], d["b"], d["diff_stderr"])
+    T = len(diffs)
+    avg_a = sum(d["a"] for d in diffs.values()) / T
+    avg_b = sum(d["b"] for d in diffs.values()) / T
+    se = math.sqrt(sum(d["diff_stderr"] ** 2 for d in diffs.values())) / T
+    row("average", "", avg_a, avg_b, se)
+    print(f"other / base = {100 * avg_b / avg_a:.1f}% (± {100 * se / avg_a:.1f})")
+    out = {"base": str(args.base), "other": str(args.other), "tasks": diffs}
+    out.update(average_base=avg_a, average_other=avg_b, ratio=avg_b / avg_a, diff_stderr=se)
+    _write_json(out, args.json)
+
+
 # ----------------------------------------------------------------- generate
 def cmd_generate(args):
     import modegpt_rt
@@ -233,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     ez.add_argument("--json", default=None)
     ez.add_argument("--quiet", action="store_true")
     ez.set_defaults(func=cmd_eval_zeroshot)
+    epd = e.add_parser(
+        "paired",
+        help="compare two `eval zeroshot --json` results item by item (the shared prefix of each task)",
+    )
+    epd.add_argument("base", help="e.g. the dense model's result JSON")
+    epd.add_argument("other", help="e.g. the compressed model's result JSON")
+    epd.add_argument("--json", default=None)
+    epd.set_defaults(func=cmd_eval_paired)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt")
     g.add_argument("path", nargs="?", default=None, help="checkpoint dir, HF folder or .gguf (default SmolLM2)")

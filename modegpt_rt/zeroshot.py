@@ -590,8 +590,30 @@ def score_docs(docs: Sequence[Doc], lls: Sequence[float]) -> dict:
                 math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else float("nan")
             )
         res["n"] = len(m["acc"])
+        # per item, in file order ('1' = right): paired comparisons between models on the same items
+        res["items"] = {metric: "".join("1" if v else "0" for v in vals) for metric, vals in m.items()}
         out[task] = res
     return out
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """Per task, the accuracy of ``b`` minus that of ``a`` (two ``evaluate`` results, e.g. compressed vs dense)
+    on the items both scored (the first min(n_a, n_b): ``limit`` keeps a prefix), with the standard error of
+    the paired difference.  Uses acc_norm where the task reports it, else acc; needs the ``items`` field."""
+    out = {}
+    for task in a["tasks"].keys() & b["tasks"].keys():
+        ra, rb = a["tasks"][task], b["tasks"][task]
+        metric = "acc_norm" if "acc_norm" in ra.get("items", {}) else "acc"
+        if metric not in ra.get("items", {}) or metric not in rb.get("items", {}):
+            raise ValueError(f"{task}: per-item results missing (written by an older version?)")
+        xa, xb = ra["items"][metric], rb["items"][metric]
+        n = min(len(xa), len(xb))
+        d = [int(xb[i]) - int(xa[i]) for i in range(n)]
+        mean = sum(d) / n if n else float("nan")
+        se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else float("nan")
+        out[task] = {"metric": metric, "n": n, "a": xa[:n].count("1") / n, "b": xb[:n].count("1") / n}
+        out[task].update(diff=mean, diff_stderr=se)
+    return dict(sorted(out.items()))
 
 
 def _task_list(tasks: str | Iterable[str]) -> list[str]:

@@ -380,13 +380,19 @@ def test_zeroshot_evaluate_limit3(tiny, data_dir):
     for task in zeroshot.TASKS:
         docs = zeroshot.load_task(task, data_dir, limit=3)
         hits = hits_norm = 0
+        items = items_norm = ""
         for d in docs:
             lls = [_manual_ll(model, tok, c, k) for c, k in d.requests]
             assert len(set(round(x, 4) for x in lls)) == len(lls)  # no near-ties: argmax is well defined
-            hits += max(range(len(lls)), key=lambda i: lls[i]) == d.gold
+            right = max(range(len(lls)), key=lambda i: lls[i]) == d.gold
             normed = [x / len(c) for x, c in zip(lls, d.choices)]
-            hits_norm += max(range(len(normed)), key=lambda i: normed[i]) == d.gold
+            right_norm = max(range(len(normed)), key=lambda i: normed[i]) == d.gold
+            hits, hits_norm = hits + right, hits_norm + right_norm
+            items, items_norm = items + str(int(right)), items_norm + str(int(right_norm))
         r = res["tasks"][task]
+        assert r["items"]["acc"] == items
+        if task != "winogrande":
+            assert r["items"]["acc_norm"] == items_norm
         assert r["n"] == 3
         assert r["n_requests"] == sum(len(d.requests) for d in docs)
         assert r["acc"] == pytest.approx(hits / 3)
@@ -442,3 +448,35 @@ def test_zeroshot_packed_rows_match_manual(tiny, data_dir, tmp_path):
     for (c, k), g in zip(mixed, got):
         assert abs(g - _manual_ll(hf, tok, c, k, max_length=24)) < 1e-4
     assert any(packed for _, packed in calls) and any(not packed for _, packed in calls)
+
+
+def test_zeroshot_paired_difference():
+    """Paired differences on the shared prefix of items, with the paired standard error."""
+    a = {"tasks": {"piqa": {"items": {"acc": "1100", "acc_norm": "1101"}}, "winogrande": {"items": {"acc": "10"}}}}
+    b = {"tasks": {"piqa": {"items": {"acc": "0000", "acc_norm": "0111"}}, "winogrande": {"items": {"acc": "011"}}}}
+    d = zeroshot.paired_difference(a, b)
+    p = d["piqa"]  # acc_norm: per-item differences -1, 0, +1, 0
+    assert p["metric"] == "acc_norm" and p["n"] == 4 and p["a"] == 0.75 and p["b"] == 0.75
+    assert p["diff"] == 0 and p["diff_stderr"] == pytest.approx(math.sqrt(2 / 3 / 4))
+    w = d["winogrande"]  # acc on the first 2 items: -1, +1
+    assert w["metric"] == "acc" and w["n"] == 2 and w["diff"] == 0 and w["diff_stderr"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="per-item results missing"):
+        zeroshot.paired_difference({"tasks": {"piqa": {"acc": 0.5}}}, b)
+
+
+def test_cli_eval_paired(tmp_path, capsys):
+    import json
+
+    from modegpt_rt import cli
+
+    a = {"tasks": {"piqa": {"items": {"acc": "1100", "acc_norm": "1101"}}, "arc_easy": {"items": {"acc_norm": "11"}}}}
+    b = {"tasks": {"piqa": {"items": {"acc": "0000", "acc_norm": "0101"}}, "arc_easy": {"items": {"acc_norm": "10"}}}}
+    pa, pb, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "d.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    cli.main(["eval", "paired", str(pa), str(pb), "--json", str(out)])
+    res = json.loads(out.read_text())
+    # piqa acc_norm 0.75 -> 0.5, arc_easy 1.0 -> 0.5: averages 0.875 -> 0.5
+    assert res["average_base"] == pytest.approx(0.875) and res["average_other"] == pytest.approx(0.5)
+    assert res["ratio"] == pytest.approx(0.5 / 0.875) and res["tasks"]["piqa"]["diff"] == pytest.approx(-0.25)
+    assert "other / base = 57.1%" in capsys.readouterr().out
