@@ -10,6 +10,16 @@ from pathlib import Path
 import torch
 
 
+def _add_eval_dtype(p):
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights and activations (bfloat16: about 2x faster matmuls on CPUs with AVX512-BF16; "
+        "the log-softmax runs in float32 either way)",
+    )
+
+
 def _add_model_arg(p, positional=True):
     if positional:
         p.add_argument(
@@ -93,9 +103,10 @@ def cmd_eval_ppl(args):
     import modegpt_rt
     from modegpt_rt.evaluate import perplexity
 
-    model = modegpt_rt.load(args.path, backend="torch")
+    model = modegpt_rt.load(args.path, backend="torch", dtype=getattr(torch, args.dtype))
     res = perplexity(model, model.tokenizer, args.data, args.seqlen, args.limit, progress=not args.quiet)
     res["model"] = str(args.path or modegpt_rt.default_model_path())
+    res["dtype"] = args.dtype
     print(f"perplexity {res['ppl']:.3f} ({res['windows']} windows of {res['seqlen']}, {res['seconds']} s)")
     _write_json(res, args.json)
 
@@ -104,12 +115,13 @@ def cmd_eval_zeroshot(args):
     import modegpt_rt
     from modegpt_rt import zeroshot
 
-    model = modegpt_rt.load(args.path, backend="torch")
+    model = modegpt_rt.load(args.path, backend="torch", dtype=getattr(torch, args.dtype))
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     res = zeroshot.evaluate(
         model, model.tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet
     )
     res["model"] = str(args.path or modegpt_rt.default_model_path())
+    res["dtype"] = args.dtype
     for name, r in res["tasks"].items():
         norm = f"  acc_norm {r['acc_norm']:.4f}" if r.get("acc_norm") is not None else ""
         print(f"{name:>14}: acc {r['acc']:.4f}{norm}  (n={r['n']})")
@@ -251,12 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
     ep.add_argument("--json", default=None)
     ep.add_argument("--quiet", action="store_true")
+    _add_eval_dtype(ep)
     ep.set_defaults(func=cmd_eval_ppl)
     ez = e.add_parser("zeroshot", help="zero-shot accuracy (lm-eval formats) on local task data")
     _add_model_arg(ez)
     ez.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag")
     ez.add_argument("--limit", type=int, default=None, help="first N items per task")
     ez.add_argument("--batch-size", type=int, default=16)
+    _add_eval_dtype(ez)
     ez.add_argument("--json", default=None)
     ez.add_argument("--quiet", action="store_true")
     ez.set_defaults(func=cmd_eval_zeroshot)

@@ -57,3 +57,23 @@ def test_smollm2_streaming_and_stop_string(smollm2):
     word = res.text.split()[1]
     stopped = smollm2.generate(["The capital of France is"], max_new_tokens=20, temperature=0, stop=[word])[0]
     assert stopped.finish_reason == "stop" and word not in stopped.text and res.text.startswith(stopped.text)
+
+
+def test_smollm2_cli_zeroshot_bfloat16_agrees(smollm2_path, tmp_path):
+    """`eval zeroshot --dtype bfloat16` runs end to end and picks the same answers as float32 on a few items."""
+    import json
+
+    from modegpt_rt import cli
+
+    res = {}
+    for dt in ("float32", "bfloat16"):
+        out = tmp_path / f"{dt}.json"
+        cli.main(
+            ["eval", "zeroshot", str(smollm2_path), "--tasks", "arc_easy,piqa", "--limit", "6"]
+            + ["--quiet", "--dtype", dt, "--json", str(out)]
+        )
+        res[dt] = json.loads(out.read_text())
+        assert res[dt]["dtype"] == dt and res[dt]["tasks"]["piqa"]["n"] == 6
+    for task in ("arc_easy", "piqa"):
+        a, b = (res[dt]["tasks"][task]["items"]["acc_norm"] for dt in ("float32", "bfloat16"))
+        assert sum(x == y for x, y in zip(a, b)) >= 5, (task, a, b)
