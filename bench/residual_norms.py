@@ -15,17 +15,14 @@ import torch
 
 import modegpt_rt
 from modegpt_rt import data
-from modegpt_rt.model import rms_norm
 
 
 @torch.no_grad()
 def residual_norms(model, tokens: torch.Tensor) -> list[dict]:
-    eps = model.config.rms_norm_eps
     h = torch.nn.functional.embedding(tokens, model.embed)
     rows = []
     for i, layer in enumerate(model.layers):
-        h = h + model.attention_block(layer, h)
-        h = h + layer.mlp(rms_norm(h, layer.mlp_norm, eps))
+        h = model.layer_forward(layer, h)
         n = h.norm(dim=-1)  # [N, L]
         sq = (n.double() ** 2).flatten().sort(descending=True).values
         rows.append(
