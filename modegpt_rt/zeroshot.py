@@ -563,6 +563,14 @@ def _argmax(xs: Sequence[float]) -> int:
     return best
 
 
+def _mean_stderr(vals: Sequence[float]) -> tuple[float, float]:
+    """Mean and lm-eval's mean_stderr (sample std with ddof=1, over sqrt(n)); NaN where undefined."""
+    n = len(vals)
+    mean = sum(vals) / n if n else float("nan")
+    se = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else float("nan")
+    return mean, se
+
+
 def score_docs(docs: Sequence[Doc], lls: Sequence[float]) -> dict:
     """Per-task metrics from per-request log-likelihoods (concatenated in ``doc.requests`` order)."""
     out: dict = {}
@@ -582,13 +590,7 @@ def score_docs(docs: Sequence[Doc], lls: Sequence[float]) -> dict:
     for task, m in per_task.items():
         res: dict = {}
         for metric, vals in m.items():
-            n = len(vals)
-            mean = sum(vals) / n
-            res[metric] = mean
-            # lm-eval's mean_stderr: sample std (ddof=1) / sqrt(n)
-            res[f"{metric}_stderr"] = (
-                math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1) / n) if n > 1 else float("nan")
-            )
+            res[metric], res[f"{metric}_stderr"] = _mean_stderr(vals)
         res["n"] = len(m["acc"])
         # per item, in file order ('1' = right): paired comparisons between models on the same items
         res["items"] = {metric: "".join("1" if v else "0" for v in vals) for metric, vals in m.items()}
@@ -608,11 +610,9 @@ def paired_difference(a: dict, b: dict) -> dict:
             raise ValueError(f"{task}: per-item results missing (written by an older version?)")
         xa, xb = ra["items"][metric], rb["items"][metric]
         n = min(len(xa), len(xb))
-        d = [int(xb[i]) - int(xa[i]) for i in range(n)]
-        mean = sum(d) / n if n else float("nan")
-        se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else float("nan")
-        out[task] = {"metric": metric, "n": n, "a": xa[:n].count("1") / n, "b": xb[:n].count("1") / n}
-        out[task].update(diff=mean, diff_stderr=se)
+        mean, se = _mean_stderr([int(xb[i]) - int(xa[i]) for i in range(n)])
+        acc_a, acc_b = (_mean_stderr([int(c) for c in x[:n]])[0] for x in (xa, xb))
+        out[task] = {"metric": metric, "n": n, "a": acc_a, "b": acc_b, "diff": mean, "diff_stderr": se}
     return dict(sorted(out.items()))
 
 
