@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from modegpt_rt.compressor.compress import CompressOptions, compress
@@ -28,6 +29,7 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=20, help="test windows of 2048 (0 = all)")
     p.add_argument("--allocation", default="global")
     p.add_argument("--split", action="store_true")
+    p.add_argument("--attn-ratio", type=float, default=1.0)
     p.add_argument("--eps", type=float, default=None)
     p.add_argument("--max-layer-sparsity", type=float, default=0.8)
     p.add_argument("--ridge", type=float, default=1.0)
@@ -40,6 +42,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="wikitext2", help="wikitext2 | generated | a text file")
     p.add_argument("--zeroshot-limit", type=int, default=0, help="also score the five tasks on N items each")
+    p.add_argument("--zeroshot-json", default=None, help="also write the full zero-shot result (per-item answers) here")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
@@ -64,9 +67,11 @@ def main(argv=None):
 
         r = zeroshot.evaluate(model, model.tokenizer, zeroshot.TASKS, limit=args.zeroshot_limit, progress=False)
         zs = {"zeroshot": {k: v.get("acc_norm", v["acc"]) for k, v in r["tasks"].items()}, "zs_avg": r["average_norm"]}
+        if args.zeroshot_json:
+            Path(args.zeroshot_json).write_text(json.dumps({**r, "model": args.tag}, indent=1) + "\n")
     row = {
         "tag": args.tag,
-        **{k: v for k, v in vars(args).items() if k not in ("out", "tag")},
+        **{k: v for k, v in vars(args).items() if k not in ("out", "tag", "zeroshot_json")},
         "ppl": res["ppl"],
         "windows": res["windows"],
         **zs,

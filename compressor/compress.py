@@ -37,6 +37,7 @@ class CompressOptions:
     rate: float
     allocation: str = "global"  # global | uniform
     split: bool = False  # B.11: separate MLP / attention sparsities from per-module scores
+    attn_ratio: float = 1.0  # attention sparsity = attn_ratio × MLP sparsity in each layer (layer budget kept)
     eps: float | None = None  # allocation temperature; None: max layer sparsity ≈ max_layer_sparsity
     max_layer_sparsity: float = 0.8
     ridge: float = 1.0  # Nyström ridge λ, relative to mean(diag C_σ)
@@ -55,6 +56,7 @@ class CompressOptions:
             rate=args.rate,
             allocation=args.allocation,
             split=args.split,
+            attn_ratio=getattr(args, "attn_ratio", 1.0),
             eps=args.eps,
             max_layer_sparsity=args.max_layer_sparsity,
             ridge=args.ridge,
@@ -79,6 +81,10 @@ class CompressOptions:
             raise ValueError(f"refit samples must be >= 0 (0 = all), got {self.refit_samples}")
         if self.ridge <= 0:
             raise ValueError(f"ridge λ must be positive, got {self.ridge}")
+        if not 0.0 <= self.attn_ratio <= 10.0:
+            raise ValueError(f"attention ratio must be in [0, 10], got {self.attn_ratio}")
+        if self.split and self.attn_ratio != 1.0:
+            raise ValueError("--split chooses the MLP/attention sparsities itself; drop --attn-ratio")
 
 
 def _batches(n: int, size: int):
@@ -106,22 +112,34 @@ def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int)
     return layer_s, attn_s, mlp_s
 
 
+def split_layer_sparsity(phi, ratio: float, attn_params: int, mlp_params: int):
+    """Per-layer sparsities -> (attention, MLP) sparsities with attention = ratio × MLP and the same
+    parameters removed from each layer: φ·(P_attn + P_mlp) = ratio·φ_mlp·P_attn + φ_mlp·P_mlp."""
+    mlp = [float(p) * (attn_params + mlp_params) / (ratio * attn_params + mlp_params) for p in phi]
+    attn = [ratio * m for m in mlp]
+    if max(mlp + attn, default=0.0) > MAX_RATE:
+        raise ValueError(
+            f"attention ratio {ratio} needs a module sparsity of {max(mlp + attn):.2f} (> {MAX_RATE}) in some layer;"
+            " choose a ratio closer to 1 or a lower rate / max layer sparsity"
+        )
+    return attn, mlp
+
+
 def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions):
     """Per-layer (attention sparsity, MLP sparsity) and what the allocation found."""
     cfg = model.config
     L = cfg.num_hidden_layers
-    info = {"allocation": opts.allocation, "split": opts.split}
+    info = {"allocation": opts.allocation, "split": opts.split, "attn_ratio": opts.attn_ratio}
+    mlp_p = 3 * cfg.hidden_size * cfg.intermediate_size
+    attn_p = cfg.dense().layer_params(0) - mlp_p
     if opts.allocation == "uniform" or opts.rate == 0:
-        return [opts.rate] * L, [opts.rate] * L, {**info, "eps": None}
+        return (*split_layer_sparsity([opts.rate] * L, opts.attn_ratio, attn_p, mlp_p), {**info, "eps": None})
     bi = tokens[: opts.bi_samples]
     layer_s, attn_s, mlp_s = block_influence_scores(model, bi, opts.micro_batch)
-    dense = cfg.dense()
-    mlp_p = 3 * cfg.hidden_size * cfg.intermediate_size
-    attn_p = dense.layer_params(0) - mlp_p
     info.update(bi_samples=int(bi.shape[0]), bi_layer=layer_s.tolist(), bi_attn=attn_s.tolist(), bi_mlp=mlp_s.tolist())
     if not opts.split:
         phi, eps = allocate_sparsity(layer_s, opts.rate, opts.eps, opts.max_layer_sparsity)
-        return phi.tolist(), phi.tolist(), {**info, "eps": eps}
+        return (*split_layer_sparsity(phi.tolist(), opts.attn_ratio, attn_p, mlp_p), {**info, "eps": eps})
     # B.11: one entry per (layer, module); w of eq. 43 ∝ the module's parameter share (2:1 in LLaMA-2 7B)
     scores = torch.cat([attn_s, mlp_s])
     params = torch.tensor([attn_p] * L + [mlp_p] * L, dtype=torch.float64)
@@ -327,6 +345,7 @@ def compress(
         "params_compressed": new_cfg.total_params(),
         "allocation": alloc["allocation"],
         "split_mlp_attention": opts.split,
+        "attn_ratio": opts.attn_ratio,
         "eps": None if alloc.get("eps") in (None, math.inf) else alloc["eps"],
         "max_layer_sparsity": opts.max_layer_sparsity,
         "ridge_lambda": opts.ridge,

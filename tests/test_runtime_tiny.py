@@ -76,6 +76,8 @@ def test_rate_zero_reproduces_logits_and_roundtrips(tiny_hf_dir, tmp_path):
         dict(rate=0.3, allocation="uniform", refit="mlp"),
         dict(rate=0.3, refit="all"),
         dict(rate=0.3, refit="all", refit_samples=3),
+        dict(rate=0.3, attn_ratio=0.0, max_layer_sparsity=0.4),
+        dict(rate=0.2, allocation="uniform", attn_ratio=2.0),
     ],
 )
 def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, opts):
@@ -105,9 +107,31 @@ def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, o
 def test_compress_rejects_bad_options(tiny_hf_dir):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     bads = (dict(rate=-0.1), dict(rate=0.96), dict(rate=0.3, allocation="nope"), dict(rate=0.2, ridge=0))
-    for bad in (*bads, dict(rate=0.2, refit="some"), dict(rate=0.2, refit="mlp", refit_samples=-1)):
+    bads += (dict(rate=0.2, refit="some"), dict(rate=0.2, refit="mlp", refit_samples=-1))
+    bads += (dict(rate=0.2, attn_ratio=-1), dict(rate=0.3, split=True, attn_ratio=0.5))
+    bads += (dict(rate=0.8, allocation="uniform", attn_ratio=0.0),)  # the MLP alone would need 0.8 · 4/3 > 0.95
+    for bad in bads:
         with pytest.raises(ValueError):
             compress(model, torch.randint(0, 97, (2, 8)), CompressOptions(**bad), progress=False)
+
+
+def test_attn_ratio_splits_each_layer_budget(tiny_hf_dir):
+    """attn_ratio 0 leaves attention dense and takes each layer's share from the MLP; ratio 2 makes the
+    attention sparsity twice the MLP's. The parameters removed per layer match the layer's sparsity."""
+    from modegpt_rt.compressor.compress import plan_sparsity, split_layer_sparsity
+
+    attn, mlp = split_layer_sparsity([0.1, 0.3], 0.0, attn_params=100, mlp_params=300)
+    assert attn == [0.0, 0.0] and mlp == pytest.approx([0.1 * 4 / 3, 0.3 * 4 / 3])
+    attn, mlp = split_layer_sparsity([0.3], 2.0, attn_params=100, mlp_params=300)
+    assert attn[0] == pytest.approx(2 * mlp[0]) and attn[0] * 100 + mlp[0] * 300 == pytest.approx(0.3 * 400)
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    calib = torch.randint(0, 97, (4, 16))
+    opts = dict(rate=0.3, attn_ratio=0.0, max_layer_sparsity=0.4, bi_samples=2)
+    attn, mlp, info = plan_sparsity(model, calib, CompressOptions(**opts))
+    assert attn == [0.0] * 3 and min(mlp) > 0 and info["attn_ratio"] == 0.0
+    compress(model, calib, CompressOptions(**opts, refit="none"), progress=False)
+    full = model.config.dense().layers[0]
+    assert all((w.d_qk, w.d_v) == (full.d_qk, full.d_v) and w.k_mlp < full.k_mlp for w in model.config.layers)
 
 
 @pytest.mark.parametrize("refit", ["mlp", "all"])
