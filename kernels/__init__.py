@@ -45,6 +45,27 @@ def _triton_available() -> bool:
     return triton_attention.available()
 
 
+def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo flags).
+    Without it bfloat16 matmuls are emulated and no faster than float32."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_eval_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """`--dtype auto` of scoring: bfloat16 where the device multiplies it natively, else float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bfloat16() else torch.float32
+
+
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
     """Pick the implementation for `device`; 'auto' prefers the fast path that exists."""
     device = torch.device(device)

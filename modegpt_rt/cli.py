@@ -10,14 +10,21 @@ from pathlib import Path
 import torch
 
 
-def _add_eval_dtype(p):
+def _add_eval_dtype(p, default: str):
     p.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="weights and activations (bfloat16: about 2x faster matmuls on CPUs with AVX512-BF16; "
-        "the log-softmax runs in float32 either way)",
+        default=default,
+        choices=["auto", "float32", "bfloat16"],
+        help=f"weights and activations (default {default}; bfloat16: about 2x faster matmuls on CPUs with "
+        "AVX512-BF16 or AMX; auto: bfloat16 where the CPU has them, else float32; the log-softmax runs in "
+        "float32 either way)",
     )
+
+
+def _eval_dtype(name: str) -> torch.dtype:
+    from modegpt_rt.kernels import fast_eval_dtype
+
+    return fast_eval_dtype("cpu") if name == "auto" else getattr(torch, name)
 
 
 def _add_model_arg(p, positional=True):
@@ -103,10 +110,11 @@ def cmd_eval_ppl(args):
     import modegpt_rt
     from modegpt_rt.evaluate import perplexity
 
-    model = modegpt_rt.load(args.path, backend="torch", dtype=getattr(torch, args.dtype))
+    dtype = _eval_dtype(args.dtype)
+    model = modegpt_rt.load(args.path, backend="torch", dtype=dtype)
     res = perplexity(model, model.tokenizer, args.data, args.seqlen, args.limit, progress=not args.quiet)
     res["model"] = str(args.path or modegpt_rt.default_model_path())
-    res["dtype"] = args.dtype
+    res["dtype"] = str(dtype).removeprefix("torch.")
     print(f"perplexity {res['ppl']:.3f} ({res['windows']} windows of {res['seqlen']}, {res['seconds']} s)")
     _write_json(res, args.json)
 
@@ -115,13 +123,14 @@ def cmd_eval_zeroshot(args):
     import modegpt_rt
     from modegpt_rt import zeroshot
 
-    model = modegpt_rt.load(args.path, backend="torch", dtype=getattr(torch, args.dtype))
+    dtype = _eval_dtype(args.dtype)
+    model = modegpt_rt.load(args.path, backend="torch", dtype=dtype)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     res = zeroshot.evaluate(
         model, model.tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet
     )
     res["model"] = str(args.path or modegpt_rt.default_model_path())
-    res["dtype"] = args.dtype
+    res["dtype"] = str(dtype).removeprefix("torch.")
     for name, r in res["tasks"].items():
         norm = f"  acc_norm {r['acc_norm']:.4f}" if r.get("acc_norm") is not None else ""
         print(f"{name:>14}: acc {r['acc']:.4f}{norm}  (n={r['n']})")
@@ -224,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     c.add_argument("--allocation", choices=["global", "uniform"], default="global")
     c.add_argument("--split", action="store_true", help="separate MLP and attention sparsities (paper B.11)")
+    c.add_argument(
+        "--attn-ratio",
+        type=float,
+        default=1.0,
+        help="attention sparsity = RATIO x MLP sparsity in each layer, layer budget kept (default 1: the paper's"
+        " equal sparsities; 0: attention left dense)",
+    )
     c.add_argument("--eps", type=float, default=None, help="allocation temperature (default: max layer sparsity rule)")
     c.add_argument("--max-layer-sparsity", type=float, default=0.8, help="target of the default eps rule")
     c.add_argument("--ridge", type=float, default=1.0, help="Nyström ridge λ relative to mean(diag C) (default 1)")
@@ -263,14 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
     ep.add_argument("--json", default=None)
     ep.add_argument("--quiet", action="store_true")
-    _add_eval_dtype(ep)
+    _add_eval_dtype(ep, "float32")
     ep.set_defaults(func=cmd_eval_ppl)
     ez = e.add_parser("zeroshot", help="zero-shot accuracy (lm-eval formats) on local task data")
     _add_model_arg(ez)
     ez.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag")
     ez.add_argument("--limit", type=int, default=None, help="first N items per task")
     ez.add_argument("--batch-size", type=int, default=16)
-    _add_eval_dtype(ez)
+    _add_eval_dtype(ez, "auto")
     ez.add_argument("--json", default=None)
     ez.add_argument("--quiet", action="store_true")
     ez.set_defaults(func=cmd_eval_zeroshot)

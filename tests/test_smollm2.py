@@ -63,17 +63,22 @@ def test_smollm2_cli_zeroshot_bfloat16_agrees(smollm2_path, tmp_path):
     """`eval zeroshot --dtype bfloat16` runs end to end and picks the same answers as float32 on a few items."""
     import json
 
+    from modegpt_rt.kernels import fast_eval_dtype
+
     from modegpt_rt import cli
 
     res = {}
-    for dt in ("float32", "bfloat16"):
+    for dt in ("float32", "bfloat16", None):  # None: the default, auto
         out = tmp_path / f"{dt}.json"
         cli.main(
             ["eval", "zeroshot", str(smollm2_path), "--tasks", "arc_easy,piqa", "--limit", "6"]
-            + ["--quiet", "--dtype", dt, "--json", str(out)]
+            + ["--quiet", "--json", str(out)]
+            + (["--dtype", dt] if dt else [])
         )
         res[dt] = json.loads(out.read_text())
-        assert res[dt]["dtype"] == dt and res[dt]["tasks"]["piqa"]["n"] == 6
+        assert res[dt]["dtype"] == (dt or str(fast_eval_dtype("cpu")).removeprefix("torch."))
+        assert res[dt]["tasks"]["piqa"]["n"] == 6
+    assert res[None]["tasks"] == res[res[None]["dtype"]]["tasks"]  # auto is one of the two, same answers
     for task in ("arc_easy", "piqa"):
         a, b = (res[dt]["tasks"][task]["items"]["acc_norm"] for dt in ("float32", "bfloat16"))
         assert sum(x == y for x, y in zip(a, b)) >= 5, (task, a, b)

@@ -480,3 +480,15 @@ def test_cli_eval_paired(tmp_path, capsys):
     assert res["average_base"] == pytest.approx(0.875) and res["average_other"] == pytest.approx(0.5)
     assert res["ratio"] == pytest.approx(0.5 / 0.875) and res["tasks"]["piqa"]["diff"] == pytest.approx(-0.25)
     assert "other / base = 57.1%" in capsys.readouterr().out
+
+
+def test_cpu_native_bfloat16_detection():
+    """`--dtype auto` picks bfloat16 only where /proc/cpuinfo lists AVX512-BF16 or AMX-BF16."""
+    import torch
+    from modegpt_rt.kernels import cpu_has_native_bfloat16, fast_eval_dtype
+
+    assert cpu_has_native_bfloat16("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_has_native_bfloat16("flags : fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bfloat16("flags : fpu sse2 avx2 avx512f avx512bw\n")
+    assert not cpu_has_native_bfloat16("model name : some cpu without a flags line\n")
+    assert fast_eval_dtype("cpu") == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
