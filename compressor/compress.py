@@ -115,6 +115,8 @@ def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int)
 def split_layer_sparsity(phi, ratio: float, attn_params: int, mlp_params: int):
     """Per-layer sparsities -> (attention, MLP) sparsities with attention = ratio × MLP and the same
     parameters removed from each layer: φ·(P_attn + P_mlp) = ratio·φ_mlp·P_attn + φ_mlp·P_mlp."""
+    if ratio == 1.0:  # the paper's equal sparsities, bit for bit
+        return [float(p) for p in phi], [float(p) for p in phi]
     mlp = [float(p) * (attn_params + mlp_params) / (ratio * attn_params + mlp_params) for p in phi]
     attn = [ratio * m for m in mlp]
     if max(mlp + attn, default=0.0) > MAX_RATE:

@@ -58,12 +58,9 @@ def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def fast_eval_dtype(device: torch.device | str = "cpu") -> torch.dtype:
-    """`--dtype auto` of scoring: bfloat16 where the device multiplies it natively, else float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bfloat16() else torch.float32
+def fast_eval_dtype() -> torch.dtype:
+    """`--dtype auto` of CPU scoring: bfloat16 where the CPU multiplies it natively, else float32."""
+    return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
 
 
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:

@@ -24,7 +24,7 @@ def _add_eval_dtype(p, default: str):
 def _eval_dtype(name: str) -> torch.dtype:
     from modegpt_rt.kernels import fast_eval_dtype
 
-    return fast_eval_dtype("cpu") if name == "auto" else getattr(torch, name)
+    return fast_eval_dtype() if name == "auto" else getattr(torch, name)
 
 
 def _add_model_arg(p, positional=True):

@@ -491,4 +491,4 @@ def test_cpu_native_bfloat16_detection():
     assert cpu_has_native_bfloat16("flags : fpu amx_bf16 amx_tile\n")
     assert not cpu_has_native_bfloat16("flags : fpu sse2 avx2 avx512f avx512bw\n")
     assert not cpu_has_native_bfloat16("model name : some cpu without a flags line\n")
-    assert fast_eval_dtype("cpu") == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
+    assert fast_eval_dtype() == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
