@@ -55,40 +55,6 @@ def nystrom_mlp(C_sigma: torch.Tensor, W_down: torch.Tensor, k: int, ridge: floa
     return idx, W_new
 
 
-def obs_select_mlp(G: torch.Tensor, M: torch.Tensor, k: int, ridge: float = 1e-6):
-    """Output-aware Type-I selection: drop MLP channels one at a time, each time the one whose removal
-    raises the least-squares output error least, with the down projection re-solved after every drop.
-
-    The objective is min over kept set S and W of ‖A_S W − Y‖² for the activations A and a target Y,
-    given by G = AᵀA [d_int, d_int] and M = AᵀY [d_int, d] (Y = A W_down is the layer's own output;
-    Y = the dense stream's update makes it the refit objective). With W = G⁻¹M, dropping channel j
-    costs ‖W_j‖² / (G⁻¹)_jj (optimal brain surgeon on a row group); G⁻¹ and W then take a rank-one
-    update. The leverage scores of Algorithm 1 look at A alone, not at what the down projection
-    writes, so they can keep channels that matter little to the output. λ = ridge · mean(diag G).
-    Returns (idx [k] sorted kept channels, W_down' [k, d] solved on exactly those channels).
-    """
-    d_int = G.shape[0]
-    if not 1 <= k <= d_int:
-        raise ValueError(f"k={k} outside [1, {d_int}]")
-    eye = torch.eye(d_int, dtype=G.dtype, device=G.device)
-    Gr = G + ridge * G.diagonal().mean().clamp_min(1e-30) * eye
-    if k == d_int:
-        return torch.arange(d_int), psd_solve(Gr, M)
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(Gr))
-    W = Hinv @ M
-    alive = torch.ones(d_int, dtype=torch.bool, device=G.device)
-    for _ in range(d_int - k):
-        cost = (W * W).sum(1) / Hinv.diagonal().clamp_min(1e-300)
-        cost[~alive] = math.inf
-        j = int(torch.argmin(cost))
-        col = Hinv[:, j] / Hinv[j, j]
-        W -= torch.outer(col, W[j])
-        Hinv -= torch.outer(col, Hinv[j])
-        alive[j] = False
-    idx = alive.nonzero().flatten()
-    return idx, psd_solve(Gr[idx][:, idx], M[idx])
-
-
 # --------------------------------------------------------- Type II (key-query)
 def pair_energy(W: torch.Tensor, C: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Energy of each rotary pair of each head: Σ_tokens (q_i² + q_{i+h/2}²) = diag(Wᵀ C W) summed per pair.

@@ -18,7 +18,6 @@ from modegpt_rt.compressor.algorithms import (
     block_influence,
     cr_key_query,
     nystrom_mlp,
-    obs_select_mlp,
     pair_dims,
     pair_energy,
     psd_solve,
@@ -48,7 +47,6 @@ class CompressOptions:
     bi_samples: int = 8  # calibration samples used for the Block Influence scores
     refit: str = "all"  # none | mlp | all: least-squares refit of down (and output) projections to the dense stream
     refit_samples: int = 32  # calibration windows that carry the dense stream for the refit (0: all)
-    mlp_select: str = "leverage"  # leverage (Algorithm 1) | obs: drop the channels the output needs least
     micro_batch: int = 4
 
     @classmethod
@@ -68,7 +66,6 @@ class CompressOptions:
             bi_samples=args.bi_samples,
             refit=getattr(args, "refit", "all"),
             refit_samples=getattr(args, "refit_samples", 32),
-            mlp_select=getattr(args, "mlp_select", "leverage"),
         )
 
     def validate(self):
@@ -80,8 +77,6 @@ class CompressOptions:
             raise ValueError(f"value method {self.value_method!r}: choose stacked or b1")
         if self.refit not in ("none", "mlp", "all"):
             raise ValueError(f"refit {self.refit!r}: choose none, mlp or all")
-        if self.mlp_select not in ("leverage", "obs"):
-            raise ValueError(f"MLP selection {self.mlp_select!r}: choose leverage or obs")
         if self.refit_samples < 0:
             raise ValueError(f"refit samples must be >= 0 (0 = all), got {self.refit_samples}")
         if self.ridge <= 0:
@@ -226,21 +221,12 @@ def compress_attention(layer: Layer, C: torch.Tensor, widths: LayerWidths, cfg: 
     return new, freq_idx
 
 
-def compress_mlp(layer: Layer, G: torch.Tensor, k: int, opts: CompressOptions, cross: torch.Tensor | None = None):
-    """Type I for one layer: keep k channels of gate/up and solve the down projection on them.
-
-    G: activation correlation [d_int, d_int]. Leverage selection is Algorithm 1 (Nyström). OBS selection
-    fits the target given by `cross` = Aᵀ(dense stream's update) when refitting, else the layer's own output.
-    """
+def compress_mlp(layer: Layer, C_sigma: torch.Tensor, k: int, ridge: float, relative: bool):
     w = {n: t.double() for n, t in layer.split_weights().items()}
-    W_down = w["mlp.down_proj"].T
-    if opts.mlp_select == "obs":
-        idx, W_new = obs_select_mlp(G, G @ W_down if cross is None else cross, k)
-    else:
-        idx, W_new = nystrom_mlp(G, W_down, k, opts.ridge, opts.ridge_relative)
+    idx, W_down = nystrom_mlp(C_sigma, w["mlp.down_proj"].T, k, ridge, relative)
     w["mlp.gate_proj"] = w["mlp.gate_proj"][idx]
     w["mlp.up_proj"] = w["mlp.up_proj"][idx]
-    w["mlp.down_proj"] = W_new.T
+    w["mlp.down_proj"] = W_down.T
     return w, idx
 
 
@@ -306,8 +292,6 @@ def compress(
         # act(x W_gate) ⊙ (x W_up) are kept: Nyström keeps a subset of their channels, so the compressed
         # MLP's output is just the new down projection of the kept ones (no second gate/up pass).
         compress_k = w.k_mlp != cfg.intermediate_size
-        # OBS with a refit fits the dense stream, known on the refit windows only: its Gram is theirs
-        obs_fit = compress_k and R and opts.mlp_select == "obs"
         mstats = _Stats(cfg.intermediate_size) if compress_k else None
         cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if R else None
         acts = []
@@ -320,7 +304,7 @@ def compress(
             gate_up = torch.nn.functional.linear(rms_norm(h[sl], layer.mlp_norm, eps), layer.w_gate_up)
             act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
             del gate_up
-            if mstats is not None and (f or not obs_fit):
+            if mstats is not None:
                 mstats.add(act)
             if f:
                 hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
@@ -328,10 +312,10 @@ def compress(
             acts.append(act)
         idx = torch.arange(cfg.intermediate_size)
         if compress_k:
-            new, idx = compress_mlp(layer, mstats.C, w.k_mlp, opts, cross.C if obs_fit else None)
+            new, idx = compress_mlp(layer, mstats.C, w.k_mlp, opts.ridge, opts.ridge_relative)
         else:
             new = {n: t.double() for n, t in layer.split_weights().items()}
-        if R and not obs_fit:  # (OBS solved the down projection on the refit objective already)
+        if R:
             if mstats is not None and R == N:
                 gram = mstats.C[idx][:, idx]
             else:  # the Gram of the kept channels over the refit windows only
@@ -371,7 +355,6 @@ def compress(
         "value_method": opts.value_method,
         "refit": opts.refit,
         "refit_samples": R or None,
-        "mlp_select": opts.mlp_select,
         "multiples": asdict(opts.multiples),
         "attn_sparsity": attn_phi,
         "mlp_sparsity": mlp_phi,

@@ -265,13 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="calibration windows that carry the dense residual stream for --refit (default 32, 0 = all)",
     )
-    c.add_argument(
-        "--mlp-select",
-        choices=["leverage", "obs"],
-        default="leverage",
-        help="MLP channels kept: leverage = ridge leverage scores (the paper's Algorithm 1); obs = drop one at a"
-        " time the channel the refit output needs least (default leverage)",
-    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

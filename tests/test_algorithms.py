@@ -8,7 +8,6 @@ from modegpt_rt.compressor.algorithms import (
     allocate_sparsity,
     cr_key_query,
     nystrom_mlp,
-    obs_select_mlp,
     pair_dims,
     pair_energy,
     ridge_leverage_scores,
@@ -152,45 +151,6 @@ def test_nystrom_down_projection_is_least_squares_optimal(k):
     for _ in range(10):
         other = Wd_new + 0.01 * torch.randn(k, 5, generator=g)
         assert err <= (Hact @ Wd - Hact[:, idx] @ other).pow(2).sum() + 1e-9
-
-
-def _lstsq_err(A, Y, idx):
-    W = torch.linalg.lstsq(A[:, idx], Y).solution
-    return (A[:, idx] @ W - Y).pow(2).sum().item(), W
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_obs_single_drop_is_the_exhaustive_best(seed):
-    """Dropping one channel: the OBS cost ‖W_j‖²/(G⁻¹)_jj picks the channel whose removal leaves the least
-    least-squares error, found here by refitting on every subset of size d_int − 1; W is that refit."""
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(200, 9, generator=g) * torch.linspace(0.2, 2, 9)
-    Y = A @ torch.randn(9, 4, generator=g) + 0.3 * torch.randn(200, 4, generator=g)
-    idx, W = obs_select_mlp(A.T @ A, A.T @ Y, 8, ridge=0.0)
-    errs = [_lstsq_err(A, Y, [i for i in range(9) if i != j])[0] for j in range(9)]
-    dropped = ({*range(9)} - set(idx.tolist())).pop()
-    assert dropped == min(range(9), key=errs.__getitem__)
-    best, W_ls = _lstsq_err(A, Y, idx)
-    assert torch.allclose(W, W_ls, atol=1e-8) and idx.tolist() == sorted(idx.tolist())
-
-
-def test_obs_keeps_the_channels_the_output_reads():
-    """Leverage scores see the activations only. Six loud channels that the down projection ignores and
-    six quiet ones it reads: leverage keeps the loud ones, OBS the read ones, and fits the output exactly."""
-    g = torch.Generator().manual_seed(5)
-    A = torch.randn(400, 12, generator=g) * torch.tensor([5.0] * 6 + [0.5] * 6)
-    Wd = torch.cat([torch.zeros(6, 3), torch.randn(6, 3, generator=g)])
-    G, Y = A.T @ A, A @ Wd
-    idx, W = obs_select_mlp(G, G @ Wd, 6)
-    assert idx.tolist() == list(range(6, 12))
-    assert (A[:, idx] @ W - Y).pow(2).sum() < 1e-8 * Y.pow(2).sum()
-    idx_lev, W_lev = nystrom_mlp(G, Wd, 6, ridge=0.1)
-    assert idx_lev.tolist() == list(range(6))
-    assert (A[:, idx_lev] @ W_lev - Y).pow(2).sum() > 0.5 * Y.pow(2).sum()
-    idx_all, W_all = obs_select_mlp(G, G @ Wd, 12)
-    assert idx_all.tolist() == list(range(12)) and torch.allclose(W_all, Wd, atol=1e-3)  # tiny ridge
-    with pytest.raises(ValueError, match="outside"):
-        obs_select_mlp(G, G @ Wd, 0)
 
 
 @pytest.mark.parametrize("target", [0.1, 0.3, 0.5])

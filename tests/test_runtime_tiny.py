@@ -107,7 +107,7 @@ def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, o
 def test_compress_rejects_bad_options(tiny_hf_dir):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     bads = (dict(rate=-0.1), dict(rate=0.96), dict(rate=0.3, allocation="nope"), dict(rate=0.2, ridge=0))
-    bads += (dict(rate=0.2, refit="some"), dict(rate=0.2, refit="mlp", refit_samples=-1), dict(rate=0.2, mlp_select="random"))
+    bads += (dict(rate=0.2, refit="some"), dict(rate=0.2, refit="mlp", refit_samples=-1))
     bads += (dict(rate=0.2, attn_ratio=-1), dict(rate=0.3, split=True, attn_ratio=0.5))
     bads += (dict(rate=0.8, allocation="uniform", attn_ratio=0.0),)  # the MLP alone would need 0.8 · 4/3 > 0.95
     for bad in bads:
@@ -180,42 +180,6 @@ def test_refit_lowers_calibration_error_to_dense_stream(tmp_path):
     W2 = torch.linalg.lstsq(act[:n].double(), (target - mid.double())[:2].reshape(n, -1)).solution
     assert torch.allclose(m.layers[0].w_down.double().T, W2, atol=1e-3 * W2.abs().max().item())
     assert not torch.allclose(W2, W, atol=1e-2 * W.abs().max().item())
-
-
-@pytest.mark.parametrize("refit", ["none", "mlp"])
-def test_obs_selection_on_a_one_layer_model(tmp_path, refit):
-    """--mlp-select obs keeps k_mlp channels and, refitting, lands closer to the dense stream than the
-    leverage selection refit on the same calibration tokens (same attention; only the kept channels differ)."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(4)
-    LlamaForCausalLM(tiny_hf_config(num_hidden_layers=1)).save_pretrained(tmp_path, safe_serialization=True)
-    calib = torch.randint(0, 97, (6, 32))
-    target = modegpt_rt.load(tmp_path, backend="torch").hidden_states(calib).double()
-    errs = {}
-    for select in ("leverage", "obs"):
-        m = modegpt_rt.load(tmp_path, backend="torch")
-        opts = CompressOptions(rate=0.4, allocation="uniform", refit=refit, mlp_select=select)
-        report = compress(m, calib, opts, progress=False)
-        assert report["mlp_select"] == select and m.layers[0].k_mlp == m.config.layers[0].k_mlp
-        assert m.layers[0].k_mlp < m.config.dense().layers[0].k_mlp
-        errs[select] = (m.hidden_states(calib).double() - target).pow(2).sum().item()
-    if refit == "mlp":
-        assert errs["obs"] < errs["leverage"], errs
-        # refit on the first 3 windows: the selection's Gram and target are those windows', and the down
-        # projection is the least-squares fit over their tokens on the kept channels
-        from modegpt_rt.model import rms_norm
-
-        m = modegpt_rt.load(tmp_path, backend="torch")
-        opts = CompressOptions(rate=0.4, allocation="uniform", refit="mlp", refit_samples=3, mlp_select="obs")
-        compress(m, calib, opts, progress=False)
-        layer = m.layers[0]
-        emb = torch.nn.functional.embedding(calib[:3], m.embed)
-        mid = emb + m.attention_block(layer, emb)
-        gu = torch.nn.functional.linear(rms_norm(mid, layer.mlp_norm, m.config.rms_norm_eps), layer.w_gate_up)
-        act = (torch.nn.functional.silu(gu[..., : layer.k_mlp]) * gu[..., layer.k_mlp :]).reshape(-1, layer.k_mlp)
-        W = torch.linalg.lstsq(act.double(), (target[:3] - mid.double()).reshape(act.shape[0], -1)).solution
-        assert torch.allclose(layer.w_down.double().T, W, atol=1e-3 * W.abs().max().item())
 
 
 def _compressed_ckpt(tiny_hf_dir, tmp_path):
