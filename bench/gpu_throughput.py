@@ -2,6 +2,7 @@
 
     python -m modegpt_rt.bench.gpu_throughput --json bench/results/gpu_throughput.json
         [--batch 1,16,64,256] [--prompt 256] [--new 256] [--models dense,paper30,5,10,20,40] [--hf-baseline]
+        [--cuda-graph on|off|both]
 
 LLaMA-2-7B shape, fp16. Models: dense; the paper's 30% layer ranks
 (shared/bench/llama2-ranks-30pct.json: φ_l = 1 − rank_l / hidden applied to every module of
@@ -87,14 +88,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_generate(model, batch, prompt, new, repeats):
+def time_generate(model, batch, prompt, new, repeats, cuda_graph=None):
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt)).tolist()
-    model.generate(ids, max_new_tokens=2, temperature=0, ignore_eos=True)
+    kw = dict(temperature=0, ignore_eos=True, cuda_graph=cuda_graph)
+    model.generate(ids, max_new_tokens=3, **kw)  # (3: the warm-up also builds a decode graph)
     walls = []
     for _ in range(repeats):
         _sync(model.device)
         t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=new, temperature=0, ignore_eos=True)
+        model.generate(ids, max_new_tokens=new, **kw)
         _sync(model.device)
         walls.append(time.perf_counter() - t0)
     return walls
@@ -129,6 +131,13 @@ def main(argv=None):
     p.add_argument("--models", default="dense,paper30,5,10,20,40")
     p.add_argument("--hf-baseline", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--cuda-graph",
+        choices=["on", "off", "both"],
+        default="on",
+        help="decode step replayed from a CUDA graph (on, the runtime's default), eagerly (off), or both to see"
+        " what the graph pays (CPU: always off)",
+    )
     p.add_argument("--tiny", action="store_true", help="small config on CPU (checks the script, not a result)")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
@@ -173,18 +182,21 @@ def main(argv=None):
             except torch.OutOfMemoryError:
                 print(f"transformers batch {b}: out of memory")
                 torch.cuda.empty_cache()
+    graphs = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph] if device == "cuda" else [False]
     for name in args.models.split(","):
         phi = sparsities(name, base)
         cfg = base.with_layers(widths_for_sparsity(base, phi, phi))
         model = random_model(cfg, device, dtype)
         for b in batches:
-            try:
-                walls = time_generate(model, b, args.prompt, args.new, args.repeats)
-            except torch.OutOfMemoryError:
-                print(f"{name} batch {b}: out of memory")
-                torch.cuda.empty_cache()
-                continue
-            record(name, f"modegpt_rt/{model.backend}", b, walls, cfg.total_params())
+            for graph in graphs:
+                try:
+                    walls = time_generate(model, b, args.prompt, args.new, args.repeats, graph)
+                except torch.OutOfMemoryError:
+                    print(f"{name} batch {b}: out of memory")
+                    torch.cuda.empty_cache()
+                    continue
+                impl = f"modegpt_rt/{model.backend}" + ("+graph" if graph else "")
+                record(name, impl, b, walls, cfg.total_params())
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -42,15 +42,17 @@ def plot_throughput(res: dict, out_dir: Path, stem: str) -> list[Path]:
     fig.savefig(outs[0], dpi=120)
     plt.close(fig)
 
-    by_batch = defaultdict(list)
+    by_batch = defaultdict(list)  # one line per batch size (and per runtime variant, e.g. with/without CUDA graph)
     for r in rows:
         if r["impl"].startswith("modegpt_rt"):
-            by_batch[r["batch"]].append((r["rate"], r["tok_s"]))
+            by_batch[(r["batch"], r["impl"])].append((r["rate"], r["tok_s"]))
+    several = len({impl for _, impl in by_batch}) > 1
     if by_batch:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for b, pts in sorted(by_batch.items()):
+        for (b, impl), pts in sorted(by_batch.items()):
             pts.sort()
-            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {b}")
+            label = f"batch {b}" + (f" ({impl.split('/', 1)[-1]})" if several else "")
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         hf = [r for r in rows if r["impl"] == "transformers"]
         for r in hf:
             ax.axhline(r["tok_s"], ls="--", lw=0.8, color="gray")

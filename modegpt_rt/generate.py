@@ -80,11 +80,13 @@ def generate(
     ignore_eos: bool = False,
     stream: Callable | None = None,
     tokenizer=None,
+    cuda_graph: bool | None = None,
 ) -> list[GenerationResult]:
     """Generate continuations of `prompts` (strings, or token-id lists of different lengths).
 
     temperature=0 is greedy. `stop`: token ids (int) and/or strings that end a sequence.
     `stream(index, token_id, text_delta)` is called for every new token as it comes.
+    `cuda_graph`: replay the decode step from a CUDA graph (`decode_graph.py`); default: on a CUDA device.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -125,6 +127,11 @@ def generate(
     texts = [""] * B
     reason: list[str | None] = [None] * B
     ones = torch.ones(B, dtype=torch.int32, device=dev)
+    if cuda_graph is None:
+        cuda_graph = dev.type == "cuda" and not model._fused
+    elif cuda_graph and dev.type != "cuda":
+        raise ValueError("cuda_graph=True needs a model on a CUDA device")
+    decode = None
     for step in range(max_new_tokens):
         tokens = sample(logits, temperature, top_k, top_p, generator)
         host = tokens.tolist()
@@ -145,7 +152,14 @@ def generate(
                     stream(i, t, delta)
         if all(r is not None for r in reason) or step == max_new_tokens - 1:
             break
-        logits = model.step(tokens[:, None], cache, ones)
+        if cuda_graph:
+            if decode is None:
+                from modegpt_rt.decode_graph import DecodeGraph
+
+                decode = DecodeGraph(model, cache)
+            logits = decode(tokens)
+        else:
+            logits = model.step(tokens[:, None], cache, ones)
     elapsed = time.perf_counter() - t0
     results = []
     for i in range(B):

@@ -311,3 +311,57 @@ def test_generated_calibration_is_seeded_sampling_from_the_model(tiny_hf_dir):
         data.generated_calibration(model, 0, 12)
     with pytest.raises(ValueError):
         data.generated_calibration(model, 2, model.config.max_position_embeddings + 1)
+
+
+def test_decode_graph_static_step_matches_step(tiny_hf_dir):
+    """The CUDA-graph decode step, run eagerly: static input buffer, the fill levels advanced by the step
+    itself, warm-up steps undone. Same logits and caches as `Model.step` over ragged prompts, and it
+    refuses to run past the cache's capacity."""
+    from modegpt_rt.decode_graph import DecodeGraph
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    lens = torch.tensor([5, 3], dtype=torch.int32)
+    batch = torch.randint(3, 97, (2, 5))
+    caches = [model.new_cache(2, 9), model.new_cache(2, 9)]
+    first = [model.step(batch, c, lens) for c in caches]
+    graph = DecodeGraph(model, caches[1], capture=False, warmup=2)
+    assert torch.equal(caches[1].lens, lens + 0) and graph.room == 4
+    ones = torch.ones(2, dtype=torch.int32)
+    tok = first[0].argmax(-1)
+    for _ in range(4):
+        ref, got = model.step(tok[:, None], caches[0], ones), graph(tok)
+        assert torch.allclose(ref, got, atol=1e-5)
+        tok = ref.argmax(-1)
+    assert torch.equal(caches[0].lens, caches[1].lens)
+    for b, n in enumerate(caches[0].lens.tolist()):
+        for i in range(len(model.layers)):
+            assert torch.allclose(caches[0].k[i][b, :, :n], caches[1].k[i][b, :, :n], atol=1e-5)
+            assert torch.allclose(caches[0].v[i][b, :, :n], caches[1].v[i][b, :, :n], atol=1e-5)
+    with pytest.raises(ValueError, match="full"):
+        graph(tok)
+
+
+def test_decode_graph_needs_cuda(tiny_hf_dir):
+    from modegpt_rt.decode_graph import DecodeGraph
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    with pytest.raises(ValueError, match="CUDA"):
+        DecodeGraph(model, model.new_cache(1, 4), capture=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        model.generate([[5, 6, 7]], max_new_tokens=3, cuda_graph=True)
+    out = model.generate([[5, 6, 7]], max_new_tokens=3, temperature=0, ignore_eos=True, cuda_graph=False)
+    assert len(out[0].token_ids) == 3
+
+
+def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path):
+    """The GPU benchmark's own logic (models from the paper's ranks and uniform rates, rows, JSON) on a
+    small config on CPU, where no GPU is lent; CUDA graphs are off on CPU whatever --cuda-graph says."""
+    from modegpt_rt.bench import gpu_throughput
+
+    out = tmp_path / "gt.json"
+    args = ["--tiny", "--batch", "1,2", "--prompt", "6", "--new", "3", "--models", "dense,paper30,20"]
+    gpu_throughput.main([*args, "--repeats", "1", "--cuda-graph", "both", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["label"], r["batch"]) for r in rows] == [(m, b) for m in ("dense", "paper30", "20") for b in (1, 2)]
+    assert all(r["tok_s"] > 0 and "graph" not in r["impl"] for r in rows)
+    assert rows[2]["params"] < rows[0]["params"] and rows[2]["rate"] == 0.3

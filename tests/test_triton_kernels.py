@@ -368,3 +368,31 @@ def test_triton_module_imports_without_triton(monkeypatch):
     case = make_case(seed=710, B=1, T=2, H=2, H_kv=1, d_qk=4, d_v=3, S=4, cache_lens=[0], new_lens=[2])
     with pytest.raises(RuntimeError, match="triton is not importable"):
         module.attention(*case.args())
+
+
+def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path):
+    """The decode step a CUDA graph captures, run eagerly with the Triton kernels on a compressed model
+    (d_qk ≠ d_v per layer): the same logits as the torch reference's `Model.step`, float64."""
+    from modegpt_rt.compressor.compress import CompressOptions, compress
+
+    import modegpt_rt
+    from modegpt_rt.checkpoint import save_checkpoint
+    from modegpt_rt.decode_graph import DecodeGraph
+
+    small = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    compress(small, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
+    path = save_checkpoint(small, tmp_path / "c")
+    ref = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
+    ours = modegpt_rt.load(path, backend="triton", dtype=torch.float64)
+    assert ours.backend == "triton"
+    lens = torch.tensor([4, 7, 1], dtype=torch.int32)
+    batch = torch.randint(3, 97, (3, 7))
+    caches = [ref.new_cache(3, 11), ours.new_cache(3, 11)]
+    torch.testing.assert_close(ours.step(batch, caches[1], lens), ref.step(batch, caches[0], lens), **F64_TOL)
+    graph = DecodeGraph(ours, caches[1], capture=False, warmup=1)
+    ones = torch.ones(3, dtype=torch.int32)
+    tok = torch.randint(3, 97, (3,))
+    for _ in range(3):
+        expect = ref.step(tok[:, None], caches[0], ones)
+        torch.testing.assert_close(graph(tok), expect, **F64_TOL)
+        tok = expect.argmax(-1)
