@@ -25,7 +25,11 @@ pytest.importorskip("triton", reason="triton is not importable; the Triton kerne
 import triton.language as tl  # noqa: E402
 import triton.language.standard as tl_standard  # noqa: E402
 
-if type(tl.zeros).__name__ != "InterpretedFunction":
+# On a CUDA machine the kernels are compiled and the inputs live on the GPU; elsewhere conftest has
+# set TRITON_INTERPRET=1 and everything runs in the interpreter on CPU tensors. References stay on CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+if DEVICE == "cpu" and type(tl.zeros).__name__ != "InterpretedFunction":
     # triton was imported before this module set TRITON_INTERPRET=1 (in a whole-suite run,
     # torch._dynamo imports it while other test modules are collected), so its own
     # @triton.jit helpers (tl.zeros, tl.sum, tl.max, ...) were built for the compiler and
@@ -48,7 +52,7 @@ except Exception:  # not installed, or the package __init__ is broken: use the s
     import kernels as kernels_api
     from kernels import reference, triton_attention
 
-if type(triton_attention._prefill_kernel).__name__ != "InterpretedFunction":
+if DEVICE == "cpu" and type(triton_attention._prefill_kernel).__name__ != "InterpretedFunction":
     # imported earlier without TRITON_INTERPRET=1: rebuild our kernels for the interpreter too
     triton_attention = importlib.reload(triton_attention)
 
@@ -72,11 +76,12 @@ class Case:
     scale: float
 
     def args(self, dtype=None):
-        """Kernel arguments (fresh cache copies), tensors cast to `dtype` if given."""
-        cast = (lambda x: x.to(dtype)) if dtype is not None else (lambda x: x)
+        """Kernel arguments on DEVICE (fresh cache copies), float tensors cast to `dtype` if given."""
+        cast = lambda x: x.to(device=DEVICE, dtype=dtype or x.dtype)  # noqa: E731
+        dev = lambda x: x.to(DEVICE)  # noqa: E731
         return (
             cast(self.q), cast(self.k), cast(self.v), cast(self.k_cache).clone(), cast(self.v_cache).clone(),
-            cast(self.cos), cast(self.sin), self.freq_idx, self.cache_lens, self.new_lens, self.scale,
+            cast(self.cos), cast(self.sin), dev(self.freq_idx), dev(self.cache_lens), dev(self.new_lens), self.scale,
         )  # fmt: skip
 
 
@@ -126,6 +131,7 @@ def reference_run(case: Case):
 
 
 def check(case: Case, out, k_cache, v_cache, tol):
+    out, k_cache, v_cache = out.cpu(), k_cache.cpu(), v_cache.cpu()
     ref_out, ref_k, ref_v = reference_run(case)
     assert not out.isnan().any(), "NaN in the output (unwritten element or a poisoned cache slot was read)"
     valid = torch.arange(case.q.shape[1])[None, :] < case.new_lens[:, None]
@@ -141,7 +147,7 @@ def run_launchers(case: Case, dtype=None, **kw):
     q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale = case.args(dtype)
     triton_attention.rope_append(k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens)
     B, T, H, _ = q.shape
-    out = torch.full((B, T, H, v.shape[-1]), float("nan"), dtype=q.dtype)
+    out = torch.full((B, T, H, v.shape[-1]), float("nan"), dtype=q.dtype, device=q.device)
     launcher = triton_attention.decode_attention if T == 1 else triton_attention.prefill_attention
     result = launcher(q, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens, scale, out=out, **kw)
     assert result is out
@@ -191,7 +197,7 @@ def test_triton_prefill_float16():
     out, k_cache, v_cache = run_launchers(case, dtype=torch.float16)
     ref_out, _, _ = reference_run(case)
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.double().cpu(), ref_out, rtol=0, atol=2e-2)
 
 
 # --------------------------------------------------------------------------------------
@@ -232,11 +238,11 @@ def test_triton_decode_float32():
 def test_triton_decode_half_precision():
     case = make_case(seed=410, **DECODE_CASES["g3"])
     out, _, _ = run_launchers(case, dtype=torch.float16, num_splits=2)
-    torch.testing.assert_close(out.double(), reference_run(case)[0], rtol=0, atol=2e-2)
+    torch.testing.assert_close(out.double().cpu(), reference_run(case)[0], rtol=0, atol=2e-2)
     # bfloat16 only on the multiply-sum path: the interpreter's tl.dot treats bf16 as raw uint16 bits
     case = make_case(seed=411, **DECODE_CASES["g3"])
     out, _, _ = run_launchers(case, dtype=torch.bfloat16, num_splits=2, use_dot=False)
-    torch.testing.assert_close(out.double(), reference_run(case)[0], rtol=0, atol=6e-2)
+    torch.testing.assert_close(out.double().cpu(), reference_run(case)[0], rtol=0, atol=6e-2)
 
 
 # --------------------------------------------------------------------------------------
@@ -266,7 +272,7 @@ def test_triton_attention_entry_point_float64(shape):
 
 def test_triton_attention_through_backend_interface():
     case = make_case(seed=510, B=1, T=4, H=3, H_kv=3, d_qk=6, d_v=5, S=8, cache_lens=[2], new_lens=[4])
-    assert kernels_api.resolve_backend("triton", "cpu") == "triton"
+    assert kernels_api.resolve_backend("triton", DEVICE) == "triton"
     q, k, v, k_cache, v_cache, *rest = case.args()
     out = kernels_api.attention(q, k, v, k_cache, v_cache, *rest, backend="triton")
     check(case, out, k_cache, v_cache, F64_TOL)
@@ -288,7 +294,7 @@ def test_triton_prefill_then_decode_sequence():
     """A serving-like sequence of calls on shared caches: chunked prefill, then decode steps."""
     B, H, H_kv, d_qk, d_v, S = 3, 6, 2, 46, 17, 72
     base = make_case(seed=600, B=B, T=1, H=H, H_kv=H_kv, d_qk=d_qk, d_v=d_v, S=S, cache_lens=[0] * B, new_lens=[0] * B)
-    ours_k, ours_v = base.k_cache.clone(), base.v_cache.clone()  # all NaN
+    ours_k, ours_v = base.k_cache.clone().to(DEVICE), base.v_cache.clone().to(DEVICE)  # all NaN
     ref_k, ref_v = base.k_cache.nan_to_num(REF_POISON), base.v_cache.nan_to_num(REF_POISON)
     lens = torch.zeros(B, dtype=torch.int32)
     steps = [(9, [9, 4, 0]), (5, [5, 2, 3]), (1, [1, 1, 1]), (1, [1, 0, 1]), (1, [1, 1, 1])]
@@ -299,10 +305,12 @@ def test_triton_prefill_then_decode_sequence():
         k = torch.randn(B, T, H_kv, d_qk, generator=g, dtype=torch.float64)
         v = torch.randn(B, T, H_kv, d_v, generator=g, dtype=torch.float64)
         rope = (base.cos, base.sin, base.freq_idx, lens, new_lens, base.scale)
-        out = triton_attention.attention(q, k, v, ours_k, ours_v, *rope)
+        on_dev = [x.to(DEVICE) if torch.is_tensor(x) else x for x in rope]
+        out = triton_attention.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), ours_k, ours_v, *on_dev)
         ref = reference.attention(q, k, v, ref_k, ref_v, *rope)
-        torch.testing.assert_close(out, ref, **F64_TOL)
+        torch.testing.assert_close(out.cpu(), ref, **F64_TOL)
         lens = lens + new_lens
+    ours_k, ours_v = ours_k.cpu(), ours_v.cpu()
     filled = (torch.arange(S)[None, :] < lens[:, None])[:, None, :, None]
     torch.testing.assert_close(ours_k, torch.where(filled, ref_k, float("nan")), equal_nan=True, **F64_TOL)
     torch.testing.assert_close(ours_v, torch.where(filled, ref_v, float("nan")), equal_nan=True, **F64_TOL)
@@ -343,12 +351,13 @@ def test_triton_rejects_bad_inputs():
         call(q=args[0][:, :, :3])
     with pytest.raises(ValueError, match="freq_idx"):
         call(freq_idx=args[7][:, :2])
-    with pytest.raises(ValueError, match="freq_idx"):
-        call(freq_idx=args[7] + 100)
-    with pytest.raises(ValueError, match="capacity"):
-        call(cache_lens=torch.tensor([6, 0], dtype=torch.int32))
-    with pytest.raises(ValueError, match="new_lens"):
-        call(new_lens=torch.tensor([4, 0], dtype=torch.int32))
+    if DEVICE == "cpu":  # value checks that would need a device sync run on CPU tensors only
+        with pytest.raises(ValueError, match="freq_idx"):
+            call(freq_idx=args[7] + 100)
+        with pytest.raises(ValueError, match="capacity"):
+            call(cache_lens=torch.tensor([6, 0], dtype=torch.int32))
+        with pytest.raises(ValueError, match="new_lens"):
+            call(new_lens=torch.tensor([4, 0], dtype=torch.int32))
     with pytest.raises(ValueError, match="v_cache"):
         call(v_cache=args[4][:, :, :, :4])
     with pytest.raises(ValueError, match="dtype"):
@@ -371,8 +380,9 @@ def test_triton_module_imports_without_triton(monkeypatch):
 
 
 def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path):
-    """The decode step a CUDA graph captures, run eagerly with the Triton kernels on a compressed model
-    (d_qk ≠ d_v per layer): the same logits as the torch reference's `Model.step`, float64."""
+    """The decode step a CUDA graph captures, with the Triton kernels on a compressed model (d_qk ≠ d_v
+    per layer): the same logits as the torch reference's `Model.step`, float64. Run eagerly; on a GPU
+    also captured and replayed."""
     from modegpt_rt.compressor.compress import CompressOptions, compress
 
     import modegpt_rt
@@ -383,16 +393,19 @@ def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path):
     compress(small, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
     path = save_checkpoint(small, tmp_path / "c")
     ref = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
-    ours = modegpt_rt.load(path, backend="triton", dtype=torch.float64)
+    ours = modegpt_rt.load(path, device=DEVICE, backend="triton", dtype=torch.float64)
     assert ours.backend == "triton"
     lens = torch.tensor([4, 7, 1], dtype=torch.int32)
     batch = torch.randint(3, 97, (3, 7))
-    caches = [ref.new_cache(3, 11), ours.new_cache(3, 11)]
-    torch.testing.assert_close(ours.step(batch, caches[1], lens), ref.step(batch, caches[0], lens), **F64_TOL)
-    graph = DecodeGraph(ours, caches[1], capture=False, warmup=1)
-    ones = torch.ones(3, dtype=torch.int32)
-    tok = torch.randint(3, 97, (3,))
-    for _ in range(3):
-        expect = ref.step(tok[:, None], caches[0], ones)
-        torch.testing.assert_close(graph(tok), expect, **F64_TOL)
-        tok = expect.argmax(-1)
+    for capture in (False, True) if DEVICE == "cuda" else (False,):
+        caches = [ref.new_cache(3, 11), ours.new_cache(3, 11)]
+        first = ours.step(batch.to(DEVICE), caches[1], lens.to(DEVICE))
+        torch.testing.assert_close(first.cpu(), ref.step(batch, caches[0], lens), **F64_TOL)
+        graph = DecodeGraph(ours, caches[1], capture=capture, warmup=1)
+        ones = torch.ones(3, dtype=torch.int32)
+        tok = torch.randint(3, 97, (3,))
+        for _ in range(3):
+            expect = ref.step(tok[:, None], caches[0], ones)
+            torch.testing.assert_close(graph(tok.to(DEVICE)).cpu(), expect, **F64_TOL)
+            tok = expect.argmax(-1)
+        assert torch.equal(caches[1].lens.cpu(), caches[0].lens)
