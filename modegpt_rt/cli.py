@@ -21,10 +21,13 @@ def _add_eval_dtype(p, default: str):
     )
 
 
-def _eval_dtype(name: str) -> torch.dtype:
+def _load_for_eval(args):
+    """The model of `eval ppl/zeroshot` in the --dtype asked for (auto resolved); returns (model, dtype name)."""
+    import modegpt_rt
     from modegpt_rt.kernels import fast_eval_dtype
 
-    return fast_eval_dtype() if name == "auto" else getattr(torch, name)
+    dtype = fast_eval_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
+    return modegpt_rt.load(args.path, backend="torch", dtype=dtype), str(dtype).removeprefix("torch.")
 
 
 def _add_model_arg(p, positional=True):
@@ -110,11 +113,10 @@ def cmd_eval_ppl(args):
     import modegpt_rt
     from modegpt_rt.evaluate import perplexity
 
-    dtype = _eval_dtype(args.dtype)
-    model = modegpt_rt.load(args.path, backend="torch", dtype=dtype)
+    model, dtype = _load_for_eval(args)
     res = perplexity(model, model.tokenizer, args.data, args.seqlen, args.limit, progress=not args.quiet)
     res["model"] = str(args.path or modegpt_rt.default_model_path())
-    res["dtype"] = str(dtype).removeprefix("torch.")
+    res["dtype"] = dtype
     print(f"perplexity {res['ppl']:.3f} ({res['windows']} windows of {res['seqlen']}, {res['seconds']} s)")
     _write_json(res, args.json)
 
@@ -123,14 +125,13 @@ def cmd_eval_zeroshot(args):
     import modegpt_rt
     from modegpt_rt import zeroshot
 
-    dtype = _eval_dtype(args.dtype)
-    model = modegpt_rt.load(args.path, backend="torch", dtype=dtype)
+    model, dtype = _load_for_eval(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     res = zeroshot.evaluate(
         model, model.tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet
     )
     res["model"] = str(args.path or modegpt_rt.default_model_path())
-    res["dtype"] = str(dtype).removeprefix("torch.")
+    res["dtype"] = dtype
     for name, r in res["tasks"].items():
         norm = f"  acc_norm {r['acc_norm']:.4f}" if r.get("acc_norm") is not None else ""
         print(f"{name:>14}: acc {r['acc']:.4f}{norm}  (n={r['n']})")
