@@ -47,7 +47,6 @@ class CompressOptions:
     bi_samples: int = 8  # calibration samples used for the Block Influence scores
     refit: str = "all"  # none | mlp | all: least-squares refit of down (and output) projections to the dense stream
     refit_samples: int = 32  # calibration windows that carry the dense stream for the refit (0: all)
-    refit_inputs: bool = False  # also map each normed layer input onto the dense one (folded into q/k/v, gate/up)
     micro_batch: int = 4
 
     @classmethod
@@ -67,7 +66,6 @@ class CompressOptions:
             bi_samples=args.bi_samples,
             refit=getattr(args, "refit", "all"),
             refit_samples=getattr(args, "refit_samples", 32),
-            refit_inputs=getattr(args, "refit_inputs", False),
         )
 
     def validate(self):
@@ -79,8 +77,6 @@ class CompressOptions:
             raise ValueError(f"value method {self.value_method!r}: choose stacked or b1")
         if self.refit not in ("none", "mlp", "all"):
             raise ValueError(f"refit {self.refit!r}: choose none, mlp or all")
-        if self.refit_inputs and self.refit == "none":
-            raise ValueError("--refit-inputs needs the dense stream: use it with --refit mlp or all")
         if self.refit_samples < 0:
             raise ValueError(f"refit samples must be >= 0 (0 = all), got {self.refit_samples}")
         if self.ridge <= 0:
@@ -188,41 +184,10 @@ class _Cross:
         self.C += (a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])).double()
 
 
-class _InputMap:
-    """Least-squares map M with x M ≈ x_dense for a layer's normed input (compressed stream x, dense x_dense).
-    The Gram of x comes from the caller when it covers exactly the refit windows (``own_gram`` false)."""
-
-    def __init__(self, dim, own_gram: bool):
-        self.gram = _Stats(dim) if own_gram else None
-        self.cross = _Cross(dim, dim)
-
-    def add(self, x, x_dense):
-        if self.gram is not None:
-            self.gram.add(x)
-        self.cross.add(x, x_dense)
-
-    def solve(self, gram=None) -> torch.Tensor:
-        return refit_projection(self.gram.C if self.gram is not None else gram, self.cross.C)
-
-
-def _advance_attention(model: Model, layer: Layer, h, sl, heads, j):
-    """h[sl] += the (compressed) attention output; from the kept head outputs when the refit made them."""
-    if heads is not None:
-        h[sl] += torch.nn.functional.linear(heads[j], layer.wo)
-        heads[j] = None
-    else:
-        h[sl] += model.attention_block(layer, h[sl])
-
-
 def refit_projection(gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """argmin_W ‖A W − Y‖² from Gram AᵀA and cross-correlation AᵀY, with a tiny relative ridge for rank-deficient A."""
     lam = ridge * gram.diagonal().mean().clamp_min(1e-30)
     return psd_solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross)
-
-
-def fold_input_map(weight: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """W [out, in] read by x -> the weight that reads x' with x' M ≈ x: returns W Mᵀ (same dtype as W)."""
-    return (weight.double() @ M.T).to(weight.dtype)
 
 
 def compress_attention(layer: Layer, C: torch.Tensor, widths: LayerWidths, cfg: ModelConfig, method: str):
@@ -299,18 +264,10 @@ def compress(
         w = widths[i]
         # attention: statistics of the attention input, then Type II + III
         stats = _Stats(cfg.hidden_size)
-        fold = _InputMap(cfg.hidden_size, R < N) if opts.refit_inputs else None
         for sl, f in zip(mb, fit):
-            x = rms_norm(h[sl], layer.attn_norm, eps)
-            stats.add(x)
+            stats.add(rms_norm(h[sl], layer.attn_norm, eps))
             if f:
-                if fold is not None:
-                    fold.add(x, rms_norm(hd[sl], layer.attn_norm, eps))
                 hd[sl] += model.attention_block(layer, hd[sl])  # dense weights still in place
-            del x
-        if fold is not None:  # q, k, v read the compressed stream as if it were the dense one
-            layer.wqkv.copy_(fold_input_map(layer.wqkv, fold.solve(stats.C)))
-            del fold
         if (w.d_qk, w.d_v) != (cfg.head_dim, cfg.head_dim):
             new, freq_idx = compress_attention(layer, stats.C, w, cfg, opts.value_method)
             layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, freq_idx)
@@ -338,29 +295,19 @@ def compress(
         mstats = _Stats(cfg.intermediate_size) if compress_k else None
         cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if R else None
         acts = []
-        advanced = False  # h already through the compressed attention, hd through the dense MLP
-        if opts.refit_inputs:
-            fold = _InputMap(cfg.hidden_size, own_gram=True)
-            for j, (sl, f) in enumerate(zip(mb, fit)):
-                _advance_attention(model, layer, h, sl, heads, j)
-                if f:
-                    xd = rms_norm(hd[sl], layer.mlp_norm, eps)
-                    fold.add(rms_norm(h[sl], layer.mlp_norm, eps), xd)
-                    hd[sl] += layer.mlp(xd)  # dense MLP on the dense stream, before gate/up change
-            layer.w_gate_up.copy_(fold_input_map(layer.w_gate_up, fold.solve()))
-            del fold
-            advanced = True
         for j, (sl, f) in enumerate(zip(mb, fit)):
-            if not advanced:
-                _advance_attention(model, layer, h, sl, heads, j)
+            if heads is not None:
+                h[sl] += torch.nn.functional.linear(heads[j], layer.wo)
+                heads[j] = None
+            else:
+                h[sl] += model.attention_block(layer, h[sl])
             gate_up = torch.nn.functional.linear(rms_norm(h[sl], layer.mlp_norm, eps), layer.w_gate_up)
             act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
             del gate_up
             if mstats is not None:
                 mstats.add(act)
             if f:
-                if not advanced:
-                    hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
+                hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
                 cross.add(act, hd[sl] - h[sl])
             acts.append(act)
         idx = torch.arange(cfg.intermediate_size)
@@ -408,7 +355,6 @@ def compress(
         "value_method": opts.value_method,
         "refit": opts.refit,
         "refit_samples": R or None,
-        "refit_inputs": opts.refit_inputs,
         "multiples": asdict(opts.multiples),
         "attn_sparsity": attn_phi,
         "mlp_sparsity": mlp_phi,

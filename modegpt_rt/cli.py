@@ -266,12 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="calibration windows that carry the dense residual stream for --refit (default 32, 0 = all)",
     )
-    c.add_argument(
-        "--refit-inputs",
-        action="store_true",
-        help="with --refit: also fit a linear map of each normed layer input onto the dense model's, folded into "
-        "the q/k/v and gate/up weights (no extra parameters)",
-    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

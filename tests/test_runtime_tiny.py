@@ -76,8 +76,6 @@ def test_rate_zero_reproduces_logits_and_roundtrips(tiny_hf_dir, tmp_path):
         dict(rate=0.3, allocation="uniform", refit="mlp"),
         dict(rate=0.3, refit="all"),
         dict(rate=0.3, refit="all", refit_samples=3),
-        dict(rate=0.3, refit="all", refit_samples=3, refit_inputs=True),
-        dict(rate=0.3, allocation="uniform", refit="mlp", refit_inputs=True),
         dict(rate=0.3, attn_ratio=0.0, max_layer_sparsity=0.4),
         dict(rate=0.2, allocation="uniform", attn_ratio=2.0),
     ],
@@ -110,7 +108,6 @@ def test_compress_rejects_bad_options(tiny_hf_dir):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     bads = (dict(rate=-0.1), dict(rate=0.96), dict(rate=0.3, allocation="nope"), dict(rate=0.2, ridge=0))
     bads += (dict(rate=0.2, refit="some"), dict(rate=0.2, refit="mlp", refit_samples=-1))
-    bads += (dict(rate=0.2, refit="none", refit_inputs=True),)
     bads += (dict(rate=0.2, attn_ratio=-1), dict(rate=0.3, split=True, attn_ratio=0.5))
     bads += (dict(rate=0.8, allocation="uniform", attn_ratio=0.0),)  # the MLP alone would need 0.8 · 4/3 > 0.95
     for bad in bads:
@@ -183,51 +180,6 @@ def test_refit_lowers_calibration_error_to_dense_stream(tmp_path):
     W2 = torch.linalg.lstsq(act[:n].double(), (target - mid.double())[:2].reshape(n, -1)).solution
     assert torch.allclose(m.layers[0].w_down.double().T, W2, atol=1e-3 * W2.abs().max().item())
     assert not torch.allclose(W2, W, atol=1e-2 * W.abs().max().item())
-
-
-def test_refit_inputs_folds_least_squares_input_map(tmp_path):
-    """--refit-inputs: layer 2 of a two-layer model reads the compressed stream through x ↦ x M, M the
-    least-squares map of its normed input onto the dense model's; with attention left dense (ratio 0) the
-    q/k/v weights are exactly the dense ones times Mᵀ, and each kept gate/up row is a dense row times the MLP
-    input's map. The calibration output ends closer to the dense model's than without the maps."""
-    from transformers import LlamaForCausalLM
-
-    from modegpt_rt.model import rms_norm
-
-    torch.manual_seed(5)
-    LlamaForCausalLM(tiny_hf_config(num_hidden_layers=2)).save_pretrained(tmp_path, safe_serialization=True)
-    calib = torch.randint(0, 97, (6, 32))
-    dense = modegpt_rt.load(tmp_path, backend="torch")
-    eps = dense.config.rms_norm_eps
-    opts = dict(rate=0.3, allocation="uniform", attn_ratio=0.0, refit="all")
-    models, errs = {}, {}
-    target = dense.hidden_states(calib).double()
-    for fold in (False, True):
-        m = modegpt_rt.load(tmp_path, backend="torch")
-        compress(m, calib, CompressOptions(**opts, refit_inputs=fold), progress=False)
-        models[fold], errs[fold] = m, (m.hidden_states(calib).double() - target).pow(2).sum().item()
-    assert errs[True] < errs[False], errs
-    m = models[True]
-
-    def lstsq(a, b):
-        return torch.linalg.lstsq(a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double()).solution
-
-    h = torch.nn.functional.embedding(calib, m.embed)
-    hc = h + m.attention_block(m.layers[0], h)
-    hc = hc + m.layers[0].mlp(rms_norm(hc, m.layers[0].mlp_norm, eps))
-    hd = dense.layer_forward(dense.layers[0], h)
-    M = lstsq(rms_norm(hc, m.layers[1].attn_norm, eps), rms_norm(hd, dense.layers[1].attn_norm, eps))
-    want = dense.layers[1].wqkv.double() @ M.T
-    assert torch.allclose(m.layers[1].wqkv.double(), want, atol=1e-3 * want.abs().max().item())
-    assert (m.layers[1].wqkv - dense.layers[1].wqkv).abs().max() > 1e-2 * want.abs().max()  # M is not I
-    mid_c = hc + m.attention_block(m.layers[1], hc)
-    mid_d = hd + dense.attention_block(dense.layers[1], hd)
-    M2 = lstsq(rms_norm(mid_c, m.layers[1].mlp_norm, eps), rms_norm(mid_d, dense.layers[1].mlp_norm, eps))
-    rows = dense.layers[1].w_gate_up.double() @ M2.T
-    k, K = m.layers[1].k_mlp, dense.layers[1].k_mlp
-    for got, pool in ((m.layers[1].w_gate_up[:k], rows[:K]), (m.layers[1].w_gate_up[k:], rows[K:])):
-        dist = torch.cdist(got.double(), pool).min(dim=1).values
-        assert dist.max() < 1e-3 * pool.abs().max().item()
 
 
 def _compressed_ckpt(tiny_hf_dir, tmp_path):
