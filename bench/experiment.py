@@ -30,7 +30,6 @@ def main(argv=None):
     p.add_argument("--allocation", default="global")
     p.add_argument("--split", action="store_true")
     p.add_argument("--attn-ratio", type=float, default=1.0)
-    p.add_argument("--qk-ratio", type=float, default=1.0)
     p.add_argument("--eps", type=float, default=None)
     p.add_argument("--max-layer-sparsity", type=float, default=0.8)
     p.add_argument("--ridge", type=float, default=1.0)

@@ -38,7 +38,6 @@ class CompressOptions:
     allocation: str = "global"  # global | uniform
     split: bool = False  # B.11: separate MLP / attention sparsities from per-module scores
     attn_ratio: float = 1.0  # attention sparsity = attn_ratio × MLP sparsity in each layer (layer budget kept)
-    qk_ratio: float = 1.0  # key/query sparsity = qk_ratio × value/output sparsity (attention budget kept)
     eps: float | None = None  # allocation temperature; None: max layer sparsity ≈ max_layer_sparsity
     max_layer_sparsity: float = 0.8
     ridge: float = 1.0  # Nyström ridge λ, relative to mean(diag C_σ)
@@ -58,7 +57,6 @@ class CompressOptions:
             allocation=args.allocation,
             split=args.split,
             attn_ratio=getattr(args, "attn_ratio", 1.0),
-            qk_ratio=getattr(args, "qk_ratio", 1.0),
             eps=args.eps,
             max_layer_sparsity=args.max_layer_sparsity,
             ridge=args.ridge,
@@ -85,8 +83,6 @@ class CompressOptions:
             raise ValueError(f"ridge λ must be positive, got {self.ridge}")
         if not 0.0 <= self.attn_ratio <= 10.0:
             raise ValueError(f"attention ratio must be in [0, 10], got {self.attn_ratio}")
-        if not 0.0 <= self.qk_ratio <= 10.0:
-            raise ValueError(f"key/query ratio must be in [0, 10], got {self.qk_ratio}")
         if self.split and self.attn_ratio != 1.0:
             raise ValueError("--split chooses the MLP/attention sparsities itself; drop --attn-ratio")
 
@@ -129,21 +125,6 @@ def split_layer_sparsity(phi, ratio: float, attn_params: int, mlp_params: int):
             " choose a ratio closer to 1 or a lower rate / max layer sparsity"
         )
     return attn, mlp
-
-
-def split_attention_sparsity(phi, ratio: float):
-    """Attention sparsities -> (key/query, value/output) sparsities with key/query = ratio × value/output.
-    A rotary pair and two value dims cost the same parameters, so the mean of the two is the attention's."""
-    if ratio == 1.0:
-        return list(phi), list(phi)
-    v = [2 * float(p) / (1 + ratio) for p in phi]
-    qk = [ratio * x for x in v]
-    if max(v + qk, default=0.0) > MAX_RATE:
-        raise ValueError(
-            f"key/query ratio {ratio} needs a module sparsity of {max(v + qk):.2f} (> {MAX_RATE}) in some layer;"
-            " choose a ratio closer to 1"
-        )
-    return qk, v
 
 
 def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions):
@@ -264,8 +245,7 @@ def compress(
     eps = cfg.rms_norm_eps
     L = cfg.num_hidden_layers
     attn_phi, mlp_phi, alloc = plan_sparsity(model, tokens, opts)
-    qk_phi, v_phi = split_attention_sparsity(attn_phi, opts.qk_ratio)
-    widths = widths_for_sparsity(cfg, qk_phi, mlp_phi, opts.multiples, v_sparsity=v_phi)
+    widths = widths_for_sparsity(cfg, attn_phi, mlp_phi, opts.multiples)
     t_alloc = time.time() - t0
 
     h = torch.nn.functional.embedding(tokens, model.embed)  # [N, L, d] float32
@@ -368,7 +348,6 @@ def compress(
         "allocation": alloc["allocation"],
         "split_mlp_attention": opts.split,
         "attn_ratio": opts.attn_ratio,
-        "qk_ratio": opts.qk_ratio,
         "eps": None if alloc.get("eps") in (None, math.inf) else alloc["eps"],
         "max_layer_sparsity": opts.max_layer_sparsity,
         "ridge_lambda": opts.ridge,

@@ -39,17 +39,13 @@ def _module_specs(config: ModelConfig):
     }
 
 
-def widths_for_sparsity(
-    config: ModelConfig, attn_sparsity, mlp_sparsity, multiples: Multiples = Multiples(), v_sparsity=None
-):
+def widths_for_sparsity(config: ModelConfig, attn_sparsity, mlp_sparsity, multiples: Multiples = Multiples()):
     """Integer widths per layer closest to the sparsities, rounded to `multiples`, with the total kept
-    parameters of the projections as close as the granularity allows to the real-valued budget.
-    ``attn_sparsity`` sets key/query and value widths alike unless ``v_sparsity`` sets the value widths."""
+    parameters of the projections as close as the granularity allows to the real-valued budget."""
     specs = _module_specs(config)
-    v_sparsity = attn_sparsity if v_sparsity is None else v_sparsity
     entries = []  # [layer, module, target width, chosen width, unit, full, cost]
     for i in range(config.num_hidden_layers):
-        for mod, phi in (("mlp", mlp_sparsity[i]), ("pairs", attn_sparsity[i]), ("v", v_sparsity[i])):
+        for mod, phi in (("mlp", mlp_sparsity[i]), ("pairs", attn_sparsity[i]), ("v", attn_sparsity[i])):
             full, cost = specs[mod]
             unit = min(getattr(multiples, mod), full)
             target = (1.0 - float(phi)) * full

@@ -78,7 +78,6 @@ def test_rate_zero_reproduces_logits_and_roundtrips(tiny_hf_dir, tmp_path):
         dict(rate=0.3, refit="all", refit_samples=3),
         dict(rate=0.3, attn_ratio=0.0, max_layer_sparsity=0.4),
         dict(rate=0.2, allocation="uniform", attn_ratio=2.0),
-        dict(rate=0.3, attn_ratio=0.5, qk_ratio=0.0, max_layer_sparsity=0.4),
     ],
 )
 def test_compress_writes_valid_variable_rank_checkpoint(tiny_hf_dir, tmp_path, opts):
@@ -109,7 +108,6 @@ def test_compress_rejects_bad_options(tiny_hf_dir):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     bads = (dict(rate=-0.1), dict(rate=0.96), dict(rate=0.3, allocation="nope"), dict(rate=0.2, ridge=0))
     bads += (dict(rate=0.2, refit="some"), dict(rate=0.2, refit="mlp", refit_samples=-1))
-    bads += (dict(rate=0.2, qk_ratio=-1), dict(rate=0.6, allocation="uniform", qk_ratio=0.0))
     bads += (dict(rate=0.2, attn_ratio=-1), dict(rate=0.3, split=True, attn_ratio=0.5))
     bads += (dict(rate=0.8, allocation="uniform", attn_ratio=0.0),)  # the MLP alone would need 0.8 · 4/3 > 0.95
     for bad in bads:
@@ -134,28 +132,6 @@ def test_attn_ratio_splits_each_layer_budget(tiny_hf_dir):
     compress(model, calib, CompressOptions(**opts, refit="none"), progress=False)
     full = model.config.dense().layers[0]
     assert all((w.d_qk, w.d_v) == (full.d_qk, full.d_v) and w.k_mlp < full.k_mlp for w in model.config.layers)
-
-
-def test_qk_ratio_splits_attention_budget(tiny_hf_dir):
-    """qk_ratio 0 keeps every key/query width and takes the attention's share from the values; the
-    attention parameters removed are the same as with equal sparsities."""
-    from modegpt_rt.compressor.compress import split_attention_sparsity
-
-    qk, v = split_attention_sparsity([0.2, 0.3], 0.5)
-    assert qk == pytest.approx([0.5 * x for x in v]) and [(a + b) / 2 for a, b in zip(qk, v)] == pytest.approx([0.2, 0.3])
-    assert split_attention_sparsity([0.2], 1.0) == ([0.2], [0.2])
-    calib = torch.randint(0, 97, (4, 16))
-    cfgs = {}
-    for q in (1.0, 0.0):
-        model = modegpt_rt.load(tiny_hf_dir, backend="torch")
-        opts = CompressOptions(rate=0.3, allocation="uniform", qk_ratio=q, refit="none", bi_samples=2)
-        report = compress(model, calib, opts, progress=False)
-        cfgs[q] = model.config
-        assert report["qk_ratio"] == q
-    full = cfgs[0.0].dense().layers[0]
-    assert all(w.d_qk == full.d_qk and w.d_v < full.d_v for w in cfgs[0.0].layers)
-    assert all(w.d_qk < full.d_qk for w in cfgs[1.0].layers)
-    assert cfgs[0.0].total_params() == pytest.approx(cfgs[1.0].total_params(), rel=0.02)
 
 
 @pytest.mark.parametrize("refit", ["mlp", "all"])
