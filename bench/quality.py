@@ -2,7 +2,7 @@
 
     python -m modegpt_rt.bench.quality --rate LABEL=RATE ... --json bench/results/quality.json \
         [--ppl-json LABEL=FILE ...] [--zeroshot-json LABEL=FILE ...] [--series LABEL=NAME ...] \
-        [--throughput-json FILE]
+        [--throughput-json FILE] [--speed LABEL=FILE@CHECKPOINT ...]
 
 Runs nothing itself: it gathers the JSON written by `modegpt eval ppl --json`,
 `modegpt eval zeroshot --json` and `modegpt bench throughput --json`, so every
@@ -31,6 +31,13 @@ def main(argv=None):
     p.add_argument("--zeroshot-json", action="append", default=[])
     p.add_argument("--series", action="append", default=[], help="LABEL=NAME: the method a row belongs to")
     p.add_argument("--throughput-json", default=None)
+    p.add_argument(
+        "--speed",
+        action="append",
+        default=[],
+        help="LABEL=FILE@CHECKPOINT: that row's decode speeds are CHECKPOINT's (its `path`) in FILE, an "
+        "interleaved or throughput JSON, instead of --throughput-json's row at the same rate",
+    )
     p.add_argument("--title", default="SmolLM2-135M, MoDeGPT")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
@@ -39,6 +46,20 @@ def main(argv=None):
     if set(series) - set(rates):
         p.error(f"--series for labels without --rate: {sorted(set(series) - set(rates))}")
     ppl, zs = _pairs(args.ppl_json), _pairs(args.zeroshot_json)
+    speeds = {}
+    for item in args.speed:
+        label, _, spec = item.partition("=")
+        file, sep, ckpt = spec.rpartition("@")
+        if not sep or label not in rates:
+            p.error(f"--speed {item!r}: expected LABEL=FILE@CHECKPOINT with a LABEL given by --rate")
+        found = {
+            f"tok_s_b{r['batch']}": r["tok_s"]
+            for r in json.loads(Path(file).read_text())["results"]
+            if r.get("path") == ckpt
+        }
+        if not found:
+            p.error(f"--speed {item!r}: no result for checkpoint {ckpt!r} in {file}")
+        speeds[label] = (Path(file).name, found)
     tput = json.loads(Path(args.throughput_json).read_text()) if args.throughput_json else None
     rows = []
     for label, rate in rates.items():
@@ -55,7 +76,10 @@ def main(argv=None):
             }
             row["average"] = sum(row["zeroshot"].values()) / len(tasks)
             row["zeroshot_n"] = {t: r["n"] for t, r in tasks.items()}
-        if tput:
+        if label in speeds:
+            source, found = speeds[label]
+            row.update(found, speed_source=source)
+        elif tput:
             for r in tput["results"]:
                 if r["impl"].startswith("modegpt_rt") and abs(r["rate"] - rate) < 1e-9:
                     row[f"tok_s_b{r['batch']}"] = r["tok_s"]

@@ -10,5 +10,7 @@ python -m modegpt_rt.bench.quality --rate dense=0 --rate 20%=0.2 --rate 30%=0.3 
   --ppl-json "20% refit=$R/ppl_0.2-refit32.json" --ppl-json "30% refit=$R/ppl_0.3-refit32.json" --ppl-json "20% attn 0.5=$R/ppl_0.2-a0.5.json" --ppl-json "30% attn 0.5=$R/ppl_0.3-a0.5.json" --ppl-json "40% attn 0.5=$R/ppl_0.4-a0.5.json" \
   --zeroshot-json dense=$R/zeroshot_dense.json --zeroshot-json 20%=$R/zeroshot_0.2.json --zeroshot-json 30%=$R/zeroshot_0.3.json --zeroshot-json 40%=$R/zeroshot_0.4.json \
   --zeroshot-json "20% refit=$R/zeroshot_0.2-refit32.json" --zeroshot-json "30% refit=$R/zeroshot_0.3-refit32.json" --zeroshot-json "20% attn 0.5=$R/zeroshot_0.2-a0.5.json" --zeroshot-json "30% attn 0.5=$R/zeroshot_0.3-a0.5.json" --zeroshot-json "40% attn 0.5=$R/zeroshot_0.4-a0.5.json" \
-  --throughput-json $R/cpu_throughput.json --json $R/quality.json
+  --throughput-json $R/cpu_throughput.json \
+  --speed "20% attn 0.5=$R/cpu_interleaved_a0.5_20_40.json@out/smollm2-0.2-a0.5" --speed "30% attn 0.5=$R/cpu_interleaved_a0.5.json@out/smollm2-0.3-a0.5" --speed "40% attn 0.5=$R/cpu_interleaved_a0.5_20_40.json@out/smollm2-0.4-a0.5" \
+  --json $R/quality.json
 modegpt plot bench/results/quality.json

@@ -46,6 +46,29 @@ def test_quality_json_and_plot_with_two_series(tmp_path):
     assert png.name == "quality.png" and png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
 
 
+def test_quality_speed_from_a_named_checkpoint(tmp_path):
+    """--speed takes a row's decode speeds from one checkpoint of an interleaved run, not the rate match."""
+    tp = _write(
+        tmp_path / "tp.json",
+        {"results": [{"impl": "modegpt_rt (cpu)", "rate": 0.3, "batch": b, "tok_s": 70.0 + b} for b in (1, 8)]},
+    )
+    il = _write(
+        tmp_path / "il.json",
+        {"results": [{"path": p, "rate": 0.3, "batch": 1, "tok_s": t} for p, t in (("out/a", 77.5), ("out/b", 80.25))]},
+    )
+    out = tmp_path / "q.json"
+    quality.main(
+        ["--rate", "a=0.3", "--rate", "b=0.3", "--throughput-json", str(tp), "--speed", f"b={il}@out/b"]
+        + ["--json", str(out)]
+    )
+    rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["a"]["tok_s_b1"] == 71.0 and rows["a"]["tok_s_b8"] == 78.0 and "speed_source" not in rows["a"]
+    assert rows["b"]["tok_s_b1"] == 80.25 and "tok_s_b8" not in rows["b"] and rows["b"]["speed_source"] == "il.json"
+    for bad in (f"b={il}@out/c", f"c={il}@out/b", f"b={il}"):
+        with pytest.raises(SystemExit):
+            quality.main(["--rate", "b=0.3", "--speed", bad, "--json", str(out)])
+
+
 def test_quality_rejects_series_without_rate(tmp_path):
     with pytest.raises(SystemExit):
         quality.main(["--rate", "a=0.1", "--series", "b=x", "--json", str(tmp_path / "q.json")])
