@@ -42,6 +42,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="wikitext2", help="wikitext2 | generated | a text file")
     p.add_argument("--zeroshot-limit", type=int, default=0, help="also score the five tasks on N items each")
+    p.add_argument(
+        "--zeroshot-sample",
+        action="store_true",
+        help="draw the --zeroshot-limit items at random (seed 0), not a prefix",
+    )
     p.add_argument("--zeroshot-json", default=None, help="also write the full zero-shot result (per-item answers) here")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="")
@@ -65,7 +70,9 @@ def main(argv=None):
     if args.zeroshot_limit:
         from modegpt_rt import zeroshot
 
-        r = zeroshot.evaluate(model, model.tokenizer, zeroshot.TASKS, limit=args.zeroshot_limit, progress=False)
+        n = args.zeroshot_limit
+        pick = {"sample": n} if args.zeroshot_sample else {"limit": n}
+        r = zeroshot.evaluate(model, model.tokenizer, zeroshot.TASKS, **pick, progress=False)
         zs = {"zeroshot": {k: v.get("acc_norm", v["acc"]) for k, v in r["tasks"].items()}, "zs_avg": r["average_norm"]}
         if args.zeroshot_json:
             Path(args.zeroshot_json).write_text(json.dumps({**r, "model": args.tag}, indent=1) + "\n")

@@ -128,7 +128,14 @@ def cmd_eval_zeroshot(args):
     model, dtype = _load_for_eval(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     res = zeroshot.evaluate(
-        model, model.tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet
+        model,
+        model.tokenizer,
+        tasks,
+        limit=args.limit,
+        sample=args.sample,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
     )
     res["model"] = str(args.path or modegpt_rt.default_model_path())
     res["dtype"] = dtype
@@ -285,7 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     ez = e.add_parser("zeroshot", help="zero-shot accuracy (lm-eval formats) on local task data")
     _add_model_arg(ez)
     ez.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag")
-    ez.add_argument("--limit", type=int, default=None, help="first N items per task")
+    pick = ez.add_mutually_exclusive_group()
+    pick.add_argument("--limit", type=int, default=None, help="first N items per task (lm-eval's --limit)")
+    pick.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="N items per task drawn at random from the whole task (a prefix can be unrepresentative: "
+        "HellaSwag's first 3,243 items are all ActivityNet); `eval paired` matches items by position",
+    )
+    ez.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     ez.add_argument("--batch-size", type=int, default=16)
     _add_eval_dtype(ez, "auto")
     ez.add_argument("--json", default=None)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -600,18 +601,22 @@ def score_docs(docs: Sequence[Doc], lls: Sequence[float]) -> dict:
 
 def paired_difference(a: dict, b: dict) -> dict:
     """Per task, the accuracy of ``b`` minus that of ``a`` (two ``evaluate`` results, e.g. compressed vs dense)
-    on the items both scored (the first min(n_a, n_b): ``limit`` keeps a prefix), with the standard error of
-    the paired difference.  Uses acc_norm where the task reports it, else acc; needs the ``items`` field."""
+    on the items both scored, with the standard error of the paired difference.  Items are matched by their
+    position in the task's file: a result's ``indices`` (``sample``) or else its first n items (``limit`` keeps
+    a prefix).  Uses acc_norm where the task reports it, else acc; needs the ``items`` field."""
     out = {}
     for task in a["tasks"].keys() & b["tasks"].keys():
         ra, rb = a["tasks"][task], b["tasks"][task]
         metric = "acc_norm" if "acc_norm" in ra.get("items", {}) else "acc"
         if metric not in ra.get("items", {}) or metric not in rb.get("items", {}):
             raise ValueError(f"{task}: per-item results missing (written by an older version?)")
-        xa, xb = ra["items"][metric], rb["items"][metric]
-        n = min(len(xa), len(xb))
-        mean, se = _mean_stderr([int(xb[i]) - int(xa[i]) for i in range(n)])
-        acc_a, acc_b = (_mean_stderr([int(c) for c in x[:n]])[0] for x in (xa, xb))
+        xa, xb = (dict(zip(r.get("indices") or range(len(r["items"][metric])), r["items"][metric])) for r in (ra, rb))
+        common = sorted(xa.keys() & xb.keys())
+        if not common:
+            raise ValueError(f"{task}: the two results scored no item in common")
+        n = len(common)
+        mean, se = _mean_stderr([int(xb[i]) - int(xa[i]) for i in common])
+        acc_a, acc_b = (_mean_stderr([int(x[i]) for i in common])[0] for x in (xa, xb))
         out[task] = {"metric": metric, "n": n, "a": acc_a, "b": acc_b, "diff": mean, "diff_stderr": se}
     return dict(sorted(out.items()))
 
@@ -639,18 +644,33 @@ def evaluate(
     device=None,
     use_logits_to_keep: bool = True,
     pack: bool = True,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> dict:
     """Zero-shot evaluation of ``model`` on ``tasks`` (names, a comma-separated string, or ``"all"``).
+
+    ``limit`` scores the first N items of each task (lm-eval's ``--limit``); ``sample`` scores N items drawn
+    at random (``seed``) from the whole task instead, kept in file order, with their file positions in the
+    task's ``indices``. A prefix can be unrepresentative: HellaSwag's file holds its 3,243 ActivityNet items
+    before its 6,799 WikiHow items.
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n", "n_requests"}},
     "average": mean over tasks of acc, "average_norm": mean over tasks of (acc_norm if the task reports it else
     acc -- i.e. acc for winogrande), "seconds": wall time of the scoring}``.
     """
     names = _task_list(tasks)
+    if sample is not None and limit is not None:
+        raise ValueError("give limit (the first N items) or sample (N random items), not both")
+    if sample is not None and sample < 1:
+        raise ValueError("sample must be >= 1")
     docs: list[Doc] = []
     n_req: dict[str, int] = {}
+    picked: dict[str, list[int]] = {}
     for name in names:
         td = load_task(name, data_dir=data_dir, limit=limit)
+        if sample is not None:
+            picked[name] = sorted(random.Random(f"{seed}:{name}").sample(range(len(td)), min(sample, len(td))))
+            td = [td[i] for i in picked[name]]
         docs.extend(td)
         n_req[name] = sum(len(d.contexts) for d in td)
     pairs = [p for d in docs for p in d.requests]
@@ -674,6 +694,8 @@ def evaluate(
     for name in names:
         r = per_task.get(name, {"n": 0})
         r["n_requests"] = n_req[name]
+        if name in picked:
+            r["indices"], r["sample_seed"] = picked[name], seed
         results[name] = r
     scored = [results[n] for n in names if results[n]["n"] > 0]
     average = sum(r["acc"] for r in scored) / len(scored) if scored else float("nan")

@@ -409,6 +409,45 @@ def test_zeroshot_evaluate_limit3(tiny, data_dir):
     assert "average" in zeroshot.format_results(res)
 
 
+def test_zeroshot_evaluate_sample(tiny, data_dir, tmp_path):
+    """sample=N scores N items drawn from the whole task (seeded, file order, positions in `indices`); the
+    answers equal those of the same items in a full run, and `paired_difference` matches items by position."""
+    model, tok = tiny
+    src, data_dir = Path(data_dir), tmp_path  # the first 30 items of two tasks: a "full run" stays quick
+    for rel in ("piqa/valid.jsonl", "piqa/valid-labels.lst", "arc-easy/ARC-Easy-Test.jsonl"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text("".join((src / rel).read_text().splitlines(keepends=True)[:30]))
+    full = zeroshot.evaluate(model, tok, ["piqa", "arc_easy"], batch_size=6, progress=False, data_dir=data_dir)
+    res = zeroshot.evaluate(model, tok, ["piqa", "arc_easy"], sample=3, seed=1, progress=False, data_dir=data_dir)
+    again = zeroshot.evaluate(model, tok, ["piqa", "arc_easy"], sample=3, seed=1, progress=False, data_dir=data_dir)
+    other = zeroshot.evaluate(model, tok, ["piqa"], sample=3, seed=2, progress=False, data_dir=data_dir)
+    for task in ("piqa", "arc_easy"):
+        r, f = res["tasks"][task], full["tasks"][task]
+        assert r["n"] == 3 and r["sample_seed"] == 1 and r["indices"] == sorted(set(r["indices"]))
+        assert 0 <= min(r["indices"]) and max(r["indices"]) < f["n"]
+        for metric, got in r["items"].items():
+            assert got == "".join(f["items"][metric][i] for i in r["indices"])
+        assert again["tasks"][task]["indices"] == r["indices"]
+        assert "indices" not in f
+    assert other["tasks"]["piqa"]["indices"] != res["tasks"]["piqa"]["indices"]
+    d = zeroshot.paired_difference(full, res)  # the sampled items against the same items of the full run
+    assert (
+        d["piqa"]["n"] == 3
+        and d["piqa"]["diff"] == 0
+        and d["piqa"]["a"] == pytest.approx(res["tasks"]["piqa"]["acc_norm"])
+    )
+    prefix = {"tasks": {"piqa": {"items": {"acc_norm": full["tasks"]["piqa"]["items"]["acc_norm"][:1]}}}}
+    if res["tasks"]["piqa"]["indices"][0] == 0:
+        assert zeroshot.paired_difference(prefix, res)["piqa"]["n"] == 1
+    else:
+        with pytest.raises(ValueError, match="no item in common"):
+            zeroshot.paired_difference(prefix, res)
+    with pytest.raises(ValueError, match="not both"):
+        zeroshot.evaluate(model, tok, ["piqa"], limit=2, sample=2, progress=False, data_dir=data_dir)
+    with pytest.raises(ValueError, match="sample"):
+        zeroshot.evaluate(model, tok, ["piqa"], sample=0, progress=False, data_dir=data_dir)
+
+
 def test_zeroshot_packed_rows_match_manual(tiny, data_dir, tmp_path):
     """modegpt_rt's model scores the choices of one context in one packed row (context once, each continuation
     masked to see the context and itself); the log-likelihoods equal the one-request-at-a-time reference."""
