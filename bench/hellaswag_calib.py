@@ -24,26 +24,23 @@ parts = {"anet_0_400": docs[0:400], "wikihow_4000_4400": docs[4000:4400]}
 model = modegpt_rt.load(None, backend="torch")
 t0 = time.time()
 wiki = data.calibration_windows(data.tokenize(model.tokenizer, data.read_text("wikitext2", "valid")), 32, 2048, 0)
-gen_path = Path("runs/gen_calib_32x2048.pt")
-if calib_kind in ("generated", "mixed"):
+if calib_kind == "wiki":
+    calib = wiki
+elif calib_kind == "generated":  # sampled once, then reused from runs/
+    gen_path = Path("runs/gen_calib_32x2048.pt")
     if gen_path.exists():
-        gen = torch.load(gen_path)
+        calib = torch.load(gen_path)
     else:
-        gen = data.generated_calibration(model, 32, 2048, 0, progress=False)
-        torch.save(gen, gen_path)
-if calib_kind.startswith("instr"):
+        calib = data.generated_calibration(model, 32, 2048, 0, progress=False)
+        torch.save(calib, gen_path)
+elif calib_kind == "instr-mixed":
     instr = torch.load("runs/instr_calib_32x2048.pt")
-calib = {"wiki": wiki, "generated": gen if calib_kind == "generated" else None}.get(calib_kind)
-if calib_kind == "instr-mixed":
     calib = torch.cat([wiki[:16], instr[:16]])[torch.randperm(32, generator=torch.Generator().manual_seed(0))]
-if calib_kind == "instr":
-    calib = instr
-if calib_kind == "mixed":
-    calib = torch.cat([wiki[:16], gen[:16]])[torch.randperm(32, generator=torch.Generator().manual_seed(0))]
+else:
+    raise SystemExit(f"unknown calibration {calib_kind!r}: choose wiki, generated or instr-mixed")
 t_cal = time.time() - t0
 opts = CompressOptions(rate=0.3, max_layer_sparsity=0.5, refit="all", attn_ratio=0.5, refit_samples=32)
-if calib_kind != "dense":
-    compress(model, calib, opts, progress=False)
+compress(model, calib, opts, progress=False)
 out = {"calib": calib_kind, "calib_seconds": round(t_cal, 1)}
 for name, ds in parts.items():
     reqs = [r for d in ds for r in d.requests]
