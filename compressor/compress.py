@@ -47,6 +47,7 @@ class CompressOptions:
     bi_samples: int = 8  # calibration samples used for the Block Influence scores
     refit: str = "all"  # none | mlp | all: least-squares refit of down (and output) projections to the dense stream
     refit_samples: int = 32  # calibration windows that carry the dense stream for the refit (0: all)
+    refit_prior: float = 0.0  # refit ridge toward the local (Nyström / SVD) solution, × mean(diag Gram)
     micro_batch: int = 4
 
     @classmethod
@@ -66,6 +67,7 @@ class CompressOptions:
             bi_samples=args.bi_samples,
             refit=getattr(args, "refit", "all"),
             refit_samples=getattr(args, "refit_samples", 32),
+            refit_prior=getattr(args, "refit_prior", 0.0),
         )
 
     def validate(self):
@@ -79,6 +81,8 @@ class CompressOptions:
             raise ValueError(f"refit {self.refit!r}: choose none, mlp or all")
         if self.refit_samples < 0:
             raise ValueError(f"refit samples must be >= 0 (0 = all), got {self.refit_samples}")
+        if not 0.0 <= self.refit_prior < math.inf:
+            raise ValueError(f"refit prior must be a finite number >= 0, got {self.refit_prior}")
         if self.ridge <= 0:
             raise ValueError(f"ridge λ must be positive, got {self.ridge}")
         if not 0.0 <= self.attn_ratio <= 10.0:
@@ -184,10 +188,18 @@ class _Cross:
         self.C += (a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])).double()
 
 
-def refit_projection(gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """argmin_W ‖A W − Y‖² from Gram AᵀA and cross-correlation AᵀY, with a tiny relative ridge for rank-deficient A."""
-    lam = ridge * gram.diagonal().mean().clamp_min(1e-30)
-    return psd_solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross)
+def refit_projection(
+    gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-6, prior: torch.Tensor | None = None, pull: float = 0.0
+) -> torch.Tensor:
+    """argmin_W ‖A W − Y‖² + μ‖W − W₀‖² from Gram AᵀA and cross-correlation AᵀY, with a tiny relative ridge
+    for rank-deficient A and, when `pull` > 0, μ = pull · mean(diag AᵀA) toward the prior W₀."""
+    scale = gram.diagonal().mean().clamp_min(1e-30)
+    lam = ridge * scale
+    rhs = cross
+    if pull > 0 and prior is not None:
+        lam = lam + pull * scale
+        rhs = cross + pull * scale * prior
+    return psd_solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)
 
 
 def compress_attention(layer: Layer, C: torch.Tensor, widths: LayerWidths, cfg: ModelConfig, method: str):
@@ -285,7 +297,9 @@ def compress(
                     cross.add(z, hd[sl] - h[sl])
                 heads.append(z)
             new = {n: t.double() for n, t in layer.split_weights().items()}
-            new["self_attn.o_proj"] = refit_projection(gram.C, cross.C).T
+            new["self_attn.o_proj"] = refit_projection(
+                gram.C, cross.C, prior=new["self_attn.o_proj"].T, pull=opts.refit_prior
+            ).T
             layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, layer.freq_idx)
             del gram, cross
         # residual through the compressed attention; MLP statistics on that input. The activations
@@ -324,7 +338,9 @@ def compress(
                     if f:
                         g.add(act[..., idx])
                 gram = g.C
-            new["mlp.down_proj"] = refit_projection(gram, cross.C[idx]).T
+            new["mlp.down_proj"] = refit_projection(
+                gram, cross.C[idx], prior=new["mlp.down_proj"].T, pull=opts.refit_prior
+            ).T
         if compress_k or R:
             layer.load_weights(cfg, w, new, layer.freq_idx)
         del mstats, cross
@@ -355,6 +371,7 @@ def compress(
         "value_method": opts.value_method,
         "refit": opts.refit,
         "refit_samples": R or None,
+        "refit_prior": opts.refit_prior if R else None,
         "multiples": asdict(opts.multiples),
         "attn_sparsity": attn_phi,
         "mlp_sparsity": mlp_phi,

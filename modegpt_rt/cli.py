@@ -273,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="calibration windows that carry the dense residual stream for --refit (default 32, 0 = all)",
     )
+    c.add_argument(
+        "--refit-prior",
+        type=float,
+        default=0.0,
+        help="ridge μ of the refit toward the local (Nyström / SVD) solution, relative to the mean diagonal of "
+        "the refit's Gram matrix (default 0: plain least squares)",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

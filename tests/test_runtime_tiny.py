@@ -108,6 +108,7 @@ def test_compress_rejects_bad_options(tiny_hf_dir):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     bads = (dict(rate=-0.1), dict(rate=0.96), dict(rate=0.3, allocation="nope"), dict(rate=0.2, ridge=0))
     bads += (dict(rate=0.2, refit="some"), dict(rate=0.2, refit="mlp", refit_samples=-1))
+    bads += (dict(rate=0.2, refit_prior=-0.1), dict(rate=0.2, refit_prior=float("nan")))
     bads += (dict(rate=0.2, attn_ratio=-1), dict(rate=0.3, split=True, attn_ratio=0.5))
     bads += (dict(rate=0.8, allocation="uniform", attn_ratio=0.0),)  # the MLP alone would need 0.8 · 4/3 > 0.95
     for bad in bads:
@@ -180,6 +181,39 @@ def test_refit_lowers_calibration_error_to_dense_stream(tmp_path):
     W2 = torch.linalg.lstsq(act[:n].double(), (target - mid.double())[:2].reshape(n, -1)).solution
     assert torch.allclose(m.layers[0].w_down.double().T, W2, atol=1e-3 * W2.abs().max().item())
     assert not torch.allclose(W2, W, atol=1e-2 * W.abs().max().item())
+
+
+def test_refit_prior_pulls_toward_local_solution(tmp_path):
+    """--refit-prior μ: the down projection solves (AᵀA + μ·s·I) W = AᵀY + μ·s·W_local (s = mean diag AᵀA), so it
+    lies between the plain refit and the paper's local Nyström fit, and a huge μ gives the local fit back."""
+    from transformers import LlamaForCausalLM
+
+    from modegpt_rt.model import rms_norm
+
+    torch.manual_seed(5)
+    LlamaForCausalLM(tiny_hf_config(num_hidden_layers=1)).save_pretrained(tmp_path, safe_serialization=True)
+    calib = torch.randint(0, 97, (6, 32))
+    target = modegpt_rt.load(tmp_path, backend="torch").hidden_states(calib).double()
+    models, errs = {}, {}
+    for name, refit, mu in (("none", "none", 0.0), ("plain", "mlp", 0.0), ("prior", "mlp", 0.5), ("huge", "mlp", 1e9)):
+        m = modegpt_rt.load(tmp_path, backend="torch")
+        compress(m, calib, CompressOptions(rate=0.4, allocation="uniform", refit=refit, refit_prior=mu), progress=False)
+        models[name] = m
+        errs[name] = (m.hidden_states(calib).double() - target).pow(2).sum().item()
+    assert errs["plain"] < errs["prior"] < errs["none"], errs
+    local = models["none"].layers[0].w_down.double().T
+    assert torch.allclose(models["huge"].layers[0].w_down.double().T, local, atol=1e-6 * local.abs().max().item())
+    m = models["prior"]
+    layer = m.layers[0]
+    emb = torch.nn.functional.embedding(calib, m.embed)
+    mid = emb + m.attention_block(layer, emb)
+    gu = torch.nn.functional.linear(rms_norm(mid, layer.mlp_norm, m.config.rms_norm_eps), layer.w_gate_up)
+    act = (torch.nn.functional.silu(gu[..., : layer.k_mlp]) * gu[..., layer.k_mlp :]).reshape(-1, layer.k_mlp).double()
+    G = act.T @ act
+    s = G.diagonal().mean()
+    rhs = act.T @ (target - mid.double()).reshape(act.shape[0], -1) + 0.5 * s * local
+    W = torch.linalg.solve(G + (0.5 + 1e-6) * s * torch.eye(G.shape[0], dtype=G.dtype), rhs)
+    assert torch.allclose(layer.w_down.double().T, W, atol=1e-3 * W.abs().max().item())
 
 
 def _compressed_ckpt(tiny_hf_dir, tmp_path):
