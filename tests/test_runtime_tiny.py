@@ -145,13 +145,22 @@ def test_refit_rate_zero_keeps_dense(tiny_hf_dir, refit):
     assert (model(ids).logits - before).abs().max() < 1e-3  # float32 statistics, tiny ridge
 
 
+def _mlp_input_and_kept_activations(m, calib):
+    """One-layer model: the residual after the (compressed) attention, and the kept MLP channels' activations."""
+    from modegpt_rt.model import rms_norm
+
+    layer = m.layers[0]
+    emb = torch.nn.functional.embedding(calib, m.embed)
+    mid = emb + m.attention_block(layer, emb)
+    gu = torch.nn.functional.linear(rms_norm(mid, layer.mlp_norm, m.config.rms_norm_eps), layer.w_gate_up)
+    return mid, (torch.nn.functional.silu(gu[..., : layer.k_mlp]) * gu[..., layer.k_mlp :]).reshape(-1, layer.k_mlp)
+
+
 def test_refit_lowers_calibration_error_to_dense_stream(tmp_path):
     """The refit down projection is the least-squares fit to the dense model's residual stream: on the
     calibration tokens of a one-layer model it lands closer to the dense output than Nyström's local fit
     (same kept channels, same compressed attention), and it equals the brute-force least-squares solution."""
     from transformers import LlamaForCausalLM
-
-    from modegpt_rt.model import rms_norm
 
     torch.manual_seed(3)
     LlamaForCausalLM(tiny_hf_config(num_hidden_layers=1)).save_pretrained(tmp_path, safe_serialization=True)
@@ -167,10 +176,7 @@ def test_refit_lowers_calibration_error_to_dense_stream(tmp_path):
     # brute force: activations of the kept channels on the compressed attention's output
     m = models["mlp"]
     layer = m.layers[0]
-    emb = torch.nn.functional.embedding(calib, m.embed)
-    mid = emb + m.attention_block(layer, emb)
-    gu = torch.nn.functional.linear(rms_norm(mid, layer.mlp_norm, m.config.rms_norm_eps), layer.w_gate_up)
-    act = (torch.nn.functional.silu(gu[..., : layer.k_mlp]) * gu[..., layer.k_mlp :]).reshape(-1, layer.k_mlp)
+    mid, act = _mlp_input_and_kept_activations(m, calib)
     W = torch.linalg.lstsq(act.double(), (target - mid.double()).reshape(act.shape[0], -1)).solution
     assert torch.allclose(layer.w_down.double().T, W, atol=1e-3 * W.abs().max().item())
     # refit on the first 2 windows only: the least-squares solution over those tokens
@@ -188,8 +194,6 @@ def test_refit_prior_pulls_toward_local_solution(tmp_path):
     lies between the plain refit and the paper's local Nyström fit, and a huge μ gives the local fit back."""
     from transformers import LlamaForCausalLM
 
-    from modegpt_rt.model import rms_norm
-
     torch.manual_seed(5)
     LlamaForCausalLM(tiny_hf_config(num_hidden_layers=1)).save_pretrained(tmp_path, safe_serialization=True)
     calib = torch.randint(0, 97, (6, 32))
@@ -203,12 +207,9 @@ def test_refit_prior_pulls_toward_local_solution(tmp_path):
     assert errs["plain"] < errs["prior"] < errs["none"], errs
     local = models["none"].layers[0].w_down.double().T
     assert torch.allclose(models["huge"].layers[0].w_down.double().T, local, atol=1e-6 * local.abs().max().item())
-    m = models["prior"]
-    layer = m.layers[0]
-    emb = torch.nn.functional.embedding(calib, m.embed)
-    mid = emb + m.attention_block(layer, emb)
-    gu = torch.nn.functional.linear(rms_norm(mid, layer.mlp_norm, m.config.rms_norm_eps), layer.w_gate_up)
-    act = (torch.nn.functional.silu(gu[..., : layer.k_mlp]) * gu[..., layer.k_mlp :]).reshape(-1, layer.k_mlp).double()
+    layer = models["prior"].layers[0]
+    mid, act = _mlp_input_and_kept_activations(models["prior"], calib)
+    act = act.double()
     G = act.T @ act
     s = G.diagonal().mean()
     rhs = act.T @ (target - mid.double()).reshape(act.shape[0], -1) + 0.5 * s * local
