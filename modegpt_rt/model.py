@@ -127,6 +127,41 @@ class Layer(nn.Module):
         self.mlp_norm = param(w["post_attention_layernorm"])
         self.freq_idx = torch.as_tensor(freq_idx, dtype=torch.int32, device=dev).contiguous()
 
+    @torch.no_grad()
+    def pad_widths(self, config: ModelConfig, widths: LayerWidths):
+        """Zero-pad this layer to wider `widths`; it computes the same function. Zero rotary pairs
+        (appended to both halves of every query/key head, on frequencies the head does not use) add
+        nothing to q·k; zero value dims meet zero columns of the output projection; zero MLP channels
+        give silu(0)·0 = 0 into zero columns of the down projection."""
+        d, H, H_kv = config.hidden_size, self.n_head, self.n_kv
+        half, new_half = self.d_qk // 2, widths.d_qk // 2
+        if new_half < half or widths.d_v < self.d_v or widths.k_mlp < self.k_mlp:
+            raise ValueError(f"pad_widths only widens: {widths} from ({self.k_mlp}, {self.d_qk}, {self.d_v})")
+        if new_half > config.head_dim // 2:
+            raise ValueError(f"d_qk {widths.d_qk} exceeds head_dim {config.head_dim}")
+        w = self.split_weights()
+
+        def rows(t, heads, per, new_per):  # [heads·per, d] -> [heads·new_per, d], zero rows at each head's end
+            return F.pad(t.reshape(heads, per, d), (0, 0, 0, new_per - per)).reshape(heads * new_per, d)
+
+        def pairs(t, heads):  # [heads·d_qk, d] -> [heads·new d_qk, d]: both halves of every head widened
+            return F.pad(t.reshape(heads, 2, half, d), (0, 0, 0, new_half - half)).reshape(heads * 2 * new_half, d)
+
+        out = dict(w)
+        out["self_attn.q_proj"] = pairs(w["self_attn.q_proj"], H)
+        out["self_attn.k_proj"] = pairs(w["self_attn.k_proj"], H_kv)
+        out["self_attn.v_proj"] = rows(w["self_attn.v_proj"], H_kv, self.d_v, widths.d_v)
+        out["self_attn.o_proj"] = F.pad(w["self_attn.o_proj"].reshape(d, H, self.d_v), (0, widths.d_v - self.d_v))
+        out["self_attn.o_proj"] = out["self_attn.o_proj"].reshape(d, H * widths.d_v)
+        out["mlp.gate_proj"] = F.pad(w["mlp.gate_proj"], (0, 0, 0, widths.k_mlp - self.k_mlp))
+        out["mlp.up_proj"] = F.pad(w["mlp.up_proj"], (0, 0, 0, widths.k_mlp - self.k_mlp))
+        out["mlp.down_proj"] = F.pad(w["mlp.down_proj"], (0, widths.k_mlp - self.k_mlp))
+        freq_idx = []
+        for kept in self.freq_idx.tolist():  # padded pairs take frequencies this KV group does not use
+            unused = [f for f in range(config.head_dim // 2) if f not in set(kept)]
+            freq_idx.append(kept + unused[: new_half - half])
+        self.load_weights(config, widths, out, freq_idx)
+
     # ---------------------------------------------------------------- compute
     def qkv(self, x, linear=F.linear):
         """x: [B, T, d] normed -> q [B, T, H, d_qk], k [B, T, H_kv, d_qk], v [B, T, H_kv, d_v]."""
@@ -205,6 +240,35 @@ class Model(nn.Module):
             if cpu_linear.available():
                 self._linear, self._fused = cpu_linear.linear, True
         return self.backend
+
+    @torch.no_grad()
+    def align_widths(self, mlp: int = 64, pairs: int = 8, v: int = 8) -> bool:
+        """Zero-pad every layer to hardware-friendly widths (MLP channels to a multiple of `mlp`, rotary
+        pairs per head to a multiple of `pairs`, value dims to a multiple of `v`; q/k/v never beyond
+        head_dim). The model computes the same function. Done on load on a GPU (`load(align=...)`):
+        compressed widths such as 10458 MLP channels or 121 value dims leave matrix rows and cache
+        heads off 16-byte boundaries, which slowed every compressed model below dense there. Returns
+        whether anything changed; `config.layers` then holds the padded widths."""
+        cfg = self.config
+
+        def up(x, m, cap):
+            return max(x, min(-(-x // m) * m, cap))
+
+        changed = False
+        widths = []
+        for layer in self.layers:
+            new = LayerWidths(
+                k_mlp=up(layer.k_mlp, mlp, cfg.intermediate_size),
+                d_qk=2 * up(layer.d_qk // 2, pairs, cfg.head_dim // 2),
+                d_v=up(layer.d_v, v, cfg.head_dim),
+            )
+            if new != LayerWidths(layer.k_mlp, layer.d_qk, layer.d_v):
+                layer.pad_widths(cfg, new)
+                changed = True
+            widths.append(new)
+        if changed:
+            self.config = cfg.with_layers(widths, compression=cfg.compression)
+        return changed
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         if capacity > self.config.max_position_embeddings:

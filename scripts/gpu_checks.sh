@@ -3,8 +3,14 @@
 #   run(command="bash scripts/gpu_checks.sh", timeout_s=590)
 # Uses the device image's python3 (torch + triton), no install: the package is staged from the
 # source folders with symlinks. Writes logs and result JSON under $OUT (or /tmp/gpu_checks) and
-# prints a short summary last. Each step has its own time limit so one hang cannot eat the lease;
-# BATCH, MODELS, REPEATS and CUDA_GRAPH (on/off/both) narrow the throughput run to fit a call.
+# prints a short summary last. Each step has its own time limit so one hang cannot eat the lease.
+# Knobs (environment):
+#   STEPS     which steps, comma-separated, in this order: tests,kernels,throughput (default: all)
+#   BATCH, MODELS, REPEATS, PROMPT, NEW, CUDA_GRAPH (on/off/both), ALIGN (auto/on/off/both: widths
+#             zero-padded as modegpt_rt.load does on a GPU), HF (1: transformers baseline)
+#             narrow the throughput run to fit a call; TAG names its files (gpu_throughput$TAG.*)
+#   RANKS     the paper's layer ranks JSON where ../shared is not beside the checkout
+#   T_TESTS, T_KERNELS, T_THROUGHPUT   per-step time limits in seconds
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -15,25 +21,43 @@ for f in modegpt_rt/*.py; do ln -s "$ROOT/$f" "$STAGE/modegpt_rt/"; done
 ln -s "$ROOT/compressor" "$STAGE/modegpt_rt/compressor"
 ln -s "$ROOT/kernels" "$STAGE/modegpt_rt/kernels"
 ln -s "$ROOT/bench" "$STAGE/modegpt_rt/bench"
-export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # compile the kernels for the GPU
+cd "$STAGE"  # python -m puts the cwd first on sys.path: the checkout's own modegpt_rt/ must not shadow the stage
 PY=${PY:-python3}
+STEPS=${STEPS:-tests,kernels,throughput}
+TAG=${TAG:-}
 summary() { printf '%-28s %s\n' "$1" "$2" >> "$OUT/summary.txt"; }
+step() { [[ ",$STEPS," == *",$1,"* ]]; }
 : > "$OUT/summary.txt"
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } > "$OUT/device.txt" 2>&1
 summary device "$(tr '\n' ' ' < "$OUT/device.txt")"
 
-timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py > "$OUT/pytest_triton.log" 2>&1
-summary "pytest triton (rc $?)" "$(tail -1 "$OUT/pytest_triton.log")"
+if step tests; then
+  XDIST=""
+  $PY -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  timeout ${T_TESTS:-200} $PY -m pytest -q -rfEs -p no:cacheprovider $XDIST "$ROOT/tests/test_triton_kernels.py" > "$OUT/pytest_triton.log" 2>&1
+  summary "pytest triton (rc $?)" "$(tail -1 "$OUT/pytest_triton.log")"
+fi
 
-timeout 120 $PY -m modegpt_rt.bench.triton_kernels --json "$OUT/triton_kernels.json" > "$OUT/triton_kernels.log" 2>&1
-summary "bench triton_kernels (rc $?)" "$(tail -1 "$OUT/triton_kernels.log")"
+if step kernels; then
+  timeout ${T_KERNELS:-120} $PY -m modegpt_rt.bench.triton_kernels --json "$OUT/triton_kernels.json" > "$OUT/triton_kernels.log" 2>&1
+  summary "bench triton_kernels (rc $?)" "$(tail -1 "$OUT/triton_kernels.log")"
+fi
 
-timeout 240 $PY -m modegpt_rt.bench.gpu_throughput --hf-baseline --cuda-graph ${CUDA_GRAPH:-both} \
-  --batch ${BATCH:-1,16,64,256} --models ${MODELS:-dense,paper30,5,10,20,40} --repeats ${REPEATS:-2} --json "$OUT/gpu_throughput.json" > "$OUT/gpu_throughput.log" 2>&1
-summary "bench gpu_throughput (rc $?)" "$(tail -1 "$OUT/gpu_throughput.log")"
+if step throughput; then
+  EXTRA=()
+  [[ ${HF:-1} == 1 ]] && EXTRA+=(--hf-baseline)
+  [[ -n ${RANKS:-} ]] && EXTRA+=(--ranks "$(realpath -m "$ROOT/$RANKS")")
+  timeout ${T_THROUGHPUT:-240} $PY -m modegpt_rt.bench.gpu_throughput "${EXTRA[@]}" --cuda-graph ${CUDA_GRAPH:-on} --align ${ALIGN:-auto} \
+    --batch ${BATCH:-256,1,16,64} --models ${MODELS:-dense,paper30,5,10,20,40} --repeats ${REPEATS:-2} \
+    --prompt ${PROMPT:-256} --new ${NEW:-256} --json "$OUT/gpu_throughput$TAG.json" > "$OUT/gpu_throughput$TAG.log" 2>&1
+  summary "bench gpu_throughput (rc $?)" "$(tail -1 "$OUT/gpu_throughput$TAG.log")"
+fi
 
-tail -40 "$OUT/gpu_throughput.log" "$OUT/triton_kernels.log" 2>/dev/null | cut -c1-160
+step tests && grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_triton.log" | tail -15 | cut -c1-200
+tail -30 "$OUT/triton_kernels.log" "$OUT/gpu_throughput$TAG.log" 2>/dev/null | cut -c1-200
 cat "$OUT/summary.txt"

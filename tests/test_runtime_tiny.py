@@ -397,6 +397,48 @@ def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path):
     args = ["--tiny", "--batch", "1,2", "--prompt", "6", "--new", "3", "--models", "dense,paper30,20"]
     gpu_throughput.main([*args, "--repeats", "1", "--cuda-graph", "both", "--json", str(out)])
     rows = json.loads(out.read_text())["results"]
-    assert [(r["label"], r["batch"]) for r in rows] == [(m, b) for m in ("dense", "paper30", "20") for b in (1, 2)]
+    assert [(r["label"], r["batch"]) for r in rows] == [(m, b) for b in (1, 2) for m in ("dense", "paper30", "20")]
     assert all(r["tok_s"] > 0 and "graph" not in r["impl"] for r in rows)
-    assert rows[2]["params"] < rows[0]["params"] and rows[2]["rate"] == 0.3
+    assert rows[1]["params"] < rows[0]["params"] and rows[1]["rate"] == 0.3
+
+
+def test_align_widths_pads_exactly(tiny_hf_dir, tmp_path):
+    """Zero-padding to hardware-friendly widths (what `load` does on a GPU) keeps the model's function:
+    full-sequence logits, cached ragged steps and a saved-and-reloaded copy all match float64."""
+    small = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    compress(small, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
+    path = save_checkpoint(small, tmp_path / "c")
+    ref = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
+    ours = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
+    before = [(layer.k_mlp, layer.d_qk, layer.d_v) for layer in ours.layers]
+    assert ours.align_widths(mlp=16, pairs=2, v=4)
+    after = [(layer.k_mlp, layer.d_qk, layer.d_v) for layer in ours.layers]
+    assert after != before and all(a >= b for x, y in zip(after, before) for a, b in zip(x, y))
+    aligned = [
+        (k % 16 == 0 or k == 80) and ((q // 2) % 2 == 0 or q == 10) and (v % 4 == 0 or v == 10) for k, q, v in after
+    ]
+    assert all(aligned), (before, after)
+    assert [(w.k_mlp, w.d_qk, w.d_v) for w in ours.config.layers] == after
+    for layer in ours.layers:  # padded pairs take frequencies their group does not use
+        assert all(len(set(row)) == len(row) for row in layer.freq_idx.tolist())
+    ids = torch.randint(0, 97, (2, 20))
+    torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-10, atol=1e-10)
+    lens = torch.tensor([5, 9], dtype=torch.int32)
+    caches = [ref.new_cache(2, 16), ours.new_cache(2, 16)]
+    assert caches[1].v[0].shape[-1] == ours.layers[0].d_v
+    torch.testing.assert_close(ours.step(ids[:, :9], caches[1], lens), ref.step(ids[:, :9], caches[0], lens))
+    for t in range(3):
+        step = ids[:, 10 + t : 11 + t]
+        ones = torch.ones(2, dtype=torch.int32)
+        torch.testing.assert_close(ours.step(step, caches[1], ones), ref.step(step, caches[0], ones))
+    again = modegpt_rt.load(save_checkpoint(ours, tmp_path / "aligned"), backend="torch", dtype=torch.float64)
+    torch.testing.assert_close(again(ids).logits, ref(ids).logits, rtol=1e-10, atol=1e-10)
+    assert not again.align_widths(mlp=16, pairs=2, v=4)  # already aligned: nothing to do
+    with pytest.raises(ValueError, match="only widens"):
+        w = ours.config.layers[0]
+        ours.layers[0].pad_widths(ours.config, type(w)(w.k_mlp - 1, w.d_qk, w.d_v))
+    # load(align=True) pads with the GPU defaults (8 pairs, 8 value dims: here capped by head_dim 10)
+    full = modegpt_rt.load(path, backend="torch", dtype=torch.float64, align=True)
+    assert all(layer.d_qk == 10 and layer.d_v in (8, 10) for layer in full.layers)
+    torch.testing.assert_close(full(ids).logits, ref(ids).logits, rtol=1e-10, atol=1e-10)
+    assert modegpt_rt.load(path, backend="torch").config.layers == small.config.layers  # CPU: off by default
