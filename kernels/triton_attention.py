@@ -51,19 +51,26 @@ Softmax statistics and accumulators are float32 for fp16/bf16/fp32 inputs and fl
 for float64 inputs (``COMPUTE``); dots take operands in the query dtype (keys and values
 are cast to it, like the reference) with ``input_precision="ieee"``, so fp32 inputs are
 not silently run in tf32 and float64 inputs give float64 math (the interpreter runs it in
-numpy float64; the tests compare with the reference at 1e-9). ``scale`` is a float64
-kernel argument so that float64 runs are not limited by a float32 scale.
+numpy float64; the tests compare with the reference at 1e-9; compiled on an H200 with
+Triton 3.6 they pass at 1e-9 too). ``scale`` is a float64 kernel argument so that float64
+runs are not limited by a float32 scale. One exception, seen on the H200: Triton's
+compiler rewrites the multiply-sum of the *prefill* tile (``use_dot=False``, rows >= 16)
+into a dot of TF32 precision (its CombineBroadcastMulReducePattern, triton-lang/triton
+issue 9609), so float32 prefill with ``use_dot=False`` is TF32-accurate (1.7e-3 against
+the reference). No default path takes it: prefill always uses ``tl.dot``, and decode's
+multiply-sum (G == 1) has one row and stayed float32-exact there.
 
 Launch configurations
 ---------------------
 ``prefill_config`` / ``decode_config`` pick tiles per dtype and head width. The prefill
 key loop has an unmasked part (tiles every row of the block sees) and a masked part
 along the causal diagonal. fp16/bf16 prefill: BLOCK_M x BLOCK_N = 128 x 64 with 8 warps
-(64 x 32 for 256-wide heads); decode: 32 keys per tile, 4 warps. These were checked by
-compiling ahead of time for sm_90 (no register spills for fp16/bf16/fp32 at
-d_qk = d_v = 128 and 256) but never timed here: run
-``python -m modegpt_rt.bench.triton_kernels`` on a GPU. Under the interpreter all tiles
-are 16 wide so that small tests cover several tiles and splits.
+(64 x 32 for 256-wide heads); decode: 32 keys per tile, 4 warps. Timed on an H200
+(``python -m modegpt_rt.bench.triton_kernels``, bench/results/triton_kernels_h200.json):
+decode at batch 256, cache 512, LLaMA-2-7B heads reads K/V at 98% of the measured copy
+bandwidth; a compressed head of d_qk = 88, d_v = 90 at 45% (rows off 16-byte boundaries:
+`Model.align_widths` pads such widths on a GPU). Under the interpreter all tiles are 16
+wide so that small tests cover several tiles and splits.
 
 Flash-decoding splits
 ---------------------
