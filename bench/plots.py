@@ -42,24 +42,38 @@ def plot_throughput(res: dict, out_dir: Path, stem: str) -> list[Path]:
     fig.savefig(outs[0], dpi=120)
     plt.close(fig)
 
-    by_batch = defaultdict(list)  # one line per batch size (and per runtime variant, e.g. with/without CUDA graph)
+    # one line per batch size (and per runtime variant, e.g. with/without CUDA graph), as a multiple of the
+    # dense model's throughput at that batch where the run has it: the speed-up compression buys
+    by_batch = defaultdict(list)
+    dense = {(r["batch"], r["impl"]): r["tok_s"] for r in rows if r["label"] == "dense"}
     for r in rows:
         if r["impl"].startswith("modegpt_rt"):
-            by_batch[(r["batch"], r["impl"])].append((r["rate"], r["tok_s"]))
+            by_batch[(r["batch"], r["impl"])].append((r["rate"], r["tok_s"], r["label"]))
     several = len({impl for _, impl in by_batch}) > 1
+    relative = bool(by_batch) and all(key in dense for key in by_batch)
     if by_batch:
         fig, ax = plt.subplots(figsize=(6, 4))
         for (b, impl), pts in sorted(by_batch.items()):
             pts.sort()
+            scale = dense[(b, impl)] if relative else 1.0
             label = f"batch {b}" + (f" ({impl.split('/', 1)[-1]})" if several else "")
-            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        hf = [r for r in rows if r["impl"] == "transformers"]
-        for r in hf:
-            ax.axhline(r["tok_s"], ls="--", lw=0.8, color="gray")
-            ax.text(0, r["tok_s"], f"transformers b{r['batch']}", fontsize=7, va="bottom")
+            uniform = [p for p in pts if p[2] != "paper30"]
+            (line,) = ax.plot([100 * p[0] for p in uniform], [p[1] / scale for p in uniform], marker="o", label=label)
+            for p in pts:
+                if p[2] == "paper30":  # the paper's per-layer ranks: a star off the uniform line
+                    ax.plot(100 * p[0], p[1] / scale, marker="*", ms=11, color=line.get_color())
+        if relative:
+            ax.axhline(1.0, ls="--", lw=0.8, color="gray")
+            ax.set_ylabel("throughput / dense at the same batch")
+            ax.set_title("modegpt_rt speed-up vs compression rate (star: paper's 30% ranks)", fontsize=9)
+        else:
+            hf = [r for r in rows if r["impl"] == "transformers"]
+            for r in hf:
+                ax.axhline(r["tok_s"], ls="--", lw=0.8, color="gray")
+                ax.text(0, r["tok_s"], f"transformers b{r['batch']}", fontsize=7, va="bottom")
+            ax.set_ylabel("tokens/s")
+            ax.set_title("modegpt_rt throughput vs compression rate")
         ax.set_xlabel("compression rate (%)")
-        ax.set_ylabel("tokens/s")
-        ax.set_title("modegpt_rt throughput vs compression rate")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
