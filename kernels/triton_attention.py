@@ -68,8 +68,13 @@ along the causal diagonal. fp16/bf16 prefill: BLOCK_M x BLOCK_N = 128 x 64 with 
 (64 x 32 for 256-wide heads); decode: 32 keys per tile, 4 warps. Timed on an H200
 (``python -m modegpt_rt.bench.triton_kernels``, bench/results/triton_kernels_h200.json):
 decode at batch 256, cache 512, LLaMA-2-7B heads reads K/V at 98% of the measured copy
-bandwidth; a compressed head of d_qk = 88, d_v = 90 at 45% (rows off 16-byte boundaries:
-`Model.align_widths` pads such widths on a GPU). Under the interpreter all tiles are 16
+bandwidth; a compressed head of d_qk = 88, d_v = 90 at 45%: its rows are off 16-byte
+boundaries, so the compiler emits 2-byte loads. `Model.align_widths` pads such widths on a GPU
+(rotary pairs and value dims to multiples of 8), and the launchers pass ``VEC = 8`` when every
+width and row stride is a multiple of 8 (`vector_width`): the kernels rewrite those values as
+``x // 8 * 8`` (`_multiple`), which tells the compiler what its own specialisation (multiples
+of 16 only) cannot, and the loads become 16-byte vectors (checked in the PTX by
+``python -m modegpt_rt.bench.triton_ptx``, no GPU needed). Under the interpreter all tiles are 16
 wide so that small tests cover several tiles and splits.
 
 Flash-decoding splits
@@ -156,6 +161,16 @@ def _qk_scale(scale, COMPUTE: tl.constexpr):
     Python float through float32).
     """
     return (tl.zeros([], COMPUTE) + scale * LOG2E).to(COMPUTE)
+
+
+@triton.jit
+def _multiple(x, VEC: tl.constexpr):
+    """x, which the launcher checked to be a multiple of VEC, rewritten so that the compiler knows it
+    (its own specialisation only recognises multiples of 16): 16-byte vector loads for rows of
+    8-aligned widths. Identity for VEC == 1."""
+    if VEC > 1:
+        x = x // VEC * VEC
+    return x
 
 
 @triton.jit
@@ -274,8 +289,14 @@ def _rope_append_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     COMPUTE: tl.constexpr,
+    VEC: tl.constexpr = 1,
 ):
     """Program (b * T + t): rotate k[b, t] (all KV heads) and append it and v[b, t] to the caches."""
+    HALF, D_V = _multiple(HALF, VEC), _multiple(D_V, VEC)
+    s_kb, s_kt, s_kh = _multiple(s_kb, VEC), _multiple(s_kt, VEC), _multiple(s_kh, VEC)
+    s_vb, s_vt, s_vh = _multiple(s_vb, VEC), _multiple(s_vt, VEC), _multiple(s_vh, VEC)
+    s_kcb, s_kch, s_kcs = _multiple(s_kcb, VEC), _multiple(s_kch, VEC), _multiple(s_kcs, VEC)
+    s_vcb, s_vch, s_vcs = _multiple(s_vcb, VEC), _multiple(s_vch, VEC), _multiple(s_vcs, VEC)
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = pid % T
@@ -349,12 +370,18 @@ def _prefill_kernel(
     BLOCK_DV: tl.constexpr,
     USE_DOT: tl.constexpr,
     COMPUTE: tl.constexpr,
+    VEC: tl.constexpr = 1,
 ):
     """Program (m block, b * H_kv + g): BLOCK_M rows of (token, query head of group g) pairs.
 
     Row r is token t = r // GROUP of query head g * GROUP + r % GROUP, at absolute position
     cache_lens[b] + t; it attends to cache positions <= that. Rows t >= new_lens[b] get 0.
     """
+    HALF, D_V = _multiple(HALF, VEC), _multiple(D_V, VEC)
+    s_qb, s_qt, s_qh = _multiple(s_qb, VEC), _multiple(s_qt, VEC), _multiple(s_qh, VEC)
+    s_kcb, s_kch, s_kcs = _multiple(s_kcb, VEC), _multiple(s_kch, VEC), _multiple(s_kcs, VEC)
+    s_vcb, s_vch, s_vcs = _multiple(s_vcb, VEC), _multiple(s_vch, VEC), _multiple(s_vcs, VEC)
+    s_ob, s_ot, s_oh = _multiple(s_ob, VEC), _multiple(s_ot, VEC), _multiple(s_oh, VEC)
     pid_m = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // H_KV).to(tl.int64)
@@ -461,12 +488,18 @@ def _decode_split_kernel(
     BLOCK_DV: tl.constexpr,
     USE_DOT: tl.constexpr,
     COMPUTE: tl.constexpr,
+    VEC: tl.constexpr = 1,
 ):
     """Program (b * H_kv + g, split): all GROUP query heads of KV group g over one cache chunk.
 
     With NUM_SPLITS == 1 it writes the normalised output; otherwise the partial
     (max in log2 units, sum, unnormalised acc) for `_decode_reduce_kernel`.
     """
+    HALF, D_V = _multiple(HALF, VEC), _multiple(D_V, VEC)
+    s_qb, s_qh = _multiple(s_qb, VEC), _multiple(s_qh, VEC)
+    s_kcb, s_kch, s_kcs = _multiple(s_kcb, VEC), _multiple(s_kch, VEC), _multiple(s_kcs, VEC)
+    s_vcb, s_vch, s_vcs = _multiple(s_vcb, VEC), _multiple(s_vch, VEC), _multiple(s_vcs, VEC)
+    s_ob, s_oh = _multiple(s_ob, VEC), _multiple(s_oh, VEC)
     pid_bg = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bg // H_KV).to(tl.int64)
@@ -687,7 +720,8 @@ def rope_append(k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_lens
         t, h_kv, half, d_v, capacity, cos.shape[0], cos.shape[1],
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
         BLOCK_H=triton.next_power_of_2(h_kv), BLOCK_P=_block(half, 1), BLOCK_DV=_block(d_v, 1),
-        COMPUTE=compute, num_warps=4,
+        COMPUTE=compute, VEC=vector_width(half, d_v, *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3],
+                                          *v_cache.stride()[:3]), num_warps=4,
     )  # fmt: skip
 
 
@@ -725,9 +759,16 @@ def prefill_attention(
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_DV=block_dv,
         USE_DOT=True if use_dot is None else bool(use_dot), COMPUTE=_compute_dtype(q.dtype),
+        VEC=vector_width(half, d_v, *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3]),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+def vector_width(*values: int) -> int:
+    """8 when every width and row stride handed to a kernel is a multiple of 8 elements (rows start on
+    16-byte boundaries: the compiler may use vector loads, see `_multiple`), else 1."""
+    return 8 if all(int(x) % 8 == 0 for x in values) else 1
 
 
 def _on_gpu(device) -> bool:
@@ -829,6 +870,8 @@ def decode_attention(
         out.stride(0), out.stride(2), out.stride(3),
         GROUP=group, NUM_SPLITS=num_splits, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_P=block_p,
         BLOCK_DV=block_dv, USE_DOT=bool(use_dot), COMPUTE=compute, num_warps=num_warps, num_stages=num_stages,
+        VEC=vector_width(half, d_v, q.stride(0), q.stride(2), *k_cache.stride()[:3], *v_cache.stride()[:3],
+                         out.stride(0), out.stride(2)),
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(batch * h,)](
