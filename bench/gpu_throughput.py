@@ -2,7 +2,7 @@
 
     python -m modegpt_rt.bench.gpu_throughput --json bench/results/gpu_throughput.json
         [--batch 1,16,64,256] [--prompt 256] [--new 256] [--models dense,paper30,5,10,20,40] [--hf-baseline]
-        [--cuda-graph on|off|both] [--ranks FILE] [--hf-compile]
+        [--cuda-graph on|off|both] [--align auto|on|off|both] [--multiples M,P,V] [--ranks FILE] [--hf-compile]
 
 LLaMA-2-7B shape, fp16. Models: dense; the paper's 30% layer ranks
 (shared/bench/llama2-ranks-30pct.json: φ_l = 1 − rank_l / hidden applied to every module of
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from modegpt_rt.bench.machine import describe
-from modegpt_rt.compressor.widths import widths_for_sparsity
+from modegpt_rt.compressor.widths import Multiples, widths_for_sparsity
 
 from modegpt_rt.config import ModelConfig
 from modegpt_rt.model import Model
@@ -165,6 +165,11 @@ def main(argv=None):
         " (auto: on a GPU); both: each compressed model unpadded and padded",
     )
     p.add_argument(
+        "--multiples",
+        help="MLP,PAIRS,V: compressed widths chosen at these multiples within the same budget, as"
+        " `modegpt compress --multiples` does (default: any width; padding is --align's business)",
+    )
+    p.add_argument(
         "--ranks", type=Path, help="layer ranks JSON for paper30 (default: shared/bench/llama2-ranks-30pct.json)"
     )
     p.add_argument(
@@ -180,6 +185,7 @@ def main(argv=None):
             sys.exit("gpu_throughput: no CUDA device; run on a GPU machine (or --tiny to check the script)")
         shape, device, dtype = LLAMA2_7B, "cuda", torch.float16
     base = ModelConfig(**shape)
+    multiples = Multiples.parse(args.multiples)
     rows = []
     batches = [int(b) for b in args.batch.split(",")]
 
@@ -234,7 +240,7 @@ def main(argv=None):
             save()
         for name, align in itertools.product(args.models.split(","), aligns):
             phi = sparsities(name, base, args.ranks)
-            cfg = base.with_layers(widths_for_sparsity(base, phi, phi))
+            cfg = base.with_layers(widths_for_sparsity(base, phi, phi, multiples))
             model = random_model(cfg, device, dtype, align)
             padded = model.config.layers != cfg.layers
             if align and not padded and len(aligns) > 1:  # nothing to pad: the unpadded row is this model
@@ -248,6 +254,7 @@ def main(argv=None):
                     free()
                     continue
                 impl = f"modegpt_rt/{model.backend}" + ("+graph" if graph else "") + ("+aligned" if padded else "")
+                impl += f"+multiples{args.multiples}" if args.multiples else ""
                 record(name, impl, b, walls, cfg.total_params())
                 rows[-1]["params_run"] = model.config.total_params()  # with the zero padding
                 save()
