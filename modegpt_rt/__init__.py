@@ -33,7 +33,9 @@ def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer
     path = path or default_model_path()
     config, tensors = read_checkpoint(path)
     model = build_model(config, tensors, device=device, dtype=dtype, backend=backend)
-    if align if align is not None else model.device.type == "cuda":
+    if align is None:
+        align = model.device.type == "cuda"
+    if align:
         model.align_widths()
     model.source = str(path)
     model.tokenizer = None

@@ -151,14 +151,14 @@ class Layer(nn.Module):
         out["self_attn.q_proj"] = pairs(w["self_attn.q_proj"], H)
         out["self_attn.k_proj"] = pairs(w["self_attn.k_proj"], H_kv)
         out["self_attn.v_proj"] = rows(w["self_attn.v_proj"], H_kv, self.d_v, widths.d_v)
-        out["self_attn.o_proj"] = F.pad(w["self_attn.o_proj"].reshape(d, H, self.d_v), (0, widths.d_v - self.d_v))
-        out["self_attn.o_proj"] = out["self_attn.o_proj"].reshape(d, H * widths.d_v)
+        wo = F.pad(w["self_attn.o_proj"].reshape(d, H, self.d_v), (0, widths.d_v - self.d_v))
+        out["self_attn.o_proj"] = wo.reshape(d, H * widths.d_v)
         out["mlp.gate_proj"] = F.pad(w["mlp.gate_proj"], (0, 0, 0, widths.k_mlp - self.k_mlp))
         out["mlp.up_proj"] = F.pad(w["mlp.up_proj"], (0, 0, 0, widths.k_mlp - self.k_mlp))
         out["mlp.down_proj"] = F.pad(w["mlp.down_proj"], (0, widths.k_mlp - self.k_mlp))
         freq_idx = []
         for kept in self.freq_idx.tolist():  # padded pairs take frequencies this KV group does not use
-            unused = [f for f in range(config.head_dim // 2) if f not in set(kept)]
+            unused = sorted(set(range(config.head_dim // 2)) - set(kept))
             freq_idx.append(kept + unused[: new_half - half])
         self.load_weights(config, widths, out, freq_idx)
 
