@@ -6,7 +6,8 @@ global memory loads of the PTX by width, per head layout.
 A layout is d_qk/d_v (fp16, 32 heads, MHA). Rows of 8-aligned widths should compile to 16-byte vector
 loads (`ld.global.v4.b32`, or asynchronous copies in the prefill's pipelined loop) and unaligned ones to
 2-byte loads (`ld.global.b16`): the difference between 98% and 45% of copy bandwidth measured on an H200
-(bench/results/triton_kernels_h200.json). Run it with TRITON_INTERPRET unset.
+(bench/results/triton_kernels_h200.json). Registers and spills per thread come from the `ptxas` that
+Triton ships. Run it with TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -38,6 +39,29 @@ def load_widths(ptx: str) -> dict[str, int]:
     """{instruction: count} of the global loads in a PTX listing (ld.global.b16, ld.global.v4.b32, ...)."""
     found = re.findall(r"\b(ld\.global(?:\.[a-z0-9]+)*|cp\.async(?:\.[a-z0-9]+)*)", ptx)
     return dict(sorted(collections.Counter(found).items()))
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes per thread from `ptxas -v` (the assemblers Triton ships; {} if none takes it)."""
+    import glob
+    import subprocess
+    import tempfile
+
+    import triton
+
+    suffix = "a" if arch == 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for ptxas in sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas*"))):
+            cmd = [ptxas, "-v", "--gpu-name", f"sm_{arch}{suffix}", src, "-o", os.path.join(tmp, "k.cubin")]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            regs = re.search(r"Used (\d+) registers", r.stderr)
+            if r.returncode == 0 and regs:
+                spills = re.search(r"(\d+) bytes spill stores", r.stderr)
+                return {"registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1)) if spills else 0}
+    return {}
 
 
 def compile_layout(d_qk: int, d_v: int, arch: int = 90) -> dict:
@@ -80,7 +104,8 @@ def compile_layout(d_qk: int, d_v: int, arch: int = 90) -> dict:
         bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
         kernel = compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-        result[name.strip("_")] = {"VEC": kwargs.get("VEC", 1), "loads": load_widths(kernel.asm["ptx"])}
+        ptx = kernel.asm["ptx"]
+        result[name.strip("_")] = {"VEC": kwargs.get("VEC", 1), "loads": load_widths(ptx), **ptxas_report(ptx, arch)}
     return result
 
 
@@ -98,7 +123,9 @@ def main(argv=None) -> int:
         res = compile_layout(d_qk, d_v, args.arch)
         results.append(res)
         for kernel in ("rope_append_kernel", "prefill_kernel", "decode_split_kernel"):
-            print(f"{d_qk:>4}/{d_v:<4} {kernel:<20} VEC {res[kernel]['VEC']}  {res[kernel]['loads']}", flush=True)
+            r = res[kernel]
+            regs = f"  {r['registers']} registers, {r['spill_store_bytes']} B spilled" if "registers" in r else ""
+            print(f"{d_qk:>4}/{d_v:<4} {kernel:<20} VEC {r['VEC']}{regs}  {r['loads']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": args.arch, "command": " ".join(sys.argv), "results": results}, f, indent=2)
