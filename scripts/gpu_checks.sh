@@ -12,6 +12,7 @@
 #             narrow the throughput run to fit a call; TAG names its files (gpu_throughput$TAG.*)
 #   RANKS     the paper's layer ranks JSON where ../shared is not beside the checkout
 #   T_TESTS, T_KERNELS, T_THROUGHPUT   per-step time limits in seconds
+#   APPEND=1  keep summary.txt (a second run in the same call, e.g. STEPS=throughput TAG=_mult MULTIPLES=64,8,8)
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -30,12 +31,13 @@ STEPS=${STEPS:-tests,kernels,throughput}
 TAG=${TAG:-}
 summary() { printf '%-28s %s\n' "$1" "$2" >> "$OUT/summary.txt"; }
 step() { [[ ",$STEPS," == *",$1,"* ]]; }
-: > "$OUT/summary.txt"
+[[ ${APPEND:-0} == 1 ]] || : > "$OUT/summary.txt"  # APPEND=1: a second run in the same call adds to it
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+# (the device line lives in summary.txt only: a call brings back at most 8 files)
+DEVICE=$({ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-} > "$OUT/device.txt" 2>&1
-summary device "$(tr '\n' ' ' < "$OUT/device.txt")"
+} 2>&1 | tr '\n' ' ')
+summary device "$DEVICE"
 
 if step tests; then
   XDIST=""
