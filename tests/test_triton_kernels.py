@@ -387,10 +387,12 @@ def test_triton_module_imports_without_triton(monkeypatch):
         module.attention(*case.args())
 
 
-def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path):
+@pytest.mark.parametrize("align", [False, True], ids=["as_saved", "aligned"])
+def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path, align):
     """The decode step a CUDA graph captures, with the Triton kernels on a compressed model (d_qk ≠ d_v
-    per layer): the same logits as the torch reference's `Model.step`, float64. Run eagerly; on a GPU
-    also captured and replayed."""
+    per layer), as saved and zero-padded by `load(align=True)` (the GPU default): the same logits as the
+    torch reference's `Model.step` on the saved widths, float64. Run eagerly; on a GPU also captured and
+    replayed."""
     from modegpt_rt.compressor.compress import CompressOptions, compress
 
     import modegpt_rt
@@ -401,7 +403,8 @@ def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path):
     compress(small, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
     path = save_checkpoint(small, tmp_path / "c")
     ref = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
-    ours = modegpt_rt.load(path, device=DEVICE, backend="triton", dtype=torch.float64)
+    ours = modegpt_rt.load(path, device=DEVICE, backend="triton", dtype=torch.float64, align=align)
+    assert (ours.config.layers != ref.config.layers) == align
     assert ours.backend == "triton"
     lens = torch.tensor([4, 7, 1], dtype=torch.int32)
     batch = torch.randint(3, 97, (3, 7))
