@@ -2,7 +2,8 @@
 
     python -m modegpt_rt.bench.gpu_throughput --json bench/results/gpu_throughput.json
         [--batch 1,16,64,256] [--prompt 256] [--new 256] [--models dense,paper30,5,10,20,40] [--hf-baseline]
-        [--cuda-graph on|off|both] [--align auto|on|off|both] [--multiples M,P,V] [--ranks FILE] [--hf-compile]
+        [--cuda-graph on|off|both] [--align auto|on|off|both] [--glue triton|torch|both] [--multiples M,P,V]
+        [--ranks FILE] [--hf-compile]
 
 LLaMA-2-7B shape, fp16. Models: dense; the paper's 30% layer ranks
 (shared/bench/llama2-ranks-30pct.json: φ_l = 1 − rank_l / hidden applied to every module of
@@ -165,6 +166,13 @@ def main(argv=None):
         " (auto: on a GPU); both: each compressed model unpadded and padded",
     )
     p.add_argument(
+        "--glue",
+        choices=["triton", "torch", "both"],
+        default="triton",
+        help="residual add + RMSNorm and SiLU·up of the Triton backend's step: the fused Triton kernels (the"
+        " runtime's default), plain torch ops, or both to see what the fusion pays",
+    )
+    p.add_argument(
         "--multiples",
         help="MLP,PAIRS,V: compressed widths chosen at these multiples within the same budget, as"
         " `modegpt compress --multiples` does (default: any width; padding is --align's business)",
@@ -246,7 +254,10 @@ def main(argv=None):
             if align and not padded and len(aligns) > 1:  # nothing to pad: the unpadded row is this model
                 del model
                 continue
-            for graph in graphs:
+            glues = {"both": ["triton", "torch"]}.get(args.glue, [args.glue]) if model.backend == "triton" else [None]
+            for graph, glue in itertools.product(graphs, glues):
+                if glue is not None:
+                    model.glue = glue
                 try:
                     walls = time_generate(model, b, args.prompt, args.new, args.repeats, graph)
                 except torch.OutOfMemoryError:
@@ -254,7 +265,9 @@ def main(argv=None):
                     free()
                     continue
                 impl = f"modegpt_rt/{model.backend}" + ("+graph" if graph else "") + ("+aligned" if padded else "")
-                impl += f"+multiples{args.multiples}" if args.multiples else ""
+                impl += ("+torchglue" if glue == "torch" else "") + (
+                    f"+multiples{args.multiples}" if args.multiples else ""
+                )
                 record(name, impl, b, walls, cfg.total_params())
                 rows[-1]["params_run"] = model.config.total_params()  # with the zero padding
                 save()

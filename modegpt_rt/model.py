@@ -234,6 +234,9 @@ class Model(nn.Module):
         """
         self.backend = kernels.resolve_backend(backend, self.device, self.dtype)
         self._linear, self._fused = F.linear, False
+        # glue ops (residual add + RMSNorm, SiLU·up) of the cached step: fused Triton kernels with the Triton
+        # backend; set to "torch" to run them as plain torch ops (benchmarks compare the two)
+        self.glue = "triton" if self.backend == "triton" else "torch"
         if self.backend == "cpu" and self.dtype == torch.float32:
             from modegpt_rt.kernels import cpu_linear
 
@@ -377,6 +380,13 @@ class Model(nn.Module):
             raise ValueError(f"KV cache of {cache.capacity} positions cannot take {T} more tokens")
         if self._fused:
             h = self._step_fused(input_ids, cache, new_lens)
+        elif self.backend == "triton" and self.glue == "triton":
+            from modegpt_rt.kernels import triton_attention, triton_fused
+
+            h = F.embedding(input_ids, self.embed)
+            h = self._step_glued(
+                h, cache, new_lens, triton_attention.attention, triton_fused.add_rms_norm, triton_fused.silu_mul
+            )
         else:
             h = self._step_modules(input_ids, cache, new_lens)
         cache.lens += new_lens
@@ -418,24 +428,31 @@ class Model(nn.Module):
         from modegpt_rt.kernels import cpu, cpu_linear
 
         B, T = input_ids.shape
-        eps = self.config.rms_norm_eps
         h = F.embedding(input_ids, self.embed)  # residual stream, updated in place
         if B * T <= DECODE_PLAN_MAX_ROWS:
             out = torch.empty_like(h)
             lens = new_lens.to(torch.int32).contiguous()
             self._decode_plan(cache).step(h.data_ptr(), out.data_ptr(), cache.lens.data_ptr(), lens.data_ptr(), T)
             return out
+        return self._step_glued(h, cache, new_lens, cpu.attention, cpu_linear.add_rms_norm, cpu_linear.silu_mul)
+
+    def _step_glued(self, h, cache, new_lens, attention, add_rms_norm, silu_mul):
+        """A step over the embedded tokens `h` [B, T, d] (updated in place: the residual stream) with fused
+        glue ops: `add_rms_norm(h, delta, w, eps)` (h += delta, returns the normed h), `silu_mul`; the C++
+        ops on CPU, the Triton ones (`kernels/triton_fused.py`) on GPU. Returns final-normed states."""
+        B, T, _ = h.shape
+        eps = self.config.rms_norm_eps
         lin = self._linear
         norms = [layer.attn_norm for layer in self.layers] + [self.norm]
-        x = cpu_linear.add_rms_norm(h, None, norms[0], eps)
+        x = add_rms_norm(h, None, norms[0], eps)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, lin)
-            attn = cpu.attention(
+            attn = attention(
                 q, k, v, cache.k[i], cache.v[i], self.cos, self.sin, layer.freq_idx, cache.lens, new_lens, self.scale
             )
-            x = cpu_linear.add_rms_norm(h, lin(attn.view(B, T, -1), layer.wo), layer.mlp_norm, eps)
-            down = lin(cpu_linear.silu_mul(lin(x, layer.w_gate_up)), layer.w_down)
-            x = cpu_linear.add_rms_norm(h, down, norms[i + 1], eps)
+            x = add_rms_norm(h, lin(attn.reshape(B, T, -1), layer.wo), layer.mlp_norm, eps)
+            down = lin(silu_mul(lin(x, layer.w_gate_up)), layer.w_down)
+            x = add_rms_norm(h, down, norms[i + 1], eps)
         return x
 
     def _decode_plan(self, cache: KVCache):

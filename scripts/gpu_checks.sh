@@ -8,7 +8,8 @@
 #   STEPS     which steps, comma-separated, in this order: tests,kernels,throughput (default: all)
 #   BATCH, MODELS, REPEATS, PROMPT, NEW, CUDA_GRAPH (on/off/both), ALIGN (auto/on/off/both: widths
 #             zero-padded as modegpt_rt.load does on a GPU), MULTIPLES (M,P,V: widths chosen at multiples
-#             within the budget), HF (1: transformers baseline)
+#             within the budget), GLUE (triton/torch/both: fused Triton norm + SiLU·up kernels or torch
+#             ops), HF (1: transformers baseline)
 #             narrow the throughput run to fit a call; TAG names its files (gpu_throughput$TAG.*)
 #   RANKS     the paper's layer ranks JSON where ../shared is not beside the checkout
 #   T_TESTS, T_KERNELS, T_THROUGHPUT   per-step time limits in seconds
@@ -56,7 +57,7 @@ if step throughput; then
   [[ ${HF:-1} == 1 ]] && EXTRA+=(--hf-baseline)
   [[ -n ${RANKS:-} ]] && EXTRA+=(--ranks "$(realpath -m "$ROOT/$RANKS")")
   [[ -n ${MULTIPLES:-} ]] && EXTRA+=(--multiples "$MULTIPLES")
-  timeout ${T_THROUGHPUT:-240} $PY -m modegpt_rt.bench.gpu_throughput "${EXTRA[@]}" --cuda-graph ${CUDA_GRAPH:-on} --align ${ALIGN:-auto} \
+  timeout ${T_THROUGHPUT:-240} $PY -m modegpt_rt.bench.gpu_throughput "${EXTRA[@]}" --cuda-graph ${CUDA_GRAPH:-on} --align ${ALIGN:-auto} --glue ${GLUE:-triton} \
     --batch ${BATCH:-256,1,16,64} --models ${MODELS:-dense,paper30,5,10,20,40} --repeats ${REPEATS:-2} \
     --prompt ${PROMPT:-256} --new ${NEW:-256} --json "$OUT/gpu_throughput$TAG.json" > "$OUT/gpu_throughput$TAG.log" 2>&1
   summary "bench gpu_throughput (rc $?)" "$(tail -1 "$OUT/gpu_throughput$TAG.log")"

@@ -46,17 +46,19 @@ if DEVICE == "cpu" and type(tl.zeros).__name__ != "InterpretedFunction":
         )
 
 try:  # the installed package layout
-    from modegpt_rt.kernels import reference, triton_attention
+    from modegpt_rt.kernels import reference, triton_attention, triton_fused
 
     from modegpt_rt import kernels as kernels_api
 except Exception:  # not installed, or the package __init__ is broken: use the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import kernels as kernels_api
-    from kernels import reference, triton_attention
+    from kernels import reference, triton_attention, triton_fused
 
 if DEVICE == "cpu" and type(triton_attention._prefill_kernel).__name__ != "InterpretedFunction":
     # imported earlier without TRITON_INTERPRET=1: rebuild our kernels for the interpreter too
     triton_attention = importlib.reload(triton_attention)
+if DEVICE == "cpu" and type(triton_fused._silu_mul_kernel).__name__ != "InterpretedFunction":
+    triton_fused = importlib.reload(triton_fused)
 
 REF_POISON = 7.0e3  # finite stand-in for NaN in the reference's caches
 F64_TOL = dict(rtol=1e-9, atol=1e-9)
@@ -405,7 +407,7 @@ def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path, align):
     ref = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
     ours = modegpt_rt.load(path, device=DEVICE, backend="triton", dtype=torch.float64, align=align)
     assert (ours.config.layers != ref.config.layers) == align
-    assert ours.backend == "triton"
+    assert ours.backend == "triton" and ours.glue == "triton"  # the fused norm / SiLU·up kernels too
     lens = torch.tensor([4, 7, 1], dtype=torch.int32)
     batch = torch.randint(3, 97, (3, 7))
     for capture in (False, True) if DEVICE == "cuda" else (False,):
@@ -451,3 +453,72 @@ def test_triton_vector_width_hint_keeps_results_float64():
         q, k, v, k_cache, v_cache, *rest = case.args()
         assert triton_attention.vector_width(8, 24, *q.stride()[:3], *k_cache.stride()[:3]) == 8
         check(case, *run_launchers(case), F64_TOL)
+
+
+def _rms_norm_reference(x, w, eps):
+    from modegpt_rt.model import rms_norm
+
+    return rms_norm(x, w, eps)
+
+
+@pytest.mark.parametrize("n", [1, 37, 64, 130])
+@pytest.mark.parametrize("with_delta", [True, False], ids=["delta", "no_delta"])
+def test_triton_add_rms_norm_float64(n, with_delta):
+    """Residual add in place + RMSNorm against `model.rms_norm` in float64, odd widths (masked lanes)."""
+    g = torch.Generator().manual_seed(900 + n)
+    h = torch.randn(2, 3, n, generator=g, dtype=torch.float64) * 3
+    delta = torch.randn(2, 3, n, generator=g, dtype=torch.float64) if with_delta else None
+    w = torch.randn(n, generator=g, dtype=torch.float64)
+    expect_h = h + delta if with_delta else h.clone()
+    expect = _rms_norm_reference(expect_h, w, 1e-5)
+    h_dev = h.clone().to(DEVICE)
+    out = triton_fused.add_rms_norm(h_dev, None if delta is None else delta.to(DEVICE), w.to(DEVICE), 1e-5)
+    torch.testing.assert_close(out.cpu(), expect, **F64_TOL)
+    torch.testing.assert_close(h_dev.cpu(), expect_h, **F64_TOL)
+
+
+@pytest.mark.parametrize("k,block", [(1, 1024), (45, 16), (300, 64)])
+def test_triton_silu_mul_float64(k, block):
+    """silu(gate) * up against torch in float64; k not a multiple of the block (several column blocks)."""
+    g = torch.Generator().manual_seed(950 + k)
+    x = torch.randn(3, 2, 2 * k, generator=g, dtype=torch.float64) * 4
+    expect = torch.nn.functional.silu(x[..., :k]) * x[..., k:]
+    out = triton_fused.silu_mul(x.to(DEVICE), block=block)
+    assert out.shape == (3, 2, k)
+    torch.testing.assert_close(out.cpu(), expect, **F64_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_glue_low_precision(dtype):
+    """In float32/16 the fused ops round like the torch ops they replace (float32 statistics)."""
+    g = torch.Generator().manual_seed(990)
+    h = torch.randn(4, 96, generator=g).to(dtype)
+    delta = torch.randn(4, 96, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+    x = torch.randn(4, 2 * 70, generator=g).to(dtype)
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2)}
+    tol = tol.get(dtype, dict(rtol=3e-2, atol=1e-2))  # bfloat16: 8 bits, a few steps of rounding
+    h_dev = h.clone().to(DEVICE)
+    out = triton_fused.add_rms_norm(h_dev, delta.to(DEVICE), w.to(DEVICE), 1e-5)
+    # the residual add rounds like torch's (exact); the interpreter's float32 -> bfloat16 cast truncates
+    # where the GPU rounds to nearest, so there it may be one bfloat16 step off
+    exact = DEVICE == "cuda" or dtype != torch.bfloat16
+    torch.testing.assert_close(h_dev.cpu(), h + delta, rtol=0 if exact else 2**-7, atol=0)
+    torch.testing.assert_close(out.cpu().float(), _rms_norm_reference(h + delta, w, 1e-5).float(), **tol)
+    silu = triton_fused.silu_mul(x.to(DEVICE))
+    expect = (torch.nn.functional.silu(x[:, :70].double()) * x[:, 70:].double()).float()
+    torch.testing.assert_close(silu.cpu().float(), expect, **tol)
+
+
+def test_triton_glue_rejects_bad_inputs():
+    h = torch.zeros(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="agree"):
+        triton_fused.add_rms_norm(h, torch.zeros(2, 7, device=DEVICE), torch.ones(8, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="agree"):
+        triton_fused.add_rms_norm(h, None, torch.ones(8, device=DEVICE, dtype=torch.float64), 1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_fused.add_rms_norm(torch.zeros(8, 2, device=DEVICE).T, None, torch.ones(8, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="gate"):
+        triton_fused.silu_mul(torch.zeros(2, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="dtype"):
+        triton_fused.silu_mul(torch.zeros(2, 8, device=DEVICE, dtype=torch.int32))
