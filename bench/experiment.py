@@ -37,6 +37,8 @@ def main(argv=None):
     p.add_argument("--value-method", default="stacked")
     p.add_argument("--multiples", default=None)
     p.add_argument("--bi-samples", type=int, default=8)
+    p.add_argument("--probe-tokens", type=int, default=1024)
+    p.add_argument("--sensitivity-from", default=None)
     p.add_argument("--refit", default="all")
     p.add_argument("--refit-samples", type=int, default=32)
     p.add_argument("--refit-prior", type=float, default=0.0)

@@ -189,3 +189,98 @@ def allocate_sparsity(
             hi = mid
     eps = math.exp(hi)
     return _scaled(s, w, p, target, eps, cap), eps
+
+
+def _lower_hull(xs: list[float], ys: list[float]) -> list[tuple[float, float]]:
+    """Lower convex hull of points sorted by x (monotone chain), collinear points dropped."""
+    hull: list[tuple[float, float]] = []
+    for p in zip(xs, ys):
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (y1 - y0) * (p[0] - x0) >= (p[1] - y0) * (x1 - x0):  # hull[-1] on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate_by_cost(levels, costs, params, target: float, cap: float) -> torch.Tensor:
+    """Sparsity per entry minimising Σ_e cost_e(φ_e) subject to Σ_e params_e·φ_e = target·Σ params
+    and 0 ≤ φ_e ≤ cap.
+
+    levels: [K] increasing sparsities at which the costs were measured; costs: [E, K] the measured
+    cost of each entry (e.g. the KL divergence of the logits when only that module is compressed);
+    cost_e(0) = 0. Each curve is made non-decreasing, cut at `cap` (linear interpolation) and
+    replaced by its lower convex hull; over convex piecewise-linear curves, taking the segments of
+    all entries cheapest-per-parameter first is the exact optimum. Returns φ [E] (float64).
+    """
+    lv = [float(x) for x in levels]
+    c = torch.as_tensor(costs, dtype=torch.float64)
+    p = torch.as_tensor(params, dtype=torch.float64)
+    if c.dim() != 2 or c.shape[1] != len(lv) or p.shape != (c.shape[0],):
+        raise ValueError(f"costs must be [entries, {len(lv)}] with one parameter count per entry")
+    if any(b <= a for a, b in zip([0.0] + lv, lv)):
+        raise ValueError(f"levels must be positive and increasing, got {lv}")
+    if not 0 <= target <= cap:
+        raise ValueError(f"target sparsity {target} outside [0, cap={cap}]")
+    if target > 0 and cap > lv[-1]:
+        raise ValueError(f"cap {cap} beyond the last measured level {lv[-1]}")
+    segments = []  # (cost per parameter removed, entry, sparsity from, to)
+    for e in range(c.shape[0]):
+        xs, ys = [0.0], [0.0]
+        for x, y in zip(lv, c[e].tolist()):
+            y = max(y, ys[-1])
+            if x >= cap:
+                if cap > xs[-1]:
+                    ys.append(ys[-1] + (y - ys[-1]) * (cap - xs[-1]) / (x - xs[-1]))
+                    xs.append(cap)
+                break
+            xs.append(x)
+            ys.append(y)
+        hull = _lower_hull(xs, ys)
+        for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
+            segments.append(((y1 - y0) / ((x1 - x0) * float(p[e])), e, x0, x1))
+    segments.sort(key=lambda s: (s[0], s[2]))
+    phi = torch.zeros(c.shape[0], dtype=torch.float64)
+    left = target * float(p.sum())
+    for _, e, x0, x1 in segments:
+        if left <= 0:
+            break
+        take = min(left, (x1 - x0) * float(p[e]))
+        phi[e] = x0 + take / float(p[e])
+        left -= take
+    if left > 1e-9 * float(p.sum()):
+        raise ValueError(f"target sparsity {target} needs more than the cap {cap} allows")
+    return phi
+
+
+def refine_costs(levels, costs, step: float = 0.01):
+    """Measured cost curves on a fine grid of sparsities (`step` apart, up to the last level).
+
+    Between measured points the curve is a power law (log-log linear); below the first level it
+    follows the first segment's exponent (at least 1), so cost(0) = 0. Without this the allocation
+    could only pick the measured levels (the lower hull of a piecewise-linear curve has its corners
+    there). Costs ≤ 0 (noise around zero) are raised to a tiny positive value first.
+    Returns (fine levels [K'], fine costs [E, K']).
+    """
+    lv = torch.as_tensor([float(x) for x in levels], dtype=torch.float64)
+    c = torch.as_tensor(costs, dtype=torch.float64)
+    floor = max(float(c.abs().max()) * 1e-9, 1e-300)
+    c = c.clamp_min(floor).cummax(1).values  # positive and non-decreasing
+    n = int(round(float(lv[-1]) / step))
+    fine = torch.arange(1, n + 1, dtype=torch.float64) * (float(lv[-1]) / n)
+    log_lv, log_c = lv.log(), c.log()
+    # exponents of each measured segment; the first one also serves [0, levels[0]]
+    p = (log_c[:, 1:] - log_c[:, :-1]) / (log_lv[1:] - log_lv[:-1])
+    p0 = p[:, :1].clamp_min(1.0) if p.shape[1] else torch.ones(c.shape[0], 1, dtype=torch.float64)
+    seg = torch.searchsorted(lv, fine, right=False).clamp(max=len(lv) - 1)  # first level >= x
+    out = torch.empty(c.shape[0], len(fine), dtype=torch.float64)
+    lx = fine.log()
+    below = seg == 0
+    out[:, below] = (log_c[:, :1] + p0 * (lx[below] - log_lv[0])).exp()
+    if (~below).any():
+        j = seg[~below]
+        t = (lx[~below] - log_lv[j - 1]) / (log_lv[j] - log_lv[j - 1])
+        out[:, ~below] = (log_c[:, j - 1] + t * (log_c[:, j] - log_c[:, j - 1])).exp()
+    return fine, out

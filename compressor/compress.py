@@ -7,6 +7,7 @@ CPU), summed across micro-batches in float64; all decompositions run in float64.
 
 from __future__ import annotations
 
+import copy
 import math
 import resource
 import time
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from modegpt_rt.compressor.algorithms import (
+    allocate_by_cost,
     allocate_sparsity,
     block_influence,
     cr_key_query,
@@ -21,6 +23,7 @@ from modegpt_rt.compressor.algorithms import (
     pair_dims,
     pair_energy,
     psd_solve,
+    refine_costs,
     svd_value_output,
 )
 from modegpt_rt.compressor.widths import Multiples, widths_for_sparsity
@@ -35,7 +38,7 @@ MAX_RATE = 0.95
 @dataclass
 class CompressOptions:
     rate: float
-    allocation: str = "global"  # global | uniform
+    allocation: str = "global"  # global | uniform | sensitivity
     split: bool = False  # B.11: separate MLP / attention sparsities from per-module scores
     attn_ratio: float = 1.0  # attention sparsity = attn_ratio × MLP sparsity in each layer (layer budget kept)
     eps: float | None = None  # allocation temperature; None: max layer sparsity ≈ max_layer_sparsity
@@ -48,6 +51,8 @@ class CompressOptions:
     refit: str = "all"  # none | mlp | all: least-squares refit of down (and output) projections to the dense stream
     refit_samples: int = 32  # calibration windows that carry the dense stream for the refit (0: all)
     refit_prior: float = 0.0  # refit ridge toward the local (Nyström / SVD) solution, × mean(diag Gram)
+    probe_tokens: int = 1024  # sensitivity allocation: tokens whose logits measure each trial compression
+    sensitivity_from: str | None = None  # sensitivity allocation: reuse this earlier run's table
     micro_batch: int = 4
 
     @classmethod
@@ -68,13 +73,23 @@ class CompressOptions:
             refit=getattr(args, "refit", "all"),
             refit_samples=getattr(args, "refit_samples", 32),
             refit_prior=getattr(args, "refit_prior", 0.0),
+            probe_tokens=getattr(args, "probe_tokens", 1024),
+            sensitivity_from=getattr(args, "sensitivity_from", None),
         )
 
     def validate(self):
         if not 0.0 <= self.rate <= MAX_RATE:
             raise ValueError(f"rate {self.rate} outside [0, {MAX_RATE}]")
-        if self.allocation not in ("global", "uniform"):
-            raise ValueError(f"allocation {self.allocation!r}: choose global or uniform")
+        if self.allocation not in ("global", "uniform", "sensitivity"):
+            raise ValueError(f"allocation {self.allocation!r}: choose global, uniform or sensitivity")
+        if self.allocation == "sensitivity" and (self.split or self.attn_ratio != 1.0):
+            raise ValueError(
+                "the sensitivity allocation sets attention and MLP sparsities itself; drop --split / --attn-ratio"
+            )
+        if self.sensitivity_from and self.allocation != "sensitivity":
+            raise ValueError("--sensitivity-from needs --allocation sensitivity")
+        if self.probe_tokens < 16:
+            raise ValueError(f"probe tokens must be >= 16, got {self.probe_tokens}")
         if self.value_method not in ("stacked", "b1"):
             raise ValueError(f"value method {self.value_method!r}: choose stacked or b1")
         if self.refit not in ("none", "mlp", "all"):
@@ -131,7 +146,7 @@ def split_layer_sparsity(phi, ratio: float, attn_params: int, mlp_params: int):
     return attn, mlp
 
 
-def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions):
+def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = False):
     """Per-layer (attention sparsity, MLP sparsity) and what the allocation found."""
     cfg = model.config
     L = cfg.num_hidden_layers
@@ -140,6 +155,9 @@ def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions):
     attn_p = cfg.dense().layer_params(0) - mlp_p
     if opts.allocation == "uniform" or opts.rate == 0:
         return (*split_layer_sparsity([opts.rate] * L, opts.attn_ratio, attn_p, mlp_p), {**info, "eps": None})
+    if opts.allocation == "sensitivity":
+        attn, mlp, found = sensitivity_allocation(model, tokens, opts, progress)
+        return attn, mlp, {**info, **found, "eps": None}
     bi = tokens[: opts.bi_samples]
     layer_s, attn_s, mlp_s = block_influence_scores(model, bi, opts.micro_batch)
     info.update(bi_samples=int(bi.shape[0]), bi_layer=layer_s.tolist(), bi_attn=attn_s.tolist(), bi_mlp=mlp_s.tolist())
@@ -242,6 +260,122 @@ def compress_mlp(layer: Layer, C_sigma: torch.Tensor, k: int, ridge: float, rela
     return w, idx
 
 
+SENSITIVITY_LEVELS = (0.2, 0.4, 0.6, 0.8)
+
+
+def trial_layer(layer: Layer, cfg: ModelConfig, module: str, sparsity: float, C_attn, C_sigma, opts: CompressOptions):
+    """A copy of a dense `layer` with one module ("attn" or "mlp") compressed to `sparsity` by the
+    local MoDeGPT step (no refit)."""
+    trial = copy.deepcopy(layer)
+    if module == "attn":
+        pairs = max(1, round((1 - sparsity) * cfg.head_dim / 2))
+        w = LayerWidths(cfg.intermediate_size, 2 * pairs, max(1, round((1 - sparsity) * cfg.head_dim)))
+        new, freq_idx = compress_attention(trial, C_attn, w, cfg, opts.value_method)
+    else:
+        w = LayerWidths(max(1, round((1 - sparsity) * cfg.intermediate_size)), cfg.head_dim, cfg.head_dim)
+        new, _ = compress_mlp(trial, C_sigma, w.k_mlp, opts.ridge, opts.ridge_relative)
+        freq_idx = trial.freq_idx
+    trial.load_weights(cfg, w, new, freq_idx)
+    return trial
+
+
+@torch.no_grad()
+def measure_sensitivity(model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = True) -> dict:
+    """Every module of every layer compressed alone, on dense inputs, to each of SENSITIVITY_LEVELS; its
+    cost is the KL divergence of the model's next-token distribution from the dense one, averaged over a
+    probe of `opts.probe_tokens` calibration tokens. Statistics come from the first `opts.bi_samples`
+    windows. Returns {"levels", "attn_kl" [L][K], "mlp_kl" [L][K], ...} (a compress report keeps it)."""
+    cfg, eps, L = model.config, model.config.rms_norm_eps, model.config.num_hidden_layers
+    n_probe = max(1, min(tokens.shape[0], opts.probe_tokens // tokens.shape[1]))
+    probe = tokens[:n_probe, : min(tokens.shape[1], opts.probe_tokens)]
+    stats = tokens[: opts.bi_samples]
+    C_attn = [_Stats(cfg.hidden_size) for _ in range(L)]
+    C_sigma = [_Stats(cfg.intermediate_size) for _ in range(L)]
+    for sl in _batches(stats.shape[0], opts.micro_batch):
+        h = torch.nn.functional.embedding(stats[sl], model.embed)
+        for i, layer in enumerate(model.layers):
+            C_attn[i].add(rms_norm(h, layer.attn_norm, eps))
+            h = h + model.attention_block(layer, h)
+            gate_up = torch.nn.functional.linear(rms_norm(h, layer.mlp_norm, eps), layer.w_gate_up)
+            act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
+            C_sigma[i].add(act)
+            h = h + torch.nn.functional.linear(act, layer.w_down)
+    inputs = [torch.nn.functional.embedding(probe, model.embed)]
+    for layer in model.layers:
+        inputs.append(model.layer_forward(layer, inputs[-1]))
+    ref = torch.log_softmax(model.logits(inputs.pop()), -1)
+    ref_p = ref.exp()
+
+    def kl(i, trial):
+        h = model.layer_forward(trial, inputs[i])
+        for layer in model.layers[i + 1 :]:
+            h = model.layer_forward(layer, h)
+        return float((ref_p * (ref - torch.log_softmax(model.logits(h), -1))).sum(-1).mean())
+
+    levels = SENSITIVITY_LEVELS
+    costs = torch.zeros(2, L, len(levels), dtype=torch.float64)  # [attn | mlp, layer, level]
+    bar = tqdm(range(L), desc="sensitivity", unit="layer", disable=not progress)
+    for i in bar:
+        for m, module in enumerate(("attn", "mlp")):
+            for j, s in enumerate(levels):
+                costs[m, i, j] = kl(i, trial_layer(model.layers[i], cfg, module, s, C_attn[i].C, C_sigma[i].C, opts))
+    return {
+        "levels": list(levels),
+        "attn_kl": costs[0].tolist(),
+        "mlp_kl": costs[1].tolist(),
+        "probe_tokens": int(probe.numel()),
+        "stats_windows": int(stats.shape[0]),
+    }
+
+
+def load_sensitivity(path, num_layers: int) -> dict:
+    """The sensitivity table of an earlier `--allocation sensitivity` run: a compressed checkpoint folder
+    (its config.json), or a JSON file holding it at the top, under "sensitivity" or under "compression"."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    f = p / "config.json" if p.is_dir() else p
+    try:
+        doc = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read a sensitivity table from {f}: {exc}") from None
+    for key in ("compression", "sensitivity"):
+        if isinstance(doc, dict) and isinstance(doc.get(key), dict):
+            doc = doc[key]
+    doc = doc.get("sensitivity", doc) if isinstance(doc, dict) else doc
+    try:
+        levels = [float(x) for x in doc["levels"]]
+        attn, mlp = torch.tensor(doc["attn_kl"], dtype=torch.float64), torch.tensor(doc["mlp_kl"], dtype=torch.float64)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{f}: no sensitivity table (levels, attn_kl, mlp_kl) in it") from None
+    if attn.shape != (num_layers, len(levels)) or mlp.shape != attn.shape:
+        raise ValueError(
+            f"{f}: sensitivity table is for {attn.shape[0]} layers x {len(levels)} levels, the model has {num_layers}"
+        )
+    return {**doc, "from": str(p)}
+
+
+def sensitivity_allocation(model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = True):
+    """Per-layer (attention, MLP) sparsities from measured sensitivities (`measure_sensitivity`, or the
+    table of `opts.sensitivity_from`): the curves are refined to a 0.01 grid (`refine_costs`) and
+    `allocate_by_cost` spreads the parameter budget (cost additive over modules) with each module
+    capped at `opts.max_layer_sparsity`."""
+    cfg, L = model.config, model.config.num_hidden_layers
+    if opts.sensitivity_from:
+        table = load_sensitivity(opts.sensitivity_from, L)
+    else:
+        table = measure_sensitivity(model, tokens, opts, progress)
+    costs = torch.tensor(table["attn_kl"] + table["mlp_kl"], dtype=torch.float64)
+    fine, fine_costs = refine_costs(table["levels"], costs)
+    mlp_p = 3 * cfg.hidden_size * cfg.intermediate_size
+    attn_p = cfg.dense().layer_params(0) - mlp_p
+    params = torch.tensor([attn_p] * L + [mlp_p] * L, dtype=torch.float64)
+    cap = min(opts.max_layer_sparsity, float(fine[-1]))
+    phi = allocate_by_cost(fine, fine_costs, params, opts.rate, cap)
+    return phi[:L].tolist(), phi[L:].tolist(), {"sensitivity": {**table, "module_cap": cap}}
+
+
 @torch.no_grad()
 def compress(
     model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = True, calibration: dict | None = None
@@ -256,7 +390,7 @@ def compress(
     cfg = model.config
     eps = cfg.rms_norm_eps
     L = cfg.num_hidden_layers
-    attn_phi, mlp_phi, alloc = plan_sparsity(model, tokens, opts)
+    attn_phi, mlp_phi, alloc = plan_sparsity(model, tokens, opts, progress)
     widths = widths_for_sparsity(cfg, attn_phi, mlp_phi, opts.multiples)
     t_alloc = time.time() - t0
 
@@ -376,6 +510,7 @@ def compress(
         "attn_sparsity": attn_phi,
         "mlp_sparsity": mlp_phi,
         "block_influence": {k: alloc[k] for k in ("bi_layer", "bi_attn", "bi_mlp") if k in alloc},
+        "sensitivity": alloc.get("sensitivity"),
         "bi_samples": alloc.get("bi_samples"),
         "calibration": calibration or {"samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])},
         "allocation_seconds": round(t_alloc, 1),

@@ -239,7 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     c.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
-    c.add_argument("--allocation", choices=["global", "uniform"], default="global")
+    c.add_argument(
+        "--allocation",
+        choices=["global", "uniform", "sensitivity"],
+        default="global",
+        help="global: Block Influence (paper eq. 11); uniform; sensitivity: each module compressed alone at "
+        "several sparsities, the logits' KL divergence on --probe-tokens decides (default global)",
+    )
     c.add_argument("--split", action="store_true", help="separate MLP and attention sparsities (paper B.11)")
     c.add_argument(
         "--attn-ratio",
@@ -249,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         " equal sparsities; 0: attention left dense)",
     )
     c.add_argument("--eps", type=float, default=None, help="allocation temperature (default: max layer sparsity rule)")
-    c.add_argument("--max-layer-sparsity", type=float, default=0.8, help="target of the default eps rule")
+    c.add_argument(
+        "--max-layer-sparsity",
+        type=float,
+        default=0.8,
+        help="target of the default eps rule; the per-module cap of --allocation sensitivity (default 0.8)",
+    )
     c.add_argument("--ridge", type=float, default=1.0, help="Nyström ridge λ relative to mean(diag C) (default 1)")
     c.add_argument(
         "--value-method",
@@ -259,7 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--absolute-ridge", action="store_true", help="use --ridge as an absolute λ (the paper's λ = 1)")
     c.add_argument("--multiples", default=None, help="round widths to MLP,PAIRS,V multiples, e.g. 64,8,16")
-    c.add_argument("--bi-samples", type=int, default=8, help="calibration windows for the Block Influence scores")
+    c.add_argument(
+        "--bi-samples",
+        type=int,
+        default=8,
+        help="calibration windows for the Block Influence scores (and the sensitivity statistics; default 8)",
+    )
+    c.add_argument(
+        "--probe-tokens",
+        type=int,
+        default=1024,
+        help="calibration tokens whose logits score each trial of --allocation sensitivity (default 1024)",
+    )
+    c.add_argument(
+        "--sensitivity-from",
+        metavar="PATH",
+        help="--allocation sensitivity: reuse the table of an earlier run (its checkpoint folder or a JSON"
+        " report) instead of measuring it again, e.g. to compress the same model at another rate",
+    )
     c.add_argument(
         "--refit",
         choices=["none", "mlp", "all"],

@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 from modegpt_rt.compressor.algorithms import (
+    allocate_by_cost,
     allocate_sparsity,
     cr_key_query,
     nystrom_mlp,
     pair_dims,
     pair_energy,
+    refine_costs,
     ridge_leverage_scores,
     svd_value_output,
 )
@@ -185,6 +187,78 @@ def test_allocation_uniform_cases():
     assert torch.all(phi == 0)
     with pytest.raises(ValueError):
         allocate_sparsity(torch.rand(5), 0.99)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cost_allocation_is_optimal_against_brute_force(seed):
+    """Convex measured curves: the segment-greedy allocation meets the budget exactly and no point of a
+    fine grid satisfying the same budget and cap has a lower total cost."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(seed)
+    levels = [0.2, 0.4, 0.6, 0.8]
+    costs = (torch.rand(3, 4, generator=g) * torch.tensor([1.0, 2.0, 4.0, 8.0])).cumsum(1)  # convex-ish
+    costs = torch.stack([torch.tensor(_convexify(levels, c.tolist())) for c in costs])
+    params = torch.tensor([1.0, 2.0, 3.0])
+    target, cap = 0.35, 0.6
+    phi = allocate_by_cost(levels, costs, params, target, cap)
+    assert float((phi * params).sum() / params.sum()) == pytest.approx(target, abs=1e-12)
+    assert phi.min() >= 0 and phi.max() <= cap + 1e-12
+
+    def total(ph):
+        return sum(np.interp(p, [0.0, *levels], [0.0, *c.tolist()]) for p, c in zip(ph, costs))
+
+    best = math.inf
+    for a in np.linspace(0, cap, 121):
+        for b in np.linspace(0, cap, 121):
+            c = (target * float(params.sum()) - a - 2 * b) / 3
+            if 0 <= c <= cap:
+                best = min(best, total([a, b, c]))
+    assert total(phi.tolist()) <= best + 1e-9
+
+
+def _convexify(levels, ys):
+    """Make a measured curve convex by raising its slopes to be non-decreasing (test data only)."""
+    xs, out, slope = [0.0, *levels], [0.0], 0.0
+    for x0, x1, y in zip(xs, xs[1:], ys):
+        slope = max(slope, (y - out[-1]) / (x1 - x0))
+        out.append(out[-1] + slope * (x1 - x0))
+    return out[1:]
+
+
+def test_cost_allocation_hull_cap_and_errors():
+    levels = [0.25, 0.5, 0.75]
+    # entry 0: a step (cost 1 at 0.25, then flat): its hull is the chord to (0.75, 1), 1.33 per unit;
+    # entry 1: linear, 2 per unit. Entry 0 fills first, to the cap 0.75; entry 1 takes the rest.
+    costs = torch.tensor([[1.0, 1.0, 1.0], [0.5, 1.0, 1.5]])
+    phi = allocate_by_cost(levels, costs, [1.0, 1.0], 0.5, cap=0.75)
+    assert phi.tolist() == pytest.approx([0.75, 0.25])
+    # noise below zero counts as zero cost; a cap between levels cuts the curve there (entry 0's last
+    # piece, 0.5 -> 0.6, costs 11.2 per unit, dearer than entry 1's 2: entry 1 takes the rest)
+    phi = allocate_by_cost(levels, torch.tensor([[-0.1, 0.2, 3.0], [0.5, 1.0, 1.5]]), [1.0, 1.0], 0.3, cap=0.6)
+    assert phi.tolist() == pytest.approx([0.5, 0.1])
+    with pytest.raises(ValueError, match="cap"):
+        allocate_by_cost(levels, costs, [1.0, 1.0], 0.7, cap=0.6)
+    with pytest.raises(ValueError, match="levels"):
+        allocate_by_cost([0.5, 0.25, 0.75], costs, [1.0, 1.0], 0.3, cap=0.6)
+    with pytest.raises(ValueError, match="last measured level"):
+        allocate_by_cost(levels, costs, [1.0, 1.0], 0.3, cap=0.9)
+
+
+def test_refine_costs_power_law_through_the_points():
+    """The fine curve passes through every measured point, is exact for a power law (also below the first
+    level), starts at 0, and turns noise (≤ 0, decreasing) into a positive non-decreasing curve."""
+    levels = [0.2, 0.4, 0.6, 0.8]
+    power = [[3.0 * x**1.7 for x in levels], [0.5, 1.0, 2.0, 8.0]]
+    fine, out = refine_costs(levels, power)
+    assert fine[0] == pytest.approx(0.01) and fine[-1] == pytest.approx(0.8) and len(fine) == 80
+    for x, y in zip(levels, power[1]):
+        assert out[1, round(x * 100) - 1] == pytest.approx(y)
+    torch.testing.assert_close(out[0], 3.0 * fine**1.7)
+    t = math.log(0.5 / 0.4) / math.log(0.6 / 0.4)  # between points: log-log linear
+    assert out[1, 49] == pytest.approx(2.0**t)
+    _, noisy = refine_costs(levels, [[-1e-3, 0.5, 0.4, 2.0]])
+    assert torch.all(noisy > 0) and torch.all(noisy[0, 1:] >= noisy[0, :-1] * (1 - 1e-12))
 
 
 @pytest.mark.parametrize("multiples", [Multiples(), Multiples(64, 4, 8)])

@@ -135,6 +135,53 @@ def test_attn_ratio_splits_each_layer_budget(tiny_hf_dir):
     assert all((w.d_qk, w.d_v) == (full.d_qk, full.d_v) and w.k_mlp < full.k_mlp for w in model.config.layers)
 
 
+def test_sensitivity_allocation_end_to_end(tiny_hf_dir, tmp_path, monkeypatch):
+    """--allocation sensitivity: every module's trial costs are KL divergences (≥ 0 up to float32 noise,
+    > 0 at the highest level), the plan is the cost allocation of those costs, the compressed model
+    meets the rate, and a saved checkpoint's table gives the same plan again without measuring."""
+    from modegpt_rt.compressor import compress as compress_mod
+    from modegpt_rt.compressor.algorithms import allocate_by_cost, refine_costs
+    from modegpt_rt.compressor.compress import SENSITIVITY_LEVELS, trial_layer
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    calib = torch.randint(0, 97, (4, 24))
+    opts = CompressOptions(rate=0.3, allocation="sensitivity", max_layer_sparsity=0.6, bi_samples=2, probe_tokens=48)
+    report = compress(model, calib, opts, progress=False)
+    sens = report["sensitivity"]
+    L = len(model.layers)
+    costs = torch.tensor(sens["attn_kl"] + sens["mlp_kl"])
+    assert costs.shape == (2 * L, len(SENSITIVITY_LEVELS)) and torch.isfinite(costs).all()
+    assert torch.all(costs > -1e-6) and torch.all(costs[:, -1] > 1e-7)
+    assert sens["probe_tokens"] == 48 and sens["module_cap"] == 0.6
+    cfg = model.config.dense()
+    mlp_p = 3 * cfg.hidden_size * cfg.intermediate_size
+    params = [cfg.layer_params(0) - mlp_p] * L + [mlp_p] * L
+    phi = allocate_by_cost(*refine_costs(SENSITIVITY_LEVELS, costs), params, 0.3, 0.6)
+    plan = report["attn_sparsity"] + report["mlp_sparsity"]
+    assert plan == pytest.approx(phi.tolist())
+    assert report["achieved_rate"] == pytest.approx(0.3, abs=0.03)
+    # reuse: the checkpoint's table, no measurement
+    path = save_checkpoint(model, tmp_path / "s")
+    monkeypatch.setattr(compress_mod, "measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    again = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    rep2 = compress(again, calib, CompressOptions(**{**opts.__dict__, "sensitivity_from": str(path)}), progress=False)
+    assert rep2["attn_sparsity"] + rep2["mlp_sparsity"] == pytest.approx(plan)
+    dense = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    (tmp_path / "bad.json").write_text('{"sensitivity": {"levels": [0.2], "attn_kl": [[1]], "mlp_kl": [[1]]}}')
+    with pytest.raises(ValueError, match="layers"):
+        compress(dense, calib, CompressOptions(**{**opts.__dict__, "sensitivity_from": str(tmp_path / "bad.json")}))
+    with pytest.raises(ValueError, match="no sensitivity table"):
+        compress(dense, calib, CompressOptions(**{**opts.__dict__, "sensitivity_from": tiny_hf_dir}))
+    with pytest.raises(ValueError, match="needs --allocation sensitivity"):
+        compress(dense, calib, CompressOptions(rate=0.3, sensitivity_from=str(path)))
+    # a trial compresses only its module, at the asked width
+    t = trial_layer(dense.layers[0], dense.config, "mlp", 0.5, None, torch.eye(cfg.intermediate_size).double(), opts)
+    assert t.k_mlp == round(0.5 * cfg.intermediate_size) and (t.d_qk, t.d_v) == (cfg.head_dim, cfg.head_dim)
+    assert torch.equal(t.wqkv, dense.layers[0].wqkv) and dense.layers[0].k_mlp == cfg.intermediate_size
+    with pytest.raises(ValueError, match="sensitivity"):
+        compress(dense, calib, CompressOptions(rate=0.3, allocation="sensitivity", attn_ratio=0.5), progress=False)
+
+
 @pytest.mark.parametrize("refit", ["mlp", "all"])
 def test_refit_rate_zero_keeps_dense(tiny_hf_dir, refit):
     """At rate 0 the least-squares refit targets are the dense outputs themselves: weights come back unchanged."""
