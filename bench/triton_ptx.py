@@ -1,7 +1,7 @@
 """Compile the Triton attention kernels ahead of time for an NVIDIA target (no GPU needed) and count the
 global memory loads of the PTX by width, per head layout.
 
-    python -m modegpt_rt.bench.triton_ptx [--layouts 128/128,88/90,80/104] [--arch 90] [--json OUT]
+    python -m modegpt_rt.bench.triton_ptx [--layouts 128/128,88/90,80/104] [--arch 90] [--glue] [--json OUT]
 
 A layout is d_qk/d_v (fp16, 32 heads, MHA). Rows of 8-aligned widths should compile to 16-byte vector
 loads (`ld.global.v4.b32`, or asynchronous copies in the prefill's pipelined loop) and unaligned ones to
@@ -109,10 +109,49 @@ def compile_layout(d_qk: int, d_v: int, arch: int = 90) -> dict:
     return result
 
 
+def compile_glue(arch: int = 90, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64)) -> list[dict]:
+    """AOT-compile the fused add + RMSNorm and SiLU·up kernels (`triton_fused`) at LLaMA-2-7B widths (4096
+    hidden, 11008 MLP channels), batch 1, per dtype; their PTX load widths, registers and spills."""
+    from modegpt_rt.kernels import triton_fused as tf
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    if type(tf._silu_mul_kernel).__name__ == "InterpretedFunction":
+        raise RuntimeError("the kernels were built for the interpreter: run with TRITON_INTERPRET unset")
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    results = []
+    saved = {name: getattr(tf, name) for name in ("_add_rms_norm_kernel", "_silu_mul_kernel", "_check_runnable")}
+    try:
+        for dtype in dtypes:
+            log: dict = {}
+            for name in ("_add_rms_norm_kernel", "_silu_mul_kernel"):
+                setattr(tf, name, _Capture(saved[name], log))
+            tf._check_runnable = lambda *tensors: None
+            h = torch.zeros(1, 4096, dtype=dtype)
+            tf.add_rms_norm(h, torch.zeros_like(h), torch.ones(4096, dtype=dtype), 1e-5)
+            tf.silu_mul(torch.zeros(1, 2 * 11008, dtype=dtype))
+            for name, (fn, args, kwargs) in sorted(log.items()):
+                bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+                kernel = compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+                ptx = kernel.asm["ptx"]
+                kind = str(dtype).replace("torch.", "")
+                results.append(
+                    {"kernel": name.strip("_"), "dtype": kind, "loads": load_widths(ptx), **ptxas_report(ptx, arch)}
+                )
+    finally:
+        for name, value in saved.items():
+            setattr(tf, name, value)
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m modegpt_rt.bench.triton_ptx", description=__doc__.split("\n\n")[0])
     p.add_argument("--layouts", default="128/128,88/90,96/96,80/104", help="d_qk/d_v,... (fp16, 32 heads)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    p.add_argument("--glue", action="store_true", help="also compile the fused add + RMSNorm and SiLU·up kernels")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -126,9 +165,14 @@ def main(argv=None) -> int:
             r = res[kernel]
             regs = f"  {r['registers']} registers, {r['spill_store_bytes']} B spilled" if "registers" in r else ""
             print(f"{d_qk:>4}/{d_v:<4} {kernel:<20} VEC {r['VEC']}{regs}  {r['loads']}", flush=True)
+    glue = compile_glue(args.arch) if args.glue else []
+    for r in glue:
+        regs = f"  {r['registers']} registers, {r['spill_store_bytes']} B spilled" if "registers" in r else ""
+        print(f"glue {r['dtype']:<9} {r['kernel']:<20}{regs}  {r['loads']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"arch": args.arch, "command": " ".join(sys.argv), "results": results}, f, indent=2)
+            doc = {"arch": args.arch, "command": " ".join(sys.argv), "results": results, "glue": glue}
+            json.dump(doc, f, indent=2)
     return 0
 
 

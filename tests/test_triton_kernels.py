@@ -425,17 +425,26 @@ def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path, align):
 
 
 def test_triton_aligned_layouts_compile_to_vector_loads(tmp_path):
-    """Compiled ahead of time for sm_90 (no GPU needed, a fresh process without TRITON_INTERPRET): rows of
-    8-aligned widths (`Model.align_widths` on a GPU) get 16-byte loads, unaligned rows 2-byte ones; the H200
-    read K/V at 98% vs 45% of copy bandwidth for such layouts. Guards the launchers' VEC hint."""
+    """Compiled ahead of time for sm_90 (no GPU needed, a fresh process without TRITON_INTERPRET): the fused
+    glue kernels compile (they only ran in the interpreter here); rows of 8-aligned widths
+    (`Model.align_widths` on a GPU) get 16-byte loads, unaligned rows 2-byte ones; the H200 read K/V at
+    98% vs 45% of copy bandwidth for such layouts. Guards the launchers' VEC hint."""
     import json
     import subprocess
 
     out = tmp_path / "ptx.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "modegpt_rt.bench.triton_ptx", "--layouts", "88/90,80/104", "--json", str(out)]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
-    unaligned, aligned = json.loads(out.read_text())["results"]
+    cmd = [sys.executable, "-m", "modegpt_rt.bench.triton_ptx", "--layouts", "88/90,80/104", "--glue"]
+    subprocess.run([*cmd, "--json", str(out)], check=True, env=env, capture_output=True, timeout=300)
+    doc = json.loads(out.read_text())
+    # the fused glue kernels compile for every dtype the runtime serves, with 16-byte loads at 7B widths
+    assert {(g["kernel"], g["dtype"]) for g in doc["glue"]} == {
+        (k, d)
+        for k in ("add_rms_norm_kernel", "silu_mul_kernel")
+        for d in ("float16", "bfloat16", "float32", "float64")
+    }
+    assert all(any(op.startswith("ld.global.v") for op in g["loads"]) for g in doc["glue"]), doc["glue"]
+    unaligned, aligned = doc["results"]
     for kernel in ("rope_append_kernel", "prefill_kernel", "decode_split_kernel"):
         assert unaligned[kernel]["VEC"] == 1 and aligned[kernel]["VEC"] == 8
         assert not any("v4" in op or "cp.async" in op for op in unaligned[kernel]["loads"]), unaligned[kernel]
