@@ -59,7 +59,7 @@ class DecodeGraph:
     @torch.no_grad()
     def _step(self) -> torch.Tensor:
         m = self.model
-        h = m._step_modules(self.ids, self.cache, self.ones)  # [B, 1, d], final-normed
+        h = m._step_states(self.ids, self.cache, self.ones)  # [B, 1, d], final-normed
         self.cache.lens += self.ones
         return m._linear(h[:, 0], m.lm_head)
 

@@ -378,22 +378,25 @@ class Model(nn.Module):
             new_lens = torch.full((B,), T, dtype=torch.int32, device=self.device)
         if int((cache.lens + new_lens).max()) > cache.capacity:
             raise ValueError(f"KV cache of {cache.capacity} positions cannot take {T} more tokens")
-        if self._fused:
-            h = self._step_fused(input_ids, cache, new_lens)
-        elif self.backend == "triton" and self.glue == "triton":
-            from modegpt_rt.kernels import triton_attention, triton_fused
-
-            h = F.embedding(input_ids, self.embed)
-            h = self._step_glued(
-                h, cache, new_lens, triton_attention.attention, triton_fused.add_rms_norm, triton_fused.silu_mul
-            )
-        else:
-            h = self._step_modules(input_ids, cache, new_lens)
+        h = self._step_states(input_ids, cache, new_lens)
         cache.lens += new_lens
         if last_only:
             last = (new_lens.long() - 1).clamp(min=0)
             h = h[torch.arange(B, device=h.device), last]
         return self._linear(h, self.lm_head)
+
+    def _step_states(self, input_ids, cache, new_lens):
+        """The step's final-normed hidden states [B, T, d] (cache.lens not yet advanced), by the fastest path
+        for this backend: the C++ step (float32 CPU), fused Triton glue (`glue == "triton"`), or torch ops."""
+        if self._fused:
+            return self._step_fused(input_ids, cache, new_lens)
+        if self.backend == "triton" and self.glue == "triton":
+            from modegpt_rt.kernels import triton_attention, triton_fused
+
+            h = F.embedding(input_ids, self.embed)
+            ops = (triton_attention.attention, triton_fused.add_rms_norm, triton_fused.silu_mul)
+            return self._step_glued(h, cache, new_lens, *ops)
+        return self._step_modules(input_ids, cache, new_lens)
 
     def _step_modules(self, input_ids, cache, new_lens):
         """The step in plain torch ops; returns final-normed hidden states [B, T, d]."""

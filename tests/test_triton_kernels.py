@@ -390,7 +390,7 @@ def test_triton_module_imports_without_triton(monkeypatch):
 
 
 @pytest.mark.parametrize("align", [False, True], ids=["as_saved", "aligned"])
-def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path, align):
+def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path, align, monkeypatch):
     """The decode step a CUDA graph captures, with the Triton kernels on a compressed model (d_qk ≠ d_v
     per layer), as saved and zero-padded by `load(align=True)` (the GPU default): the same logits as the
     torch reference's `Model.step` on the saved widths, float64. Run eagerly; on a GPU also captured and
@@ -408,6 +408,17 @@ def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path, align):
     ours = modegpt_rt.load(path, device=DEVICE, backend="triton", dtype=torch.float64, align=align)
     assert (ours.config.layers != ref.config.layers) == align
     assert ours.backend == "triton" and ours.glue == "triton"  # the fused norm / SiLU·up kernels too
+    calls = {"add_rms_norm": 0, "silu_mul": 0}
+
+    def counting(name, fn):
+        def counted(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(triton_fused, name, counting(name, getattr(triton_fused, name)))
     lens = torch.tensor([4, 7, 1], dtype=torch.int32)
     batch = torch.randint(3, 97, (3, 7))
     for capture in (False, True) if DEVICE == "cuda" else (False,):
@@ -422,6 +433,9 @@ def test_triton_decode_graph_static_step_float64(tiny_hf_dir, tmp_path, align):
             torch.testing.assert_close(graph(tok.to(DEVICE)).cpu(), expect, **F64_TOL)
             tok = expect.argmax(-1)
         assert torch.equal(caches[1].lens.cpu(), caches[0].lens)
+    # prefill and every graph step ran the fused glue (2L + 1 norms, L SiLU·up per step)
+    L = len(ours.layers)
+    assert calls["silu_mul"] >= 4 * L and calls["add_rms_norm"] == calls["silu_mul"] // L * (2 * L + 1)
 
 
 def test_triton_aligned_layouts_compile_to_vector_loads(tmp_path):
