@@ -68,8 +68,7 @@ def compile_layout(d_qk: int, d_v: int, arch: int = 90) -> dict:
     """AOT-compile rope_append, prefill and decode for one layout; their PTX load widths and VEC."""
     from modegpt_rt.kernels import triton_attention as ta
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import make_backend
 
     if type(ta._prefill_kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("the kernels were built for the interpreter: run with TRITON_INTERPRET unset")
@@ -101,12 +100,19 @@ def compile_layout(d_qk: int, d_v: int, arch: int = 90) -> dict:
             setattr(ta, name, value)
     result = {"d_qk": d_qk, "d_v": d_v, "arch": arch}
     for name, (fn, args, kwargs) in sorted(log.items()):
-        bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
-        kernel = compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-        ptx = kernel.asm["ptx"]
+        ptx = _ptx(fn, args, kwargs, backend, target)
         result[name.strip("_")] = {"VEC": kwargs.get("VEC", 1), "loads": load_widths(ptx), **ptxas_report(ptx, arch)}
     return result
+
+
+def _ptx(fn, args, kwargs, backend, target) -> str:
+    """PTX of one captured launch of a @triton.jit kernel, compiled for `target`."""
+    from triton.compiler import ASTSource, compile
+    from triton.runtime.jit import create_function_from_signature
+
+    bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    return compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__).asm["ptx"]
 
 
 def compile_glue(arch: int = 90, dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64)) -> list[dict]:
@@ -114,8 +120,7 @@ def compile_glue(arch: int = 90, dtypes=(torch.float16, torch.bfloat16, torch.fl
     hidden, 11008 MLP channels), batch 1, per dtype; their PTX load widths, registers and spills."""
     from modegpt_rt.kernels import triton_fused as tf
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import make_backend
 
     if type(tf._silu_mul_kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("the kernels were built for the interpreter: run with TRITON_INTERPRET unset")
@@ -133,10 +138,7 @@ def compile_glue(arch: int = 90, dtypes=(torch.float16, torch.bfloat16, torch.fl
             tf.add_rms_norm(h, torch.zeros_like(h), torch.ones(4096, dtype=dtype), 1e-5)
             tf.silu_mul(torch.zeros(1, 2 * 11008, dtype=dtype))
             for name, (fn, args, kwargs) in sorted(log.items()):
-                bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
-                options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
-                kernel = compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-                ptx = kernel.asm["ptx"]
+                ptx = _ptx(fn, args, kwargs, backend, target)
                 kind = str(dtype).replace("torch.", "")
                 results.append(
                     {"kernel": name.strip("_"), "dtype": kind, "loads": load_widths(ptx), **ptxas_report(ptx, arch)}
