@@ -146,13 +146,18 @@ def split_layer_sparsity(phi, ratio: float, attn_params: int, mlp_params: int):
     return attn, mlp
 
 
+def module_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(attention, MLP) projection parameters of one dense layer."""
+    mlp_p = 3 * cfg.hidden_size * cfg.intermediate_size
+    return cfg.dense().layer_params(0) - mlp_p, mlp_p
+
+
 def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = False):
     """Per-layer (attention sparsity, MLP sparsity) and what the allocation found."""
     cfg = model.config
     L = cfg.num_hidden_layers
     info = {"allocation": opts.allocation, "split": opts.split, "attn_ratio": opts.attn_ratio}
-    mlp_p = 3 * cfg.hidden_size * cfg.intermediate_size
-    attn_p = cfg.dense().layer_params(0) - mlp_p
+    attn_p, mlp_p = module_params(cfg)
     if opts.allocation == "uniform" or opts.rate == 0:
         return (*split_layer_sparsity([opts.rate] * L, opts.attn_ratio, attn_p, mlp_p), {**info, "eps": None})
     if opts.allocation == "sensitivity":
@@ -343,7 +348,6 @@ def load_sensitivity(path, num_layers: int) -> dict:
     for key in ("compression", "sensitivity"):
         if isinstance(doc, dict) and isinstance(doc.get(key), dict):
             doc = doc[key]
-    doc = doc.get("sensitivity", doc) if isinstance(doc, dict) else doc
     try:
         levels = [float(x) for x in doc["levels"]]
         attn, mlp = torch.tensor(doc["attn_kl"], dtype=torch.float64), torch.tensor(doc["mlp_kl"], dtype=torch.float64)
@@ -368,8 +372,7 @@ def sensitivity_allocation(model: Model, tokens: torch.Tensor, opts: CompressOpt
         table = measure_sensitivity(model, tokens, opts, progress)
     costs = torch.tensor(table["attn_kl"] + table["mlp_kl"], dtype=torch.float64)
     fine, fine_costs = refine_costs(table["levels"], costs)
-    mlp_p = 3 * cfg.hidden_size * cfg.intermediate_size
-    attn_p = cfg.dense().layer_params(0) - mlp_p
+    attn_p, mlp_p = module_params(cfg)
     params = torch.tensor([attn_p] * L + [mlp_p] * L, dtype=torch.float64)
     cap = min(opts.max_layer_sparsity, float(fine[-1]))
     phi = allocate_by_cost(fine, fine_costs, params, opts.rate, cap)
