@@ -195,6 +195,33 @@ def cmd_generate(args):
     print(f"[{len(res.token_ids)} tokens, finish: {res.finish_reason}]", file=sys.stderr)
 
 
+# ----------------------------------------------------------------- serve
+def cmd_serve(args):
+    import torch
+
+    import modegpt_rt
+    from modegpt_rt.server import make_server
+
+    dtype = getattr(torch, args.dtype)
+    model = modegpt_rt.load(args.path, device=args.device, dtype=dtype, backend=args.backend)
+    srv = make_server(
+        model,
+        args.host,
+        args.port,
+        model_name=args.model_name,
+        verbose=args.verbose,
+        max_batch=args.max_batch,
+        batch_wait=args.batch_wait_ms / 1000,
+    )
+    print(f"serving {model.source} at {srv.url} (attention backend: {model.backend}); Ctrl-C stops", file=sys.stderr)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+
+
 # ----------------------------------------------------------------- bench / plot / info
 def cmd_bench_throughput(args):
     from modegpt_rt.bench import throughput
@@ -361,6 +388,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser(
+        "serve",
+        help="HTTP server: OpenAI-style POST /v1/completions (batched, streaming), GET /health, /v1/models",
+    )
+    sv.add_argument("path", nargs="?", default=None, help="checkpoint dir, HF folder or .gguf (default SmolLM2)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=8, help="most sequences generated together")
+    sv.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with"
+    )
+    sv.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the path)")
+    sv.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    sv.add_argument("--verbose", action="store_true", help="log every request")
+    sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = b.add_parser("throughput", help="prefill/decode tokens per second")

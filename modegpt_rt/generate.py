@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,8 +19,9 @@ class GenerationResult:
 
 
 def _check_args(max_new_tokens, temperature, top_k, top_p):
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens]
+    if not limits or any(isinstance(m, bool) or not isinstance(m, int) or m <= 0 for m in limits):
+        raise ValueError(f"max_new_tokens must be a positive integer (or one per prompt), got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -71,7 +73,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) ->
 def generate(
     model,
     prompts,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | list[int] = 64,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -81,23 +83,39 @@ def generate(
     stream: Callable | None = None,
     tokenizer=None,
     cuda_graph: bool | None = None,
+    on_finish: Callable | None = None,
 ) -> list[GenerationResult]:
     """Generate continuations of `prompts` (strings, or token-id lists of different lengths).
 
     temperature=0 is greedy. `stop`: token ids (int) and/or strings that end a sequence.
     `stream(index, token_id, text_delta)` is called for every new token as it comes.
+    `max_new_tokens` may be a list, one limit per prompt.
+    `on_finish(index, result)` is called with a sequence's `GenerationResult` as soon as it ends (the
+    batch may run on); the list returned at the end holds the same results.
     `cuda_graph`: replay the decode step from a CUDA graph (`decode_graph.py`); default: on a CUDA device.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     ids = encode_prompts(prompts, tokenizer)
+    if isinstance(max_new_tokens, (list, tuple)):
+        if len(max_new_tokens) != len(ids):
+            raise ValueError(f"{len(max_new_tokens)} max_new_tokens limits for {len(ids)} prompts")
+        limits = list(max_new_tokens)
+    else:
+        limits = [max_new_tokens] * len(ids)
     ctx = model.config.max_position_embeddings
-    for i, p in enumerate(ids):
-        if len(p) + max_new_tokens > ctx:
+    for i, (p, m) in enumerate(zip(ids, limits)):
+        if len(p) + m > ctx:
             raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                f"the context of {ctx} tokens"
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} it exceeds the context of {ctx} tokens"
             )
+    # the batch steps together: a sequence that ended keeps taking (ignored) tokens while others run
+    longest, most = max(map(len, ids)), max(limits)
+    if longest + most > ctx:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) plus the largest max_new_tokens ({most}) exceeds the context "
+            f"of {ctx} tokens; generate these prompts in separate calls"
+        )
     stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
     stop_ids = {s for s in stop if isinstance(s, int)}
     stop_strs = [s for s in stop if isinstance(s, str) and s]
@@ -112,13 +130,11 @@ def generate(
     batch = torch.zeros(B, int(lens.max()), dtype=torch.long, device=dev)
     for i, p in enumerate(ids):
         batch[i, : len(p)] = torch.tensor(p)
-    cache = model.new_cache(B, int(lens.max()) + max_new_tokens)
+    cache = model.new_cache(B, longest + most)
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=dev)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
-
-    import time
 
     t0 = time.perf_counter()
     logits = model.step(batch, cache, lens)
@@ -126,31 +142,49 @@ def generate(
     new = [[] for _ in range(B)]
     texts = [""] * B
     reason: list[str | None] = [None] * B
+    results: list[GenerationResult | None] = [None] * B
+
+    def finish(i, why):
+        reason[i] = why
+        if need_text:
+            text = texts[i]
+        else:
+            text = tokenizer.decode(new[i], skip_special_tokens=True) if tokenizer else ""
+        stats = {"prefill_seconds": t_prefill, "total_seconds": time.perf_counter() - t0}
+        results[i] = GenerationResult(text, new[i], why, len(ids[i]), stats)
+        if on_finish:
+            on_finish(i, results[i])
+
     ones = torch.ones(B, dtype=torch.int32, device=dev)
     if cuda_graph is None:
         cuda_graph = dev.type == "cuda" and not model._fused
     elif cuda_graph and dev.type != "cuda":
         raise ValueError("cuda_graph=True needs a model on a CUDA device")
     decode = None
-    for step in range(max_new_tokens):
+    while True:
         tokens = sample(logits, temperature, top_k, top_p, generator)
         host = tokens.tolist()
         for i, t in enumerate(host):
             if reason[i] is not None:
                 continue
             if t in stop_ids:
-                reason[i] = "eos" if t in model.config.eos_ids and not ignore_eos else "stop"
+                finish(i, "eos" if t in model.config.eos_ids and not ignore_eos else "stop")
                 continue
             new[i].append(t)
+            hit = None
             if need_text:
                 prev, text = texts[i], tokenizer.decode(new[i], skip_special_tokens=True)
                 hit = next((s for s in stop_strs if s in text), None)
                 if hit is not None:
-                    text, reason[i] = text[: text.index(hit)], "stop"
+                    text = text[: text.index(hit)]
                 texts[i], delta = text, text[len(prev) :]
                 if stream:
                     stream(i, t, delta)
-        if all(r is not None for r in reason) or step == max_new_tokens - 1:
+            if hit is not None:
+                finish(i, "stop")
+            elif len(new[i]) >= limits[i]:
+                finish(i, "length")
+        if all(r is not None for r in reason):
             break
         if cuda_graph:
             if decode is None:
@@ -160,10 +194,4 @@ def generate(
             logits = decode(tokens)
         else:
             logits = model.step(tokens[:, None], cache, ones)
-    elapsed = time.perf_counter() - t0
-    results = []
-    for i in range(B):
-        text = texts[i] if need_text else (tokenizer.decode(new[i], skip_special_tokens=True) if tokenizer else "")
-        stats = {"prefill_seconds": t_prefill, "total_seconds": elapsed}
-        results.append(GenerationResult(text, new[i], reason[i] or "length", len(ids[i]), stats))
     return results

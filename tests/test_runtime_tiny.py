@@ -349,6 +349,28 @@ def test_generate_sampling_is_seeded_and_batched(tiny_hf_dir):
     assert stopped.finish_reason == "stop" and stop_at not in stopped.token_ids
 
 
+def test_generate_per_prompt_limits_and_on_finish(tiny_hf_dir):
+    """A list of max_new_tokens gives each prompt its own limit, with the tokens it would get alone; on_finish
+    reports each sequence once, the moment it ends, with the result that is returned."""
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    prompts, limits = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]], [2, 7, 4]
+    seen = []
+    res = model.generate(
+        prompts, limits, temperature=0, ignore_eos=True, on_finish=lambda i, r: seen.append((i, r, len(seen)))
+    )
+    for p, m, r in zip(prompts, limits, res):
+        alone = model.generate([p], max_new_tokens=m, temperature=0, ignore_eos=True)[0]
+        assert r.token_ids == alone.token_ids and len(r.token_ids) == m and r.finish_reason == "length"
+    assert [i for i, _, _ in seen] == [0, 2, 1]  # in the order they ended
+    assert all(res[i] is r for i, r, _ in seen)
+    with pytest.raises(ValueError, match="2 max_new_tokens limits for 3 prompts"):
+        model.generate(prompts, [2, 3], temperature=0)
+    with pytest.raises(ValueError, match="positive integer"):
+        model.generate(prompts, [2, 0, 1], temperature=0)
+    with pytest.raises(ValueError, match="separate calls"):  # each fits the context of 128 alone, not together
+        model.generate([[1] * 120, [1]], [2, 100], temperature=0)
+
+
 def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,349 @@
+"""An HTTP server for a loaded model: OpenAI-style `/v1/completions`, with concurrent requests batched.
+
+    modegpt serve out/smollm2-0.3 --port 8000
+    curl -s localhost:8000/v1/completions -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}'
+
+One worker thread owns the model. Requests that arrive within `batch_wait` seconds of each other and share
+their sampling settings run as one `generate` batch (each with its own `max_tokens`; each answer is sent the
+moment its sequence ends); a request with a `seed` and temperature > 0 runs alone, so its sample is the one
+`generate(..., seed=...)` gives. Streaming (`"stream": true`) sends server-sent events, one per token.
+Only the standard library is used (`http.server`), so this serves a few clients well, not a fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from modegpt_rt.generate import _check_args, encode_prompts, generate
+
+MAX_BODY = 8 << 20  # bytes of JSON accepted per request
+UNSUPPORTED = ("logprobs", "echo", "best_of", "suffix", "logit_bias")
+
+
+class RequestError(ValueError):
+    """A bad request: answered with HTTP 400 and this message."""
+
+
+class LockedTokenizer:
+    """Fast tokenizers must not be used from two threads at once: handlers encode, the worker decodes."""
+
+    def __init__(self, tokenizer):
+        self._tok, self._lock = tokenizer, threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tok(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        with self._lock:
+            return self._tok.decode(*args, **kwargs)
+
+
+@dataclass
+class Request:
+    prompts: list[list[int]]
+    limits: list[int]
+    sampling: dict  # temperature, top_k, top_p, seed, stop, ignore_eos: shared by a batch
+    stream: bool = False
+    # ("token", j, delta) | ("done", j, GenerationResult) | ("error", message), j = the prompt's index
+    events: queue.Queue = field(default_factory=queue.Queue)
+
+    def batch_key(self):
+        s = self.sampling
+        alone = s["temperature"] > 0 and s["seed"] is not None
+        return (id(self) if alone else None, s["temperature"], s["top_k"], s["top_p"], s["stop"], s["ignore_eos"])
+
+
+def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int) -> Request:
+    """Validate an OpenAI-style completion request into token-id prompts and sampling settings."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    for k in UNSUPPORTED:
+        if body.get(k) not in (None, False, 0, "", {}):
+            raise RequestError(f"{k!r} is not supported")
+    if body.get("n", 1) != 1:
+        raise RequestError("only n = 1 is supported (send the prompt several times, or a list of prompts)")
+    if "prompt" not in body:
+        raise RequestError("missing 'prompt'")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        prompt = [prompt]  # one prompt of token ids
+    elif isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not all(isinstance(p, (str, list)) for p in prompt):
+        raise RequestError("'prompt' must be a string, a list of strings, or token ids")
+    if any(isinstance(p, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+        raise RequestError("token-id prompts must be lists of integers")
+    max_tokens = body.get("max_tokens", 16)
+    temperature = body.get("temperature", 1.0)
+    top_k, top_p, seed = body.get("top_k"), body.get("top_p"), body.get("seed")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) for s in stop):
+        raise RequestError("'stop' must be a string or a list of strings")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise RequestError("'temperature' must be a number")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise RequestError("'seed' must be an integer")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)):
+        raise RequestError("'top_p' must be a number")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+        raise RequestError("'top_k' must be an integer")
+    try:
+        _check_args(max_tokens, temperature, top_k, top_p)
+        if (stop or body.get("stream")) and tokenizer is None:
+            raise ValueError("stop strings and streaming need a tokenizer; this model was loaded without one")
+        ids = encode_prompts(prompt, tokenizer)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    for i, p in enumerate(ids):
+        if not all(0 <= t < vocab_size for t in p):
+            raise RequestError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size})")
+        if len(p) + max_tokens > max_positions:
+            raise RequestError(
+                f"prompt {i} has {len(p)} tokens; with max_tokens={max_tokens} it exceeds the context of "
+                f"{max_positions} tokens"
+            )
+    sampling = dict(
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=None if top_p is None else float(top_p),
+        seed=seed,
+        stop=tuple(stop),
+        ignore_eos=bool(body.get("ignore_eos", False)),
+    )
+    return Request(ids, [max_tokens] * len(ids), sampling, stream=bool(body.get("stream", False)))
+
+
+class Scheduler:
+    """Owns the model: runs queued requests in batches on one worker thread."""
+
+    def __init__(self, model, tokenizer=None, max_batch: int = 8, batch_wait: float = 0.005, max_queue: int = 256):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if batch_wait < 0:
+            raise ValueError(f"batch_wait must be >= 0, got {batch_wait}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.batch_wait, self.max_queue = max_batch, batch_wait, max_queue
+        self.ctx = model.config.max_position_embeddings
+        self.pending: list[Request] = []
+        self.cond = threading.Condition()
+        self.batch_sizes: list[int] = []  # sequences per generate call, for tests and /health
+        self.closed = False
+        self.worker = threading.Thread(target=self._loop, name="modegpt-scheduler", daemon=True)
+        self.worker.start()
+
+    def submit(self, req: Request):
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the server is shutting down")
+            if len(self.pending) >= self.max_queue:
+                raise OverflowError(f"{len(self.pending)} requests queued; try again later")
+            self.pending.append(req)
+            self.cond.notify()
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            for r in self.pending:
+                r.events.put(("error", "the server shut down before this request ran"))
+            self.pending.clear()
+            self.cond.notify()
+        self.worker.join(timeout=60)
+
+    def _take_batch(self) -> list[Request]:
+        """The oldest request and the compatible ones that arrive within batch_wait of it."""
+        with self.cond:
+            while not self.pending and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                return []
+            first = self.pending[0]
+        if self.batch_wait:
+            time.sleep(self.batch_wait)
+        with self.cond:
+            key, group, seqs, longest, most = first.batch_key(), [], 0, 0, 0
+            for r in list(self.pending):
+                lp, lm = max(map(len, r.prompts)), max(r.limits)
+                fits = seqs + len(r.prompts) <= self.max_batch and max(longest, lp) + max(most, lm) <= self.ctx
+                if r is first or (r.batch_key() == key and fits):
+                    group.append(r)
+                    self.pending.remove(r)
+                    seqs, longest, most = seqs + len(r.prompts), max(longest, lp), max(most, lm)
+            return group
+
+    def _loop(self):
+        while group := self._take_batch():
+            self._run(group)
+
+    def _run(self, group: list[Request]):
+        owners = [(r, j) for r in group for j in range(len(r.prompts))]
+        self.batch_sizes.append(len(owners))
+
+        def on_token(i, token, delta):
+            r, j = owners[i]
+            if r.stream:
+                r.events.put(("token", j, delta))
+
+        def on_finish(i, result):
+            r, j = owners[i]
+            r.events.put(("done", j, result))
+
+        try:
+            generate(
+                self.model,
+                [p for r in group for p in r.prompts],
+                max_new_tokens=[m for r in group for m in r.limits],
+                tokenizer=self.tokenizer,
+                stream=on_token if self.tokenizer is not None else None,
+                on_finish=on_finish,
+                **{k: (list(v) if k == "stop" else v) for k, v in group[0].sampling.items()},
+            )
+        except Exception as e:  # noqa: BLE001 — every waiting client gets the reason
+            for r in group:
+                r.events.put(("error", f"{type(e).__name__}: {e}"))
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: CompletionServer
+    protocol_version = "HTTP/1.0"  # close-delimited bodies: streaming needs no chunked encoding
+
+    def log_message(self, fmt, *args):
+        if self.server.verbose:
+            super().log_message(fmt, *args)
+
+    def _json(self, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error"):
+        self._json(status, {"error": {"message": message, "type": kind}})
+
+    def do_GET(self):
+        srv = self.server
+        if self.path in ("/health", "/"):
+            self._json(200, {"status": "ok", "model": srv.model_name, "backend": srv.model.backend})
+        elif self.path == "/v1/models":
+            card = {"id": srv.model_name, "object": "model", "owned_by": "modegpt-rt"}
+            self._json(200, {"object": "list", "data": [card]})
+        else:
+            self._error(404, f"no such endpoint: GET {self.path}", "not_found")
+
+    def do_POST(self):
+        if self.path != "/v1/completions":
+            return self._error(404, f"no such endpoint: POST {self.path}", "not_found")
+        srv = self.server
+        try:
+            n = int(self.headers.get("Content-Length") or -1)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= MAX_BODY:
+            why = f"send a JSON body with a Content-Length of at most {MAX_BODY} bytes"
+            return self._error(411 if n < 0 else 413, why)
+        try:
+            body = json.loads(self.rfile.read(n) or b"null")
+            req = parse_completion(body, srv.scheduler.tokenizer, srv.scheduler.ctx, srv.model.config.vocab_size)
+            srv.scheduler.submit(req)
+        except json.JSONDecodeError as e:
+            return self._error(400, f"the body is not valid JSON: {e}")
+        except RequestError as e:
+            return self._error(400, str(e))
+        except OverflowError as e:
+            return self._error(503, str(e), "overloaded")
+        except RuntimeError as e:
+            return self._error(503, str(e), "unavailable")
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time())}
+        head["model"] = srv.model_name
+        try:
+            if req.stream:
+                self._stream(req, head)
+            else:
+                self._complete(req, head)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client left; its sequence still runs to the end of its batch
+
+    def _wait(self, req: Request):
+        """Yields ("token", j, delta) and ("done", j, result) events until every prompt is done."""
+        left = len(req.prompts)
+        while left:
+            ev = req.events.get()
+            if ev[0] == "error":
+                raise RuntimeError(ev[1])
+            left -= ev[0] == "done"
+            yield ev
+
+    def _complete(self, req: Request, head: dict):
+        results = {}
+        try:
+            for ev in self._wait(req):
+                if ev[0] == "done":
+                    results[ev[1]] = ev[2]
+        except RuntimeError as e:
+            return self._error(500, str(e), "server_error")
+        choices = [_choice(j, results[j].text, results[j]) for j in range(len(req.prompts))]
+        done = sum(len(r.token_ids) for r in results.values())
+        prompt = sum(map(len, req.prompts))
+        usage = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        self._json(200, {**head, "choices": choices, "usage": usage})
+
+    def _stream(self, req: Request, head: dict):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def send(obj):
+            self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+            self.wfile.flush()
+
+        try:
+            for ev in self._wait(req):
+                if ev[0] == "token":
+                    send({**head, "choices": [{"index": ev[1], "text": ev[2], "finish_reason": None}]})
+                else:
+                    send({**head, "choices": [_choice(ev[1], "", ev[2])]})
+        except RuntimeError as e:
+            send({"error": {"message": str(e), "type": "server_error"}})
+        send(b"[DONE]")
+
+
+def _choice(index: int, text: str, result) -> dict:
+    """OpenAI's finish reasons: "stop" (end of sequence or a stop string) or "length"."""
+    reason = "length" if result.finish_reason == "length" else "stop"
+    return {"index": index, "text": text, "finish_reason": reason, "token_ids": result.token_ids, "logprobs": None}
+
+
+class CompletionServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, model, host="127.0.0.1", port=8000, model_name=None, verbose=False, **scheduler_kw):
+        tok = getattr(model, "tokenizer", None)
+        self.model = model
+        self.model_name = model_name or str(getattr(model, "source", "model"))
+        self.verbose = verbose
+        self.scheduler = Scheduler(model, LockedTokenizer(tok) if tok is not None else None, **scheduler_kw)
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def server_close(self):
+        super().server_close()
+        self.scheduler.close()
+
+
+def make_server(model, host: str = "127.0.0.1", port: int = 8000, **kw) -> CompletionServer:
+    """An HTTP server for `model` (call `.serve_forever()`; `port=0` picks a free port, see `.url`)."""
+    return CompletionServer(model, host, port, **kw)

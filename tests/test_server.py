@@ -1,0 +1,121 @@
+"""`modegpt serve`: OpenAI-style completions over HTTP, batched across concurrent requests."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+import modegpt_rt
+from modegpt_rt.server import make_server
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(model, **kw):
+        srv = make_server(model, port=0, **kw)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _post(srv, body, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(srv.url + "/v1/completions", data=data, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _complete(srv, body):
+    status, text = _post(srv, body)
+    assert status == 200, text
+    return json.loads(text)
+
+
+def test_server_token_ids_match_generate_and_reject_bad_requests(tiny_hf_dir, serve):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
+    srv = serve(model)
+    out = _complete(srv, {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    want = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=5, temperature=0, ignore_eos=True)
+    assert [c["token_ids"] for c in out["choices"]] == [r.token_ids for r in want]
+    assert [c["finish_reason"] for c in out["choices"]] == ["length", "length"]
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 10, "total_tokens": 15}
+    seeded = {"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0.9, "seed": 4, "ignore_eos": True}
+    again = model.generate([[5, 6, 7]], max_new_tokens=6, temperature=0.9, seed=4, ignore_eos=True)[0]
+    assert _complete(srv, seeded)["choices"][0]["token_ids"] == again.token_ids
+
+    bad = {
+        "prompt": [],
+        "max_tokens": 0,
+        "temperature": -1,
+        "top_p": 2,
+        "n": 2,
+        "logprobs": 3,
+        "stop": [3],
+        "seed": "x",
+    }
+    for key, value in bad.items():
+        status, text = _post(srv, {"prompt": [5, 6], key: value})
+        assert status == 400, (key, text)
+        assert json.loads(text)["error"]["type"] == "invalid_request_error"
+    for body, fragment in [
+        ({"max_tokens": 3}, "missing 'prompt'"),
+        ({"prompt": "text"}, "tokenizer"),  # this model has none
+        ({"prompt": [5, 97]}, "outside the vocabulary"),
+        ({"prompt": [1] * 120, "max_tokens": 20}, "context"),
+        ({"prompt": [5], "stream": True}, "streaming need a tokenizer"),
+    ]:
+        status, text = _post(srv, body)
+        assert status == 400 and fragment in json.loads(text)["error"]["message"], text
+    status, text = _post(srv, None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in text
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(srv.url + "/nowhere", timeout=30)
+    assert e.value.code == 404
+    with urllib.request.urlopen(srv.url + "/health", timeout=30) as r:
+        assert json.loads(r.read())["backend"] == model.backend
+    # after all that, the server still answers
+    assert _complete(srv, {"prompt": [8, 9], "max_tokens": 2, "temperature": 0})["choices"][0]["token_ids"]
+
+
+def test_server_batches_concurrent_requests_and_streams(smollm2, serve):
+    srv = serve(smollm2, batch_wait=0.5, max_batch=8)
+    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
+    limits = [12, 5, 8]
+    out = [None] * 3
+
+    def ask(i):
+        out[i] = _complete(srv, {"prompt": prompts[i], "max_tokens": limits[i], "temperature": 0})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(srv.scheduler.batch_sizes) > 1  # at least two requests shared a generate call
+    for p, m, o in zip(prompts, limits, out):
+        alone = smollm2.generate([p], max_new_tokens=m, temperature=0)[0]
+        choice = o["choices"][0]
+        assert choice["token_ids"] == alone.token_ids and choice["text"] == alone.text
+
+    status, body = _post(srv, {"prompt": prompts[0], "max_tokens": 12, "temperature": 0, "stream": True})
+    events = [line.removeprefix("data: ") for line in body.split("\n\n") if line]
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == out[0]["choices"][0]["text"]
+    assert [c["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+
+    word = out[0]["choices"][0]["text"].split()[1]
+    stopped = _complete(srv, {"prompt": prompts[0], "max_tokens": 12, "temperature": 0, "stop": word})
+    assert stopped["choices"][0]["finish_reason"] == "stop" and word not in stopped["choices"][0]["text"]
