@@ -142,6 +142,8 @@ def _scaled(scores, weights, params, target, eps, cap):
     for _ in range(len(base) + 1):  # clip at the cap and hand the excess to the others
         rest = budget - (params * phi * ~free).sum()
         denom = (params * base * free).sum()
+        if not denom > 0:  # every uncapped entry's softmax weight underflowed
+            raise ValueError(f"allocation temperature eps={eps:g} is too small for these scores; use a larger one")
         phi = torch.where(free, base * rest / denom, phi)
         over = free & (phi > cap)
         if not over.any():
@@ -183,7 +185,11 @@ def allocate_sparsity(
     lo, hi = math.log(1e-5), math.log(1e4)  # max φ decreases as ε grows
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        if _scaled(s, w, p, target, math.exp(mid), cap).max() > max_sparsity:
+        try:
+            too_sharp = _scaled(s, w, p, target, math.exp(mid), cap).max() > max_sparsity
+        except ValueError:  # so small an ε that the softmax underflowed
+            too_sharp = True
+        if too_sharp:
             lo = mid
         else:
             hi = mid

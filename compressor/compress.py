@@ -78,8 +78,14 @@ class CompressOptions:
         )
 
     def validate(self):
-        if not 0.0 <= self.rate <= MAX_RATE:
-            raise ValueError(f"rate {self.rate} outside [0, {MAX_RATE}]")
+        if not 0.0 <= self.rate < MAX_RATE:
+            raise ValueError(f"rate {self.rate} outside [0, {MAX_RATE})")
+        if self.eps is not None and not 0 < self.eps < math.inf:
+            raise ValueError(f"allocation temperature eps must be a positive number, got {self.eps}")
+        if not 0.0 < self.max_layer_sparsity < MAX_RATE:
+            raise ValueError(f"max layer sparsity must be in (0, {MAX_RATE}), got {self.max_layer_sparsity}")
+        if self.bi_samples < 1 or self.micro_batch < 1:
+            raise ValueError(f"bi samples and micro batch must be >= 1, got {self.bi_samples}, {self.micro_batch}")
         if self.allocation not in ("global", "uniform", "sensitivity"):
             raise ValueError(f"allocation {self.allocation!r}: choose global, uniform or sensitivity")
         if self.allocation == "sensitivity" and (self.split or self.attn_ratio != 1.0):
@@ -357,6 +363,10 @@ def load_sensitivity(path, num_layers: int) -> dict:
         raise ValueError(
             f"{f}: sensitivity table is for {attn.shape[0]} layers x {len(levels)} levels, the model has {num_layers}"
         )
+    if not all(a < b for a, b in zip([0.0] + levels, levels + [1.0])):
+        raise ValueError(f"{f}: sensitivity levels must increase strictly inside (0, 1), got {levels}")
+    if not (torch.isfinite(attn).all() and torch.isfinite(mlp).all()):
+        raise ValueError(f"{f}: sensitivity table holds non-finite costs")
     return {**doc, "from": str(p)}
 
 
@@ -408,6 +418,9 @@ def compress(
         slice(s.start + R, s.stop + R) for s in _batches(N - R, opts.micro_batch)
     ]
     fit = [sl.stop <= R for sl in mb]  # micro-batches inside the refit windows
+    # until the first compressed module the compressed stream is the dense one: nothing to refit there, and a
+    # least-squares refit of weights that are already exact would only add rounding (rate 0 stays exact)
+    diverged = False
     bar = tqdm(list(enumerate(model.layers)), desc="compress", unit="layer", disable=not progress)
     for i, layer in bar:
         w = widths[i]
@@ -418,13 +431,14 @@ def compress(
             if f:
                 hd[sl] += model.attention_block(layer, hd[sl])  # dense weights still in place
         if (w.d_qk, w.d_v) != (cfg.head_dim, cfg.head_dim):
+            diverged = True
             new, freq_idx = compress_attention(layer, stats.C, w, cfg, opts.value_method)
             layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, freq_idx)
         else:
             layer.set_widths(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v))
         del stats
         heads = None  # refit "all": the head outputs, kept so the residual pass below needs no second attention
-        if opts.refit == "all":
+        if opts.refit == "all" and diverged:
             gram, cross = _Stats(layer.n_head * layer.d_v), _Cross(layer.n_head * layer.d_v, cfg.hidden_size)
             heads = []
             for sl, f in zip(mb, fit):
@@ -443,8 +457,10 @@ def compress(
         # act(x W_gate) ⊙ (x W_up) are kept: Nyström keeps a subset of their channels, so the compressed
         # MLP's output is just the new down projection of the kept ones (no second gate/up pass).
         compress_k = w.k_mlp != cfg.intermediate_size
+        diverged = diverged or compress_k
+        refit = bool(R) and diverged
         mstats = _Stats(cfg.intermediate_size) if compress_k else None
-        cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if R else None
+        cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if refit else None
         acts = []
         for j, (sl, f) in enumerate(zip(mb, fit)):
             if heads is not None:
@@ -459,14 +475,15 @@ def compress(
                 mstats.add(act)
             if f:
                 hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
-                cross.add(act, hd[sl] - h[sl])
+                if refit:
+                    cross.add(act, hd[sl] - h[sl])
             acts.append(act)
         idx = torch.arange(cfg.intermediate_size)
         if compress_k:
             new, idx = compress_mlp(layer, mstats.C, w.k_mlp, opts.ridge, opts.ridge_relative)
         else:
             new = {n: t.double() for n, t in layer.split_weights().items()}
-        if R:
+        if refit:
             if mstats is not None and R == N:
                 gram = mstats.C[idx][:, idx]
             else:  # the Gram of the kept channels over the refit windows only
@@ -478,7 +495,7 @@ def compress(
             new["mlp.down_proj"] = refit_projection(
                 gram, cross.C[idx], prior=new["mlp.down_proj"].T, pull=opts.refit_prior
             ).T
-        if compress_k or R:
+        if compress_k or refit:
             layer.load_weights(cfg, w, new, layer.freq_idx)
         del mstats, cross
         for sl, act in zip(mb, acts):

@@ -96,7 +96,10 @@ def _tables(cos, sin, freq_idx, dtype):
 def _lens(t):
     if isinstance(t, torch.Tensor) and t.dtype == _I32 and t.device.type == "cpu":
         return t.contiguous().numpy()
-    return torch.as_tensor(t).detach().to(device="cpu", dtype=_I32).contiguous().numpy()
+    t = torch.as_tensor(t).detach()
+    if t.numel() and (t.min() < 0 or t.max() >= 2**31):  # would wrap in the int32 cast
+        raise ValueError(f"cache/new lengths must lie in [0, 2**31), got {t.min().item()}..{t.max().item()}")
+    return t.to(device="cpu", dtype=_I32).contiguous().numpy()
 
 
 def _checked_call(q, k, v, k_cache, v_cache, tables, cache_lens, new_lens, scale, out):

@@ -23,13 +23,15 @@ def available() -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if _ext is None or x.numel() == 0 or w.numel() == 0:
+        return F.linear(x, w)
     rows = x.numel() // x.shape[-1]
     if (
-        _ext is None
-        or rows > MAX_ROWS
+        rows > MAX_ROWS
         or x.dtype != torch.float32
         or w.dtype != torch.float32
         or x.device.type != "cpu"
+        or w.device.type != "cpu"
         or not w.is_contiguous()
     ):
         return F.linear(x, w)
@@ -41,8 +43,21 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _check_f32(name: str, t: torch.Tensor, shape=None):
+    """The C++ helpers read raw float32 memory: anything else would be misread or overrun."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous float32 CPU tensor, got {t.dtype} on {t.device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+
+
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """h += delta (in place, when given); returns RMSNorm(h) * weight. Contiguous float32 CPU tensors."""
+    n = h.shape[-1]
+    _check_f32("add_rms_norm: h", h)
+    _check_f32("add_rms_norm: weight", weight, (n,))
+    if delta is not None:
+        _check_f32("add_rms_norm: delta", delta, h.shape)
     out = torch.empty_like(h)
     rows = h.numel() // h.shape[-1]
     _ext.add_rms_norm(
@@ -69,6 +84,9 @@ def decode_plan(layer_ptrs, layer_widths, **kw):
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim (contiguous float32)."""
+    _check_f32("silu_mul: gate_up", gate_up)
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_mul: gate_up's last dim must be even, got {gate_up.shape[-1]}")
     k = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], k, dtype=gate_up.dtype)
     _ext.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], k)

@@ -27,7 +27,8 @@ def attention(q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_len
     G = H // H_kv
     steps = torch.arange(T, device=q.device)
     positions = cache_lens.long()[:, None] + steps  # [B, T]
-    valid = steps[None, :] < new_lens.long()[:, None]  # [B, T]
+    n_new = new_lens.long().clamp(max=T)  # new_lens > T counts as T (as the C++ and Triton kernels read it)
+    valid = steps[None, :] < n_new[:, None]  # [B, T]
     c, s = gather_rope(cos, sin, freq_idx.long(), positions.clamp(max=cos.shape[0] - 1))
     c, s = c.to(q.dtype), s.to(q.dtype)
     q_rot = apply_rope(q.view(B, T, H_kv, G, d_qk), c[:, :, :, None], s[:, :, :, None]).view(B, T, H, d_qk)
@@ -38,7 +39,9 @@ def attention(q, k, v, k_cache, v_cache, cos, sin, freq_idx, cache_lens, new_len
     k_cache[b_idx, :, p_idx] = k_rot[b_idx, t_idx].to(k_cache.dtype)
     v_cache[b_idx, :, p_idx] = v[b_idx, t_idx].to(v_cache.dtype)
 
-    L = int((cache_lens + new_lens).max())
+    if B == 0:
+        return q.new_zeros(0, T, H, v.shape[-1])
+    L = int((cache_lens.long() + n_new).max())
     keys = k_cache[:, :, :L].to(q.dtype)
     values = v_cache[:, :, :L].to(q.dtype)
     mask = torch.arange(L, device=q.device)[None, None, :] <= positions[:, :, None]  # [B, T, L]

@@ -187,6 +187,11 @@ def test_allocation_uniform_cases():
     assert torch.all(phi == 0)
     with pytest.raises(ValueError):
         allocate_sparsity(torch.rand(5), 0.99)
+    s = torch.tensor([0.05, 0.1, 0.2, 0.4])  # the first layer caps at 0.95; the others' weights underflow
+    with pytest.raises(ValueError, match="too small"):
+        allocate_sparsity(s, 0.5, eps=1e-4)
+    phi, eps = allocate_sparsity(s, 0.5, max_sparsity=0.94)  # the search steps over underflowing temperatures
+    assert torch.isfinite(phi).all() and phi.max().item() == pytest.approx(0.94, abs=1e-6) and eps > 1e-5
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

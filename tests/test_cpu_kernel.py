@@ -238,6 +238,18 @@ def test_cpu_kernel_positions_past_rope_table_and_new_lens_past_T():
     check_case(case)
 
 
+def test_cpu_kernel_new_lens_past_T_with_a_full_cache():
+    """new_lens > T near capacity: cache_lens + new_lens would overrun S, but only T tokens are new."""
+    check_case(make_case(32, 1, 2, H_kv=1, G=2, d_qk=4, d_v=3, cache_lens=[3], new_lens=[5], extra_slots=0))
+
+
+def test_cpu_kernel_rejects_lengths_that_would_wrap():
+    case = _good_args()
+    for lens in (torch.tensor([2**32 + 1, 0]), torch.tensor([-1, 0])):
+        with pytest.raises(ValueError, match="lengths must lie in"):
+            cpu.attention(**dict(case, cache_lens=lens))
+
+
 def test_cpu_kernel_same_result_on_one_and_two_threads():
     case = make_case(41, 2, 33, H_kv=3, G=3, d_qk=64, d_v=64, cache_lens=[50, 0], new_lens=[33, 20])
     n = torch.get_num_threads()

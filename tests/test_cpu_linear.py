@@ -32,6 +32,24 @@ def test_cpu_linear_batched_shapes_and_fallbacks():
     assert torch.equal(cpu_linear.linear(xd, wd), F.linear(xd, wd))
     with pytest.raises(ValueError, match="features"):
         cpu_linear.linear(torch.randn(1, 39), w)
+    for xe, we in ((torch.randn(0, 40), w), (torch.randn(2, 0), torch.randn(24, 0))):  # empty: as torch
+        assert torch.equal(cpu_linear.linear(xe, we), F.linear(xe, we))
+
+
+def test_cpu_linear_helpers_reject_what_they_would_misread():
+    h, w = torch.randn(3, 16), torch.randn(16)
+    bad_h = (h.double(), h.t().contiguous().t(), torch.randn(16).expand(3, 16))
+    for b in bad_h:
+        with pytest.raises(ValueError, match="contiguous float32"):
+            cpu_linear.add_rms_norm(b, None, w, 1e-5)
+    with pytest.raises(ValueError, match="weight has shape"):
+        cpu_linear.add_rms_norm(h, None, torch.randn(8), 1e-5)
+    with pytest.raises(ValueError, match="delta has shape"):
+        cpu_linear.add_rms_norm(h, torch.randn(3, 8), w, 1e-5)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_linear.silu_mul(torch.randn(3, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="even"):
+        cpu_linear.silu_mul(torch.randn(3, 15))
 
 
 @pytest.mark.parametrize("rows,dim", [(1, 576), (5, 17), (3, 1)])
