@@ -120,8 +120,13 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / INDEX_NAME
     files = [folder / WEIGHTS_NAME]
     if index.exists():
-        with open(index) as f:
-            files = sorted({folder / v for v in json.load(f)["weight_map"].values()})
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+            files = sorted({folder / v for v in wmap.values()})
+            if any(f.parent != folder for f in files):  # names like "../x" must not leave the folder
+                raise ValueError("a weight file outside the checkpoint folder")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
     tensors = {}
     for file in files:
         if not file.exists():
@@ -154,6 +159,8 @@ def read_checkpoint(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_file}: the config must be a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") == MODEL_TYPE:
         config = ModelConfig.from_dict(raw)
         tensors = _read_safetensors(path)
@@ -240,10 +247,22 @@ def save_checkpoint(model: Model, out_dir, tokenizer=None, overwrite=False, max_
         model.config.save(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets a normal folder's mode
+        for f in (f for f in tmp.iterdir() if f.is_file()):
+            f.chmod(0o666 & ~umask)
+            with open(f, "rb") as fh:  # on disk before the rename makes it visible
+                os.fsync(fh.fileno())
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(trash / "old", out_dir)  # put the old checkpoint back
+                shutil.rmtree(trash, ignore_errors=True)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)

@@ -436,7 +436,12 @@ def main(argv=None):
     from modegpt_rt.checkpoint import CheckpointError
     from modegpt_rt.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("threads", "limit", "sample", "seqlen", "samples", "batch_size"):
+        v = getattr(args, name, None)
+        if v is not None and v < (2 if name == "seqlen" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'seqlen' else 1}, got {v}")
     _threads(args)
     try:
         args.func(args)

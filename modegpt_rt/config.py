@@ -56,13 +56,33 @@ class ModelConfig:
         if not self.layers:
             full = LayerWidths(self.intermediate_size, self.head_dim, self.head_dim)
             object.__setattr__(self, "layers", tuple(full for _ in range(self.num_hidden_layers)))
-        object.__setattr__(
-            self, "layers", tuple(w if isinstance(w, LayerWidths) else LayerWidths(**w) for w in self.layers)
-        )
+        layers = []
+        for i, w in enumerate(self.layers):
+            if not isinstance(w, LayerWidths):
+                if not isinstance(w, dict) or set(w) != {"k_mlp", "d_qk", "d_v"}:
+                    raise ConfigError(f"layer {i}: widths must be {{k_mlp, d_qk, d_v}}, got {w!r}")
+                w = LayerWidths(**w)
+            layers.append(w)
+        object.__setattr__(self, "layers", tuple(layers))
         self.validate()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for name in sizes + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not is_int(v) or v < 1:
+                raise ConfigError(f"{name}={v!r} must be a positive integer")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError(f"{name}={v!r} must be a positive number")
+        for i, w in enumerate(self.layers):
+            if not all(is_int(x) for x in (w.k_mlp, w.d_qk, w.d_v)):
+                raise ConfigError(f"layer {i}: widths must be integers, got {w}")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (only 'silu', as in LLaMA)")
         if self.head_dim % 2:
@@ -85,6 +105,12 @@ class ModelConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ("default", "linear", "llama3"):
                 raise ConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+            need = {"linear": ["factor"], "default": []}.get(
+                kind, ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+            )
+            bad = [k for k in need if not isinstance(self.rope_scaling.get(k), (int, float))]
+            if bad:
+                raise ConfigError(f"rope scaling {kind!r} needs numeric {', '.join(bad)}")
 
     # ----------------------------------------------------------- derived sizes
     @property
@@ -137,6 +163,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
         if d.get("model_type") != MODEL_TYPE:
             raise ConfigError(f"model_type={d.get('model_type')!r}; expected {MODEL_TYPE!r}")
         version = d.get("format_version")
@@ -146,6 +174,10 @@ class ModelConfig:
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.default is dataclasses.MISSING]
         if missing:
             raise ConfigError(f"config.json lacks required fields: {', '.join(missing)}")
+        if not isinstance(d.get("layers", []), list):
+            raise ConfigError("config 'layers' must be a list of per-layer widths")
+        if d.get("rope_scaling") is not None and not isinstance(d["rope_scaling"], dict):
+            raise ConfigError("config 'rope_scaling' must be an object or null")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def save(self, path) -> None:

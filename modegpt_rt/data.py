@@ -66,6 +66,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one token stream [n] (no special tokens)."""
     import transformers.utils.logging as hf_logging
 
+    if tokenizer is None:
+        raise ValueError("text needs a tokenizer, and this model has none (no tokenizer files beside its weights)")
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence "sequence longer than the model's maximum"
     try:

@@ -31,6 +31,11 @@ def _check_args(max_new_tokens, temperature, top_k, top_p):
 
 
 def encode_prompts(prompts, tokenizer) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):  # [T] or [B, T] token ids (no padding)
+        if prompts.dtype.is_floating_point or prompts.dim() not in (1, 2):
+            what = f"{prompts.dtype} {list(prompts.shape)}"
+            raise ValueError(f"a tensor prompt must hold integer token ids [T] or [B, T], got {what}")
+        prompts = prompts.tolist()
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not prompts:
@@ -49,6 +54,21 @@ def encode_prompts(prompts, tokenizer) -> list[list[int]]:
             raise ValueError(f"prompt {i} is empty")
         out.append(ids)
     return out
+
+
+def _stable_end(text: str, stop_strs) -> int:
+    """How much of a growing decoded text can be streamed now: not a trailing replacement character (a
+    multi-byte character split across tokens), nor a tail that is the start of a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stop_strs:
+        for k in range(min(len(s) - 1, end), hold, -1):
+            if text.endswith(s[:k], 0, end):
+                hold = k
+                break
+    return end - hold
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
@@ -88,7 +108,10 @@ def generate(
     """Generate continuations of `prompts` (strings, or token-id lists of different lengths).
 
     temperature=0 is greedy. `stop`: token ids (int) and/or strings that end a sequence.
-    `stream(index, token_id, text_delta)` is called for every new token as it comes.
+    `stream(index, token_id, text_delta)` is called for every new token as it comes. A delta holds back
+    what may still change: an incomplete multi-byte character, or a tail that could begin a stop string; it
+    comes with a later token, or in one last call with the end-of-sequence token's id. The deltas of a
+    sequence always add up to its final text.
     `max_new_tokens` may be a list, one limit per prompt.
     `on_finish(index, result)` is called with a sequence's `GenerationResult` as soon as it ends (the
     batch may run on); the list returned at the end holds the same results.
@@ -141,6 +164,7 @@ def generate(
     t_prefill = time.perf_counter() - t0
     new = [[] for _ in range(B)]
     texts = [""] * B
+    emitted = [0] * B  # characters of texts[i] already streamed
     reason: list[str | None] = [None] * B
     results: list[GenerationResult | None] = [None] * B
 
@@ -168,18 +192,23 @@ def generate(
             if reason[i] is not None:
                 continue
             if t in stop_ids:
+                if stream and len(texts[i]) > emitted[i]:  # flush what was held back
+                    stream(i, t, texts[i][emitted[i] :])
                 finish(i, "eos" if t in model.config.eos_ids and not ignore_eos else "stop")
                 continue
             new[i].append(t)
             hit = None
             if need_text:
-                prev, text = texts[i], tokenizer.decode(new[i], skip_special_tokens=True)
+                text = tokenizer.decode(new[i], skip_special_tokens=True)
                 hit = next((s for s in stop_strs if s in text), None)
                 if hit is not None:
                     text = text[: text.index(hit)]
-                texts[i], delta = text, text[len(prev) :]
+                texts[i] = text
                 if stream:
-                    stream(i, t, delta)
+                    last = hit is not None or len(new[i]) >= limits[i]
+                    end = len(text) if last else _stable_end(text, stop_strs)
+                    stream(i, t, text[emitted[i] : max(end, emitted[i])])
+                    emitted[i] = max(end, emitted[i])
             if hit is not None:
                 finish(i, "stop")
             elif len(new[i]) >= limits[i]:

@@ -53,6 +53,8 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
         device = kwargs.pop("device", None) or kwargs.pop("device_map", None) or "cpu"
         if isinstance(device, dict):
             device = next(iter(device.values()))
+        if device == "auto":  # one device holds the whole model: the GPU when there is one
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         runtime = modegpt_rt.load(pretrained_model_name_or_path, device=device, dtype=dtype, tokenizer=False)
         config = kwargs.pop("config", None)
         if not isinstance(config, ModegptConfig):

@@ -233,6 +233,7 @@ class Model(nn.Module):
         (weights streamed once per step for all batch rows); prefill-sized products stay with torch.
         """
         self.backend = kernels.resolve_backend(backend, self.device, self.dtype)
+        self._backend_request = backend
         self._linear, self._fused = F.linear, False
         # glue ops (residual add + RMSNorm, SiLU·up) of the cached step: fused Triton kernels with the Triton
         # backend; set to "torch" to run them as plain torch ops (benchmarks compare the two)
@@ -243,6 +244,24 @@ class Model(nn.Module):
             if cpu_linear.available():
                 self._linear, self._fused = cpu_linear.linear, True
         return self.backend
+
+    def _apply(self, fn, *args, **kwargs):
+        """`.to()`, `.half()`, `.cuda()`...: keep the rope tables at float32 or more and choose the backend
+        again for the new device and dtype (the C++ fast path reads float32 weights only; a backend asked for
+        by name that no longer fits falls back to auto)."""
+        super()._apply(fn, *args, **kwargs)
+        table_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        if self.cos.dtype != table_dtype:
+            cos, sin = rope_tables(self.config)
+            self.cos, self.sin = cos.to(self.device, table_dtype), sin.to(self.device, table_dtype)
+        before, glue = self.backend, self.glue
+        try:
+            self.set_backend(self._backend_request)
+        except (ValueError, RuntimeError):
+            self.set_backend("auto")
+        if self.backend == before:
+            self.glue = glue  # a choice made by hand (benchmarks) survives
+        return self
 
     @torch.no_grad()
     def align_widths(self, mlp: int = 64, pairs: int = 8, v: int = 8) -> bool:

@@ -310,7 +310,42 @@ def test_bad_config_and_paths(tiny_hf_dir, tmp_path):
         modegpt_rt.load(tmp_path / "pickled")
 
 
-def test_save_is_atomic_and_refuses_existing(tiny_hf_dir, tmp_path):
+def test_malformed_config_and_index_give_clear_errors(tiny_hf_dir, tmp_path):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    good = json.loads((save_checkpoint(model, tmp_path / "c") / "config.json").read_text())
+
+    def edit(**kw):
+        d = json.loads(json.dumps(good))
+        for k, v in kw.items():
+            if k == "layer0":
+                d["layers"][0] = v
+            elif v is None:
+                d.pop(k)
+            else:
+                d[k] = v
+        return d
+
+    cases = [
+        (edit(layer0={"k_mlp": 80, "d_qk": 10}), "widths must be"),
+        (edit(num_key_value_heads=0), "positive integer"),
+        (edit(layer0={"k_mlp": 16.0, "d_qk": 10, "d_v": 10}), "must be integers"),
+        (edit(rms_norm_eps=-1), "positive number"),
+        (edit(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
+        (edit(layers={"a": 1}), "must be a list"),
+        ([1, 2], "JSON object"),
+    ]
+    for cfg, msg in cases:
+        (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ConfigError, match=msg):
+            modegpt_rt.load(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text(json.dumps(good))
+    for index in ("{not json", json.dumps({"metadata": {}}), json.dumps({"weight_map": {"x": "../model.safetensors"}})):
+        (tmp_path / "c" / "model.safetensors.index.json").write_text(index)
+        with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+            modegpt_rt.load(tmp_path / "c")
+
+
+def test_save_is_atomic_and_refuses_existing(tiny_hf_dir, tmp_path, monkeypatch):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     out = save_checkpoint(model, tmp_path / "c")
     with pytest.raises(FileExistsError):
@@ -328,6 +363,30 @@ def test_save_is_atomic_and_refuses_existing(tiny_hf_dir, tmp_path):
         save_checkpoint(model, out, tokenizer=BadTokenizer(), overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before  # the old checkpoint is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temp dirs left behind
+    import os
+    import shutil
+
+    umask = os.umask(0o022)
+    try:  # a normal folder's permissions, not mkdtemp's private 0700
+        fresh = save_checkpoint(model, tmp_path / "d")
+        assert fresh.stat().st_mode & 0o777 == 0o755 and (fresh / "config.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+    shutil.rmtree(fresh)
+    real, calls = os.replace, []
+
+    def second_fails(a, b):  # the old checkpoint moved aside, then the new one fails to move in
+        calls.append(a)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        save_checkpoint(model, out, overwrite=True)
+    monkeypatch.undo()
+    assert (out / "model.safetensors").read_bytes() == before  # put back
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
 
 
 def test_generate_validates_input(tiny_hf_dir):
@@ -379,6 +438,28 @@ def test_generate_per_prompt_limits_and_on_finish(tiny_hf_dir):
         model.generate([[1] * 120, [1]], [2, 100], temperature=0)
 
 
+def test_model_to_another_dtype_chooses_its_backend_again(tiny_hf_dir):
+    """The C++ fast path reads float32 weights: after .to(float64 / bfloat16) the model must not use it
+    (it returned NaN tokens, or crashed the process, before). Rope tables stay float32 or more."""
+    model = modegpt_rt.load(tiny_hf_dir, backend="auto")
+    ids = [[5, 6, 7], [8, 9, 10, 11]]
+    ref = model.generate(ids, max_new_tokens=6, temperature=0, ignore_eos=True)
+    full = model(torch.tensor([[5, 6, 7, 8]])).logits
+    model.to(torch.float64)
+    assert model.backend == ("cpu" if modegpt_rt.kernels.cpu_linear.available() else model.backend)
+    assert model.cos.dtype == torch.float64 and not model._fused
+    again = model.generate(ids, max_new_tokens=6, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in again] == [r.token_ids for r in ref]
+    model.to(torch.bfloat16)
+    assert model.backend == "torch" and model.cos.dtype == torch.float32
+    low = model(torch.tensor([[5, 6, 7, 8]])).logits
+    assert torch.isfinite(low).all() and (low.float() - full).abs().max() < 0.1 * full.abs().max()
+    model.generate(ids, max_new_tokens=3, temperature=0, ignore_eos=True)
+    model.float()
+    assert model._fused == modegpt_rt.kernels.cpu_linear.available()
+    assert [r.token_ids for r in model.generate(ids, max_new_tokens=6, temperature=0, ignore_eos=True)][0]
+
+
 def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -397,6 +478,27 @@ def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
         hf_new = gen[i, 10:].tolist()
         n = next((j for j, t in enumerate(hf_new) if t in eos), 5)
         assert hf_new[:n] == own[i].token_ids[:n]
+    auto = AutoModelForCausalLM.from_pretrained(out, device_map="auto")  # one device: the GPU if any
+    assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_tensor_prompts_cli_bounds_and_missing_tokenizer(tiny_hf_dir, capsys):
+    from modegpt_rt import cli
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
+    want = model.generate([[5, 6, 7], [8, 9, 10]], max_new_tokens=3, temperature=0, ignore_eos=True)
+    got = model.generate(torch.tensor([[5, 6, 7], [8, 9, 10]]), max_new_tokens=3, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    one = model.generate(torch.tensor([5, 6, 7]), max_new_tokens=3, temperature=0, ignore_eos=True)
+    assert one[0].token_ids == want[0].token_ids
+    with pytest.raises(ValueError, match="integer token ids"):
+        model.generate(torch.rand(1, 3), max_new_tokens=3)
+    for argv in (["--threads", "0", "info", "x"], ["eval", "ppl", "--limit", "0"], ["eval", "ppl", "--seqlen", "1"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert "must be at least" in capsys.readouterr().err
+    assert cli.main(["eval", "ppl", str(tiny_hf_dir), "--seqlen", "16", "--limit", "1"]) == 2  # no tokenizer files
+    assert "needs a tokenizer" in capsys.readouterr().err
 
 
 def test_generated_calibration_is_seeded_sampling_from_the_model(tiny_hf_dir):

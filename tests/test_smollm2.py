@@ -59,6 +59,52 @@ def test_smollm2_streaming_and_stop_string(smollm2):
     assert stopped.finish_reason == "stop" and word not in stopped.text and res.text.startswith(stopped.text)
 
 
+class _Forced:
+    """A stand-in model whose logits force a fixed token sequence (then EOS), to test streaming text."""
+
+    def __init__(self, tokens, vocab, eos):
+        from types import SimpleNamespace
+
+        self.tokens, self.vocab, self.i = tokens + [eos], vocab, 0
+        self.config = SimpleNamespace(max_position_embeddings=4096, eos_ids=[eos])
+        self.device, self._fused = torch.device("cpu"), False
+
+    def new_cache(self, batch_size, capacity):
+        return None
+
+    def step(self, ids, cache, lens):
+        logits = torch.full((ids.shape[0], self.vocab), -1e9)
+        logits[:, self.tokens[min(self.i, len(self.tokens) - 1)]] = 0.0
+        self.i += 1
+        return logits
+
+
+def test_streaming_never_shows_broken_characters_or_stop_string_starts(smollm2):
+    """Streamed pieces add up to the final text; a multi-byte character split across tokens is held until
+    complete, and a tail that could start a stop string is held until it cannot."""
+    from modegpt_rt.generate import generate
+
+    tok = smollm2.tokenizer
+    text = "a😀b 你好 Hello world!"
+    ids = tok(text)["input_ids"]
+    assert any("\ufffd" in tok.decode(ids[:n]) for n in range(1, len(ids)))  # some token splits a character
+    eos = smollm2.config.eos_ids[0]
+    for stop, want in ((None, text), ("o w", "a😀b 你好 Hell"), ("xyz", text)):
+        pieces = []
+        res = generate(
+            _Forced(ids, smollm2.config.vocab_size, eos),
+            [[1]],
+            40,
+            temperature=0,
+            tokenizer=tok,
+            stop=stop,
+            stream=lambda i, t, d, pieces=pieces: pieces.append(d),
+        )[0]
+        assert res.text == want and "".join(pieces) == want, (stop, pieces)
+        assert not any("\ufffd" in p for p in pieces)
+        assert res.finish_reason == ("eos" if stop != "o w" else "stop")
+
+
 def test_smollm2_cli_zeroshot_bfloat16_agrees(smollm2_path, tmp_path):
     """`eval zeroshot --dtype bfloat16` runs end to end and picks the same answers as float32 on a few items."""
     import json
