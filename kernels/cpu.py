@@ -50,7 +50,7 @@ def load_error() -> str | None:
 def _version(t: torch.Tensor):
     try:
         return t._version
-    except RuntimeError:  # inference tensors have no version counter (and cannot be edited outside inference mode)
+    except RuntimeError:  # inference tensors have no version counter
         return None
 
 
@@ -86,9 +86,11 @@ def _tables(cos, sin, freq_idx, dtype):
         if not (t.device.type == "cpu" and t.dtype == want and t.is_contiguous()):
             checks.append((t, _version(t)))  # converted copy: watch the source for in-place edits
         arrays.append(t.detach().to(device="cpu", dtype=want).contiguous().numpy())
+    entry = (arrays[0], arrays[1], arrays[2], tuple(checks), (cos, sin, freq_idx))
+    if any(ver is None for _, ver in checks):
+        return entry  # a converted copy of an inference tensor: no version counter to notice edits, so no cache
     if len(_TABLES) >= _TABLES_MAX:
         _TABLES.clear()
-    entry = (arrays[0], arrays[1], arrays[2], tuple(checks), (cos, sin, freq_idx))
     _TABLES[key] = entry
     return entry
 

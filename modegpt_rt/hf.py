@@ -99,6 +99,13 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write the runtime model as a modegpt checkpoint (transformers' writer would name the wrapped
+        tensors `runtime.*`, which no loader reads). An existing folder is replaced atomically."""
+        from modegpt_rt.checkpoint import save_checkpoint
+
+        save_checkpoint(self.runtime, save_directory, tokenizer=kwargs.get("tokenizer"), overwrite=True)
+
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 

@@ -480,6 +480,8 @@ def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
         assert hf_new[:n] == own[i].token_ids[:n]
     auto = AutoModelForCausalLM.from_pretrained(out, device_map="auto")  # one device: the GPU if any
     assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    hf.save_pretrained(tmp_path / "resaved")  # a modegpt checkpoint again, loadable both ways
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")(ids).logits, hf(ids).logits)
 
 
 def test_tensor_prompts_cli_bounds_and_missing_tokenizer(tiny_hf_dir, capsys):
