@@ -197,6 +197,8 @@ def cmd_generate(args):
 
 # ----------------------------------------------------------------- serve
 def cmd_serve(args):
+    import threading
+
     import torch
 
     import modegpt_rt
@@ -212,13 +214,17 @@ def cmd_serve(args):
         verbose=args.verbose,
         max_batch=args.max_batch,
         batch_wait=args.batch_wait_ms / 1000,
+        worker_thread=False,
     )
     print(f"serving {model.source} at {srv.url} (attention backend: {model.backend}); Ctrl-C stops", file=sys.stderr)
+    http = threading.Thread(target=srv.serve_forever, name="modegpt-http", daemon=True)
+    http.start()
     try:
-        srv.serve_forever()
+        srv.scheduler.run()  # the model runs on the main thread (see Scheduler.run)
     except KeyboardInterrupt:
         pass
     finally:
+        srv.shutdown()
         srv.server_close()
 
 

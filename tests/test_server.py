@@ -89,6 +89,27 @@ def test_server_token_ids_match_generate_and_reject_bad_requests(tiny_hf_dir, se
     assert _complete(srv, {"prompt": [8, 9], "max_tokens": 2, "temperature": 0})["choices"][0]["token_ids"]
 
 
+def test_server_model_on_the_calling_thread(tiny_hf_dir, serve):
+    """As `modegpt serve` runs it: HTTP on a thread, the scheduler on the main thread until closed; a request
+    still queued at close gets an error, not a hang."""
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
+    srv = serve(model, worker_thread=False)
+    got = {}
+
+    def client():
+        got["out"] = _complete(srv, {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        srv.scheduler.close()
+
+    t = threading.Thread(target=client)
+    t.start()
+    srv.scheduler.run()  # returns once the client closed it
+    t.join()
+    want = model.generate([[5, 6, 7]], max_new_tokens=4, temperature=0, ignore_eos=True)[0].token_ids
+    assert got["out"]["choices"][0]["token_ids"] == want
+    status, text = _post(srv, {"prompt": [5, 6], "max_tokens": 2})
+    assert status == 503 and "shutting down" in text
+
+
 def test_server_batches_concurrent_requests_and_streams(smollm2, serve):
     srv = serve(smollm2, batch_wait=0.5, max_batch=8)
     prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]

@@ -1,0 +1,140 @@
+"""Load test of `modegpt serve`: concurrent clients against the in-process server, batching on and off.
+
+    python -m modegpt_rt.bench.serve_load [PATH] --clients 8 --requests 2 --new 64 --max-batch 1,8 \
+        --json bench/results/serve_load.json
+
+Each client sends `--requests` greedy completions one after another (its prompt: `--prompt` tokens of
+WikiText-2 test text at its own offset, `ignore_eos`, `--new` tokens each). For every `--max-batch` value a
+fresh server runs the same load; the settings are interleaved `--repeats` times and the medians reported:
+aggregate new tokens per second (all clients' new tokens / wall time) and the median request latency.
+A first row runs the same requests through `model.generate` one at a time, without the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+import modegpt_rt
+from modegpt_rt import data
+from modegpt_rt.server import make_server
+
+
+def _post(url, body):
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def run_load(model, prompts, requests: int, new: int, max_batch: int, batch_wait: float) -> dict:
+    """As `modegpt serve` runs: HTTP on a thread, the model on this (main) thread until the clients finish."""
+    srv = make_server(model, port=0, max_batch=max_batch, batch_wait=batch_wait, worker_thread=False)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    latencies, tokens, wall = [], [], []
+    lock = threading.Lock()
+
+    def client(prompt):
+        for _ in range(requests):
+            t = time.perf_counter()
+            out = _post(srv.url, {"prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True})
+            with lock:
+                latencies.append(time.perf_counter() - t)
+                tokens.append(out["usage"]["completion_tokens"])
+
+    def drive():
+        threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall.append(time.perf_counter() - t0)
+        srv.scheduler.close()
+
+    threading.Thread(target=drive, daemon=True).start()
+    try:
+        srv.scheduler.run()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    return {
+        "tok_per_s": sum(tokens) / wall[0],
+        "latency_median_s": statistics.median(latencies),
+        "wall_s": wall[0],
+        "new_tokens": sum(tokens),
+        "mean_batch": statistics.mean(srv.scheduler.batch_sizes),
+    }
+
+
+def run_direct(model, prompts, requests: int, new: int) -> dict:
+    """The same requests through `model.generate`, one at a time, no server: the reference for its overhead."""
+    latencies, tokens = [], 0
+    t0 = time.perf_counter()
+    for _ in range(requests):
+        for prompt in prompts:
+            t = time.perf_counter()
+            tokens += len(model.generate([prompt], max_new_tokens=new, temperature=0, ignore_eos=True)[0].token_ids)
+            latencies.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    return {"tok_per_s": tokens / wall, "latency_median_s": statistics.median(latencies), "wall_s": wall}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("path", nargs="?", default=None)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    p.add_argument("--new", type=int, default=64, help="new tokens per request")
+    p.add_argument("--max-batch", default="1,8", help="server settings compared")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    model = modegpt_rt.load(args.path)
+    ids = data.tokenize(model.tokenizer, data.read_text("wikitext2", "test"))
+    prompts = [ids[1000 + 97 * i : 1000 + 97 * i + args.prompt].tolist() for i in range(args.clients)]
+    settings = [int(x) for x in args.max_batch.split(",")]
+    run_load(model, prompts[:1], 1, 4, 1, 0.0)  # warm-up
+    runs = {b: [] for b in settings}
+    runs["direct"] = []
+    for _ in range(args.repeats):
+        runs["direct"].append(run_direct(model, prompts, args.requests, args.new))
+        print(json.dumps({"direct": True, **runs["direct"][-1]}), flush=True)
+        for b in settings:
+            runs[b].append(run_load(model, prompts, args.requests, args.new, b, args.batch_wait_ms / 1000))
+            print(json.dumps({"max_batch": b, **runs[b][-1]}), flush=True)
+    rows = []
+    for b in ["direct"] + settings:
+        row = {"max_batch": b} if b != "direct" else {"setting": "model.generate, one request at a time, no server"}
+        for k in ("tok_per_s", "latency_median_s", "mean_batch"):
+            if k in runs[b][0]:
+                row[k] = statistics.median(r[k] for r in runs[b])
+        rows.append(row)
+    out = {
+        "model": str(model.source),
+        "backend": model.backend,
+        "threads": torch.get_num_threads(),
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "prompt_tokens": args.prompt,
+        "new_tokens": args.new,
+        "batch_wait_ms": args.batch_wait_ms,
+        "repeats": args.repeats,
+        "rows": rows,
+        "runs": {str(b): v for b, v in runs.items()},
+    }
+    print(json.dumps(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
