@@ -247,8 +247,7 @@ def save_checkpoint(model: Model, out_dir, tokenizer=None, overwrite=False, max_
         model.config.save(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets a normal folder's mode
         for f in (f for f in tmp.iterdir() if f.is_file()):
             f.chmod(0o666 & ~umask)
@@ -270,6 +269,20 @@ def save_checkpoint(model: Model, out_dir, tokenizer=None, overwrite=False, max_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _umask() -> int:
+    """The process umask, read without setting it where Linux shows it (os.umask would change it for a moment,
+    under every other thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_shards(tensors, folder: Path, max_shard_bytes: int):

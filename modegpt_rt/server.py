@@ -64,6 +64,7 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
     """Validate an OpenAI-style completion request into token-id prompts and sampling settings."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}  # clients send null for "the default"
     for k in UNSUPPORTED:
         if body.get(k) not in (None, False, 0, "", {}):
             raise RequestError(f"{k!r} is not supported")

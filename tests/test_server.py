@@ -46,7 +46,8 @@ def _complete(srv, body):
 def test_server_token_ids_match_generate_and_reject_bad_requests(tiny_hf_dir, serve):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
     srv = serve(model)
-    out = _complete(srv, {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    body = {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 5, "temperature": 0, "ignore_eos": True, "top_p": None}
+    out = _complete(srv, body)  # null means the default, as OpenAI clients send it
     want = model.generate([[5, 6, 7], [8, 9]], max_new_tokens=5, temperature=0, ignore_eos=True)
     assert [c["token_ids"] for c in out["choices"]] == [r.token_ids for r in want]
     assert [c["finish_reason"] for c in out["choices"]] == ["length", "length"]
