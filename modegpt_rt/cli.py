@@ -444,10 +444,11 @@ def main(argv=None):
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("threads", "limit", "sample", "seqlen", "samples", "batch_size"):
+    least = {"threads": 1, "limit": 1, "sample": 1, "seqlen": 2, "samples": 1, "batch_size": 1}
+    for name, low in least.items():
         v = getattr(args, name, None)
-        if v is not None and v < (2 if name == "seqlen" else 1):
-            parser.error(f"--{name.replace('_', '-')} must be at least {2 if name == 'seqlen' else 1}, got {v}")
+        if v is not None and v < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
     _threads(args)
     try:
         args.func(args)

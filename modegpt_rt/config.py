@@ -80,9 +80,6 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
                 raise ConfigError(f"{name}={v!r} must be a positive number")
-        for i, w in enumerate(self.layers):
-            if not all(is_int(x) for x in (w.k_mlp, w.d_qk, w.d_v)):
-                raise ConfigError(f"layer {i}: widths must be integers, got {w}")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (only 'silu', as in LLaMA)")
         if self.head_dim % 2:
@@ -95,6 +92,8 @@ class ModelConfig:
         if len(self.layers) != self.num_hidden_layers:
             raise ConfigError(f"{len(self.layers)} layer widths given for num_hidden_layers={self.num_hidden_layers}")
         for i, w in enumerate(self.layers):
+            if not all(is_int(x) for x in (w.k_mlp, w.d_qk, w.d_v)):
+                raise ConfigError(f"layer {i}: widths must be integers, got {w}")
             if not 1 <= w.k_mlp <= self.intermediate_size:
                 raise ConfigError(f"layer {i}: k_mlp={w.k_mlp} outside [1, {self.intermediate_size}]")
             if w.d_qk % 2 or not 2 <= w.d_qk <= self.head_dim:

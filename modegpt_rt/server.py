@@ -177,7 +177,7 @@ class Scheduler:
             if self.closed:
                 return []
             first = self.pending[0]
-        if self.batch_wait:
+        if self.batch_wait and len(first.prompts) < self.max_batch:  # room left: give others a moment to join
             time.sleep(self.batch_wait)
         with self.cond:
             key, group, seqs, longest, most = first.batch_key(), [], 0, 0, 0
