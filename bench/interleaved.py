@@ -1,11 +1,13 @@
 """Side-by-side decode throughput with the models interleaved round by round.
 
-    python -m modegpt_rt.bench.interleaved PATH [PATH...] [--batch 1,8] [--rounds 5] [--json OUT]
+    python -m modegpt_rt.bench.interleaved PATH [PATH...] [--batch 1,8] [--rounds 5]
+        [--weights float32,bfloat16] [--json OUT]
 
 `modegpt bench throughput` times one model after another, so a change in the machine's memory
 bandwidth between them (shared hosts) shows up as a speed difference. Here every round runs each
 model once (prompt 128 + 128 new greedy tokens, EOS ignored) and the medians over rounds are
-compared, so slow phases hit all models alike.
+compared, so slow phases hit all models alike. `--weights float32,bfloat16` runs every path twice: with
+float32 matrices and with bfloat16 ones (`load(weight_dtype=...)`, computing in float32).
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--weights", default="float32", help="comma-separated weight dtypes to run each path with")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = [modegpt_rt.load(path) for path in args.paths]
+    weights = [getattr(torch, w) for w in args.weights.split(",")]
+    runs = [(path, w) for path in args.paths for w in weights]
+    models = [modegpt_rt.load(path, weight_dtype=w) for path, w in runs]
+    names = [path + ("" if w == torch.float32 else f" [{str(w).removeprefix('torch.')} weights]") for path, w in runs]
     batches = [int(b) for b in args.batch.split(",")]
     g = torch.Generator().manual_seed(0)
     vocab = models[0].config.vocab_size
@@ -49,13 +55,22 @@ def main(argv=None):
     rows = []
     for b in batches:
         base = statistics.median(times[(0, b)])
-        for i, path in enumerate(args.paths):
+        for i, path in enumerate(names):
             med = statistics.median(times[(i, b)])
             rate = (models[i].config.compression or {}).get("target_rate", 0.0)
             rows.append(
-                {"path": path, "rate": rate, "batch": b, "tok_s": med, "vs_first": med / base, "runs": times[(i, b)]}
+                {
+                    "path": runs[i][0],
+                    "name": path,
+                    "weight_dtype": str(runs[i][1]).removeprefix("torch."),
+                    "rate": rate,
+                    "batch": b,
+                    "tok_s": med,
+                    "vs_first": med / base,
+                    "runs": times[(i, b)],
+                }
             )
-            print(f"{path:<40} rate {rate:<5} batch {b:<3} {med:7.1f} tok/s  {med / base:5.2f}x first")
+            print(f"{path:<58} rate {rate:<5} batch {b:<3} {med:7.1f} tok/s  {med / base:5.2f}x first")
     if args.json:
         out = {
             "kind": "interleaved_throughput",

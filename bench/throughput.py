@@ -128,7 +128,10 @@ def main(args):
                 }
             )
     for path in paths:
-        model = modegpt_rt.load(path, device=args.device, dtype=dtype, backend=args.backend, tokenizer=False)
+        weight_dtype = torch.bfloat16 if getattr(args, "bf16_weights", False) else None
+        model = modegpt_rt.load(
+            path, device=args.device, dtype=dtype, backend=args.backend, tokenizer=False, weight_dtype=weight_dtype
+        )
         rate, label = _label(model)
         for b in batches:
             s = summarize(time_runtime(model, b, args.prompt, args.new, args.repeats), b, args.new)
@@ -137,7 +140,7 @@ def main(args):
                     "model": str(path or modegpt_rt.default_model_path()),
                     "label": label,
                     "rate": rate,
-                    "impl": f"modegpt_rt/{model.backend}",
+                    "impl": f"modegpt_rt/{model.backend}" + (", bf16 weights" if model.weight_dtype != dtype else ""),
                     "batch": b,
                     "prompt": args.prompt,
                     "new": args.new,
@@ -151,6 +154,7 @@ def main(args):
         "machine": describe(),
         "command": "modegpt " + " ".join(sys.argv[1:]),
         "dtype": args.dtype,
+        "weight_dtype": "bfloat16" if getattr(args, "bf16_weights", False) else args.dtype,
         "device": args.device,
         "results": results,
     }

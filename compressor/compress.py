@@ -395,7 +395,7 @@ def compress(
 ) -> dict:
     """Compress `model` in place with MoDeGPT on calibration `tokens` [N, L]; returns a report."""
     opts.validate()
-    if model.dtype != torch.float32:
+    if model.dtype != torch.float32 or model.weight_dtype != torch.float32:
         raise ValueError("compress a float32 model (statistics are gathered from float32 activations)")
     if not model.config.is_dense:
         raise ValueError("the model is already compressed; compress the dense source model instead")

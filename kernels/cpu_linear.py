@@ -2,7 +2,9 @@
 
 `linear(x, w)` == `torch.nn.functional.linear(x, w)` for float32 CPU tensors with few rows
 (x: [..., K], w: [N, K] contiguous). It reads each weight row once for all rows of x, which
-is what bounds batch-1..8 decoding; larger products (prefill) stay with torch/MKL.
+is what bounds batch-1..8 decoding; larger products (prefill) stay with torch/MKL. `w` may also
+be bfloat16 (x and the result stay float32): the kernel widens each weight as it reads it, so a
+step reads half the bytes and computes what float32 weights of the same values would.
 """
 
 from __future__ import annotations
@@ -23,23 +25,24 @@ def available() -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if _ext is None or x.numel() == 0 or w.numel() == 0:
-        return F.linear(x, w)
-    rows = x.numel() // x.shape[-1]
     if (
-        rows > MAX_ROWS
+        _ext is None
+        or x.numel() == 0
+        or w.numel() == 0
+        or x.numel() // x.shape[-1] > MAX_ROWS
         or x.dtype != torch.float32
-        or w.dtype != torch.float32
+        or w.dtype not in (torch.float32, torch.bfloat16)
         or x.device.type != "cpu"
         or w.device.type != "cpu"
         or not w.is_contiguous()
     ):
-        return F.linear(x, w)
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
     if w.shape[1] != x.shape[-1]:
         raise ValueError(f"linear: x has {x.shape[-1]} features, w is {list(w.shape)}")
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.float32)
-    _ext.linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), rows, w.shape[1], w.shape[0])
+    bf16 = w.dtype == torch.bfloat16
+    _ext.linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], w.shape[1], w.shape[0], bf16)
     return out
 
 
@@ -77,7 +80,8 @@ def decode_plan(layer_ptrs, layer_widths, **kw):
 
     layer_ptrs: per layer the data pointers of [attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down,
     k_cache, v_cache, freq_idx]; layer_widths: per layer [d_qk, d_v, k_mlp]. The caller keeps
-    those tensors alive and unchanged while the plan is used.
+    those tensors alive and unchanged while the plan is used. `weights_bf16=True`: the four
+    matrices of every layer are bfloat16 (everything else float32).
     """
     return _ext.DecodePlan(layer_ptrs, layer_widths, **kw)
 

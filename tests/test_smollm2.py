@@ -128,3 +128,27 @@ def test_smollm2_cli_zeroshot_bfloat16_agrees(smollm2_path, tmp_path):
     for task in ("arc_easy", "piqa"):
         a, b = (res[dt]["tasks"][task]["items"]["acc_norm"] for dt in ("float32", "bfloat16"))
         assert sum(x == y for x, y in zip(a, b)) >= 5, (task, a, b)
+
+
+def test_smollm2_bf16_weights_halve_the_bytes_and_keep_greedy_tokens(smollm2):
+    """bfloat16 weights on the real model: the matrices take half the bytes, the C++ decode step serves
+    them, and greedy tokens equal those of the float32 model holding the rounded values."""
+    import copy
+
+    narrow, ref = (copy.deepcopy(smollm2) for _ in range(2))
+    narrow.store_weights(torch.bfloat16)
+    narrow.set_backend("cpu")
+    ref.set_backend("cpu")
+
+    def nbytes(m):
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    assert narrow._fused and narrow.lm_head is narrow.embed
+    assert nbytes(narrow) < 0.51 * nbytes(ref)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 2:
+                p.copy_(p.bfloat16())
+    a = narrow.generate(PROMPTS[:2], max_new_tokens=24, temperature=0, ignore_eos=True)
+    b = ref.generate(PROMPTS[:2], max_new_tokens=24, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]

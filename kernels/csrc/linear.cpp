@@ -29,37 +29,63 @@ namespace {
 
 constexpr int kMaxRows = 8;  // inputs handled per pass over W
 
+// Weights are float32, or bfloat16 (the upper half of a float32: a 16-bit shift widens it exactly).
+// bfloat16 weights halve the bytes a decode step reads; inputs, accumulators and outputs stay float32.
+struct bf16 {
+  std::uint16_t bits;
+};
+inline float to_float(float w) { return w; }
+inline float to_float(bf16 w) {
+  const std::uint32_t u = static_cast<std::uint32_t>(w.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 #if defined(__AVX512F__)
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 load16(const bf16* w) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16_masked(const float* w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
+inline __m512 load16_masked(const bf16* w, __mmask16 m) {
+  alignas(64) float buf[16] = {};
+  for (int i = 0; i < 16; ++i)
+    if (m >> i & 1) buf[i] = to_float(w[i]);
+  return _mm512_load_ps(buf);
+}
 
 // One row of W at a time, in memory order, against M (<= 8) inputs. Reading W as a single
 // sequential stream per thread is what lets the hardware prefetcher run at full DRAM speed:
 // interleaving two or four rows (short streams 4*K bytes apart) measured ~12 GB/s per core on
 // the CI machine, one row at a time ~30 GB/s. U accumulators per input hide the FMA latency.
-template <int M>
-void rows_block(const float* x, int64_t K, const float* W, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+template <int M, typename Wt>
+void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int U = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
   constexpr int64_t step = 16 * U;
   const int64_t kmain = K - K % step;
   const int64_t kfull = K & ~int64_t(15);
   const __mmask16 tail = (__mmask16)((1u << (K - kfull)) - 1u);
   for (int64_t n = n0; n < n1; ++n) {
-    const float* w = W + n * K;
+    const Wt* w = W + n * K;
     __m512 acc[M][U];
     for (int m = 0; m < M; ++m)
       for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kmain; k += step) {
       for (int u = 0; u < U; ++u) {
-        const __m512 wv = _mm512_loadu_ps(w + k + 16 * u);
+        const __m512 wv = load16(w + k + 16 * u);
         for (int m = 0; m < M; ++m) acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + 16 * u), acc[m][u]);
       }
     }
     for (int64_t k = kmain; k < kfull; k += 16) {
-      const __m512 wv = _mm512_loadu_ps(w + k);
+      const __m512 wv = load16(w + k);
       for (int m = 0; m < M; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
     }
     if (tail) {
-      const __m512 wv = _mm512_maskz_loadu_ps(tail, w + kfull);
+      const __m512 wv = load16_masked(w + kfull, tail);
       for (int m = 0; m < M; ++m)
         acc[m][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + m * K + kfull), acc[m][0]);
     }
@@ -71,16 +97,16 @@ void rows_block(const float* x, int64_t K, const float* W, float* y, int64_t ldy
   }
 }
 #else
-template <int M>
-void rows_block(const float* x, int64_t K, const float* W, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+template <int M, typename Wt>
+void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const float* w = W + n * K;
+    const Wt* w = W + n * K;
     float acc[M] = {};
     for (int m = 0; m < M; ++m) {
       const float* xm = x + m * K;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < K; ++k) s += w[k] * xm[k];
+      for (int64_t k = 0; k < K; ++k) s += to_float(w[k]) * xm[k];
       acc[m] = s;
     }
     for (int m = 0; m < M; ++m) y[m * ldy + n] = acc[m];
@@ -88,15 +114,19 @@ void rows_block(const float* x, int64_t K, const float* W, float* y, int64_t ldy
 }
 #endif
 
-using BlockFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int64_t);
-constexpr BlockFn kBlocks[kMaxRows + 1] = {nullptr,         rows_block<1>, rows_block<2>, rows_block<3>, rows_block<4>,
-                                           rows_block<5>, rows_block<6>, rows_block<7>, rows_block<8>};
+template <typename Wt>
+using BlockFn = void (*)(const float*, int64_t, const Wt*, float*, int64_t, int64_t, int64_t);
+template <typename Wt>
+constexpr BlockFn<Wt> kBlocks[kMaxRows + 1] = {nullptr,           rows_block<1, Wt>, rows_block<2, Wt>,
+                                               rows_block<3, Wt>, rows_block<4, Wt>, rows_block<5, Wt>,
+                                               rows_block<6, Wt>, rows_block<7, Wt>, rows_block<8, Wt>};
 
 // y[M, N] = x[M, K] W[N, K]^T (all contiguous).
-void gemv(const float* x, const float* W, float* y, int64_t M, int64_t K, int64_t N) {
+template <typename Wt>
+void gemv(const float* x, const Wt* W, float* y, int64_t M, int64_t K, int64_t N) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
-    const BlockFn fn = kBlocks[mb];
+    const BlockFn<Wt> fn = kBlocks<Wt>[mb];
     const float* xb = x + m0 * K;
     float* yb = y + m0 * N;
     const int64_t chunk = 16;  // rows per work item; static schedule: each thread one contiguous range
@@ -109,11 +139,20 @@ void gemv(const float* x, const float* W, float* y, int64_t M, int64_t K, int64_
   }
 }
 
-void linear(std::uintptr_t x_ptr, std::uintptr_t w_ptr, std::uintptr_t y_ptr, int64_t M, int64_t K, int64_t N) {
+// W points to float32 or (bf16_weights) bfloat16 rows.
+void gemv_any(const float* x, const void* W, bool bf16_weights, float* y, int64_t M, int64_t K, int64_t N) {
+  if (bf16_weights)
+    gemv(x, static_cast<const bf16*>(W), y, M, K, N);
+  else
+    gemv(x, static_cast<const float*>(W), y, M, K, N);
+}
+
+void linear(std::uintptr_t x_ptr, std::uintptr_t w_ptr, std::uintptr_t y_ptr, int64_t M, int64_t K, int64_t N,
+            bool bf16_weights) {
   if (M < 1 || K < 1 || N < 1) throw std::invalid_argument("linear: empty shape");
   py::gil_scoped_release nogil;
-  gemv(reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const float*>(w_ptr), reinterpret_cast<float*>(y_ptr),
-       M, K, N);
+  gemv_any(reinterpret_cast<const float*>(x_ptr), reinterpret_cast<const void*>(w_ptr), bf16_weights,
+           reinterpret_cast<float*>(y_ptr), M, K, N);
 }
 
 // out[r] = h[r] * rsqrt(mean(h[r]^2) + eps) * w; with `delta`, first h[r] += delta[r] (residual add).
@@ -166,7 +205,10 @@ void silu_mul(std::uintptr_t gu_ptr, std::uintptr_t out_ptr, int64_t rows, int64
 // call instead of ~10 per layer, which is what batch-1 decoding spent its time between.
 
 struct LayerPlan {
-  const float *attn_norm, *wqkv, *wo, *mlp_norm, *w_gate_up, *w_down;
+  const float *attn_norm;
+  const void *wqkv, *wo;  // float32 or bfloat16 (DecodePlan's weights_bf16)
+  const float* mlp_norm;
+  const void *w_gate_up, *w_down;
   float *k_cache, *v_cache;
   const std::int32_t* freq_idx;
   int64_t d_qk, d_v, k_mlp;
@@ -176,12 +218,13 @@ class DecodePlan {
  public:
   DecodePlan(const std::vector<std::vector<std::uintptr_t>>& ptrs, const std::vector<std::vector<int64_t>>& widths,
              std::uintptr_t final_norm, std::uintptr_t cos, std::uintptr_t sin, int64_t batch, int64_t hidden,
-             int64_t heads, int64_t kv_heads, int64_t capacity, int64_t positions, int64_t rot, double eps, double scale)
+             int64_t heads, int64_t kv_heads, int64_t capacity, int64_t positions, int64_t rot, double eps, double scale,
+             bool weights_bf16)
       : final_norm_(reinterpret_cast<const float*>(final_norm)),
         cos_(reinterpret_cast<const float*>(cos)),
         sin_(reinterpret_cast<const float*>(sin)),
         B_(batch), d_(hidden), H_(heads), H_kv_(kv_heads), S_(capacity), P_(positions), R_(rot), eps_(eps),
-        scale_(static_cast<float>(scale)) {
+        scale_(static_cast<float>(scale)), bf16_(weights_bf16) {
     if (ptrs.size() != widths.size()) throw std::invalid_argument("DecodePlan: one pointer list and one width list per layer");
     if (H_kv_ < 1 || H_ % H_kv_ != 0) throw std::invalid_argument("DecodePlan: heads must be a multiple of kv_heads");
     for (size_t i = 0; i < ptrs.size(); ++i) {
@@ -189,9 +232,9 @@ class DecodePlan {
       const auto& w = widths[i];
       if (p.size() != 9 || w.size() != 3) throw std::invalid_argument("DecodePlan: a layer needs 9 pointers and 3 widths");
       if (w[0] < 2 || w[0] % 2 || w[1] < 1 || w[2] < 1) throw std::invalid_argument("DecodePlan: bad layer widths");
-      LayerPlan l{reinterpret_cast<const float*>(p[0]), reinterpret_cast<const float*>(p[1]),
-                  reinterpret_cast<const float*>(p[2]), reinterpret_cast<const float*>(p[3]),
-                  reinterpret_cast<const float*>(p[4]), reinterpret_cast<const float*>(p[5]),
+      LayerPlan l{reinterpret_cast<const float*>(p[0]), reinterpret_cast<const void*>(p[1]),
+                  reinterpret_cast<const void*>(p[2]),  reinterpret_cast<const float*>(p[3]),
+                  reinterpret_cast<const void*>(p[4]),  reinterpret_cast<const void*>(p[5]),
                   reinterpret_cast<float*>(p[6]),       reinterpret_cast<float*>(p[7]),
                   reinterpret_cast<const std::int32_t*>(p[8]), w[0], w[1], w[2]};
       layers_.push_back(l);
@@ -228,7 +271,7 @@ class DecodePlan {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const LayerPlan& l = layers_[i];
       const int64_t nq = H_ * l.d_qk, nk = H_kv_ * l.d_qk, nv = H_kv_ * l.d_v, n = nq + nk + nv;
-      gemv(x, l.wqkv, qkv_.data(), M, d_, n);
+      gemv_any(x, l.wqkv, bf16_, qkv_.data(), M, d_, n);
       // split the fused rows into contiguous q [M, nq], k [M, nk], v [M, nv]
       float* q = q_.data();
       float* k = q + M * nq;
@@ -264,11 +307,11 @@ class DecodePlan {
       pb.P = P_;
       pb.R = R_;
       run(pb);
-      gemv(attn_.data(), l.wo, delta_.data(), M, H_ * l.d_v, d_);
+      gemv_any(attn_.data(), l.wo, bf16_, delta_.data(), M, H_ * l.d_v, d_);
       add_rms_norm_rows(h, delta_.data(), l.mlp_norm, x, M, d_, eps_);
-      gemv(x, l.w_gate_up, gu_.data(), M, d_, 2 * l.k_mlp);
+      gemv_any(x, l.w_gate_up, bf16_, gu_.data(), M, d_, 2 * l.k_mlp);
       silu_mul_rows(gu_.data(), act_.data(), M, l.k_mlp);
-      gemv(act_.data(), l.w_down, delta_.data(), M, l.k_mlp, d_);
+      gemv_any(act_.data(), l.w_down, bf16_, delta_.data(), M, l.k_mlp, d_);
       const float* next_norm = i + 1 < layers_.size() ? layers_[i + 1].attn_norm : final_norm_;
       add_rms_norm_rows(h, delta_.data(), next_norm, i + 1 < layers_.size() ? x : out, M, d_, eps_);
     }
@@ -276,6 +319,7 @@ class DecodePlan {
   }
 
   int64_t batch() const { return B_; }
+  bool weights_bf16() const { return bf16_; }
 
  private:
   std::vector<LayerPlan> layers_;
@@ -283,6 +327,7 @@ class DecodePlan {
   int64_t B_, d_, H_, H_kv_, S_, P_, R_;
   double eps_;
   float scale_;
+  bool bf16_;
   int64_t max_qkv_ = 0, max_attn_ = 0, max_k_ = 0;
   std::vector<float> qkv_, q_, attn_, x_, delta_, gu_, act_;
 };
@@ -290,19 +335,22 @@ class DecodePlan {
 }  // namespace
 
 PYBIND11_MODULE(_cpu_linear, m) {
-  m.doc() = "skinny float32 matrix products y = x W^T for the decode step (raw pointers, contiguous rows)";
-  m.def("linear", &linear, "y[M, N] = x[M, K] @ W[N, K]^T; pointers to contiguous float32 buffers",
-        py::arg("x_ptr"), py::arg("w_ptr"), py::arg("y_ptr"), py::arg("M"), py::arg("K"), py::arg("N"));
+  m.doc() = "skinny matrix products y = x W^T for the decode step (raw pointers, contiguous rows)";
+  m.def("linear", &linear,
+        "y[M, N] = x[M, K] @ W[N, K]^T; contiguous float32 x and y, W float32 or (bf16_weights) bfloat16",
+        py::arg("x_ptr"), py::arg("w_ptr"), py::arg("y_ptr"), py::arg("M"), py::arg("K"), py::arg("N"),
+        py::arg("bf16_weights") = false);
   m.def("add_rms_norm", &add_rms_norm, "h += delta (if delta_ptr != 0); out = RMSNorm(h) * w (float32 rows)");
   m.def("silu_mul", &silu_mul, "out = silu(gu[:, :k]) * gu[:, k:] (float32 rows)");
-  py::class_<DecodePlan>(m, "DecodePlan", "all layers of a float32 decode step in one call (raw pointers)")
+  py::class_<DecodePlan>(m, "DecodePlan", "all layers of a float32 decode step in one call (raw pointers; weights float32 or bfloat16)")
       .def(py::init<const std::vector<std::vector<std::uintptr_t>>&, const std::vector<std::vector<int64_t>>&,
                     std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                    int64_t, int64_t, double, double>(),
+                    int64_t, int64_t, double, double, bool>(),
            py::arg("layer_ptrs"), py::arg("layer_widths"), py::arg("final_norm"), py::arg("cos"), py::arg("sin"),
            py::arg("batch"), py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"), py::arg("capacity"),
-           py::arg("positions"), py::arg("rot"), py::arg("eps"), py::arg("scale"))
+           py::arg("positions"), py::arg("rot"), py::arg("eps"), py::arg("scale"), py::arg("weights_bf16") = false)
       .def("step", &DecodePlan::step, py::arg("h_ptr"), py::arg("out_ptr"), py::arg("cache_lens_ptr"),
            py::arg("new_lens_ptr"), py::arg("T"))
-      .def_property_readonly("batch", &DecodePlan::batch);
+      .def_property_readonly("batch", &DecodePlan::batch)
+      .def_property_readonly("weights_bf16", &DecodePlan::weights_bf16);
 }
