@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "attention_core.h"
@@ -46,17 +47,7 @@ inline float to_float(bf16 w) {
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
-inline __m512 load16(const bf16* w) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 inline __m512 load16_masked(const float* w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
-inline __m512 load16_masked(const bf16* w, __mmask16 m) {
-  alignas(64) float buf[16] = {};
-  for (int i = 0; i < 16; ++i)
-    if (m >> i & 1) buf[i] = to_float(w[i]);
-  return _mm512_load_ps(buf);
-}
 
 // One row of W at a time, in memory order, against M (<= 8) inputs. Reading W as a single
 // sequential stream per thread is what lets the hardware prefetcher run at full DRAM speed:
@@ -96,6 +87,73 @@ void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, i
     }
   }
 }
+
+// bfloat16 weights, 32 at a time: one 64-byte load holds 16 (even, odd) pairs; a 16-bit shift widens the even
+// ones, masking the low half the odd ones (exactly). The inputs come de-interleaved to match (`xe`: per block of
+// 32, the 16 even-indexed values then the 16 odd-indexed ones, zero-padded to Kp, a multiple of 32), so a
+// weight costs half an integer op instead of a 16-to-32-bit widening and a shift: streaming bfloat16 rows was
+// bound by that widening on one core (16.6 GB/s against 23.9 for float32 rows).
+template <int M>
+void rows_block_bf16(const float* xe, int64_t Kp, int64_t K, const bf16* W, float* y, int64_t ldy, int64_t n0,
+                     int64_t n1) {
+  constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);
+  const int64_t kfull = K & ~int64_t(31), kmain = K - K % (32 * U);
+  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t n = n0; n < n1; ++n) {
+    const bf16* w = W + n * K;
+    __m512 acc[M][2 * U];
+    for (int m = 0; m < M; ++m)
+      for (int u = 0; u < 2 * U; ++u) acc[m][u] = _mm512_setzero_ps();
+    auto block = [&](const void* src, int64_t k, int u) {
+      const __m512i v = _mm512_loadu_si512(src);
+      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, odd_mask));
+      for (int m = 0; m < M; ++m) {
+        acc[m][2 * u] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xe + m * Kp + k), acc[m][2 * u]);
+        acc[m][2 * u + 1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xe + m * Kp + k + 16), acc[m][2 * u + 1]);
+      }
+    };
+    int64_t k = 0;
+    for (; k < kmain; k += 32 * U)
+      for (int u = 0; u < U; ++u) block(w + k + 32 * u, k + 32 * u, u);
+    for (; k < kfull; k += 32) block(w + k, k, 0);
+    if (k < K) {
+      alignas(64) bf16 tail[32] = {};
+      std::memcpy(tail, w + k, sizeof(bf16) * (K - k));
+      block(tail, k, 0);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m512 s = acc[m][0];
+      for (int u = 1; u < 2 * U; ++u) s = _mm512_add_ps(s, acc[m][u]);
+      y[m * ldy + n] = hsum(s);
+    }
+  }
+}
+
+using BlockBf16Fn = void (*)(const float*, int64_t, int64_t, const bf16*, float*, int64_t, int64_t, int64_t);
+constexpr BlockBf16Fn kBlocksBf16[kMaxRows + 1] = {
+    nullptr, rows_block_bf16<1>, rows_block_bf16<2>, rows_block_bf16<3>, rows_block_bf16<4>,
+    rows_block_bf16<5>, rows_block_bf16<6>, rows_block_bf16<7>, rows_block_bf16<8>};
+
+// y[M, N] = x[M, K] W[N, K]^T for bfloat16 W (see rows_block_bf16).
+void gemv_bf16(const float* x, const bf16* W, float* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t Kp = (K + 31) / 32 * 32;
+  std::vector<float> xe(std::min<int64_t>(M, kMaxRows) * Kp, 0.f);
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t k = 0; k < K; ++k) xe[m * Kp + (k & ~int64_t(31)) + (k & 1) * 16 + (k & 31) / 2] = x[(m0 + m) * K + k];
+    const BlockBf16Fn fn = kBlocksBf16[mb];
+    float* yb = y + m0 * N;
+    const int64_t chunk = 16;
+    const int64_t items = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (N * K > 32768)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t n0 = it * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+      fn(xe.data(), Kp, K, W, yb, N, n0, n1);
+    }
+  }
+}
 #else
 template <int M, typename Wt>
 void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, int64_t n0, int64_t n1) {
@@ -121,20 +179,28 @@ constexpr BlockFn<Wt> kBlocks[kMaxRows + 1] = {nullptr,           rows_block<1, 
                                                rows_block<3, Wt>, rows_block<4, Wt>, rows_block<5, Wt>,
                                                rows_block<6, Wt>, rows_block<7, Wt>, rows_block<8, Wt>};
 
+
 // y[M, N] = x[M, K] W[N, K]^T (all contiguous).
 template <typename Wt>
 void gemv(const float* x, const Wt* W, float* y, int64_t M, int64_t K, int64_t N) {
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
-    const BlockFn<Wt> fn = kBlocks<Wt>[mb];
-    const float* xb = x + m0 * K;
-    float* yb = y + m0 * N;
-    const int64_t chunk = 16;  // rows per work item; static schedule: each thread one contiguous range
-    const int64_t items = (N + chunk - 1) / chunk;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Wt, bf16>) {
+    gemv_bf16(x, W, y, M, K, N);
+  } else
+#endif
+  {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
+      const BlockFn<Wt> fn = kBlocks<Wt>[mb];
+      const float* xb = x + m0 * K;
+      float* yb = y + m0 * N;
+      const int64_t chunk = 16;  // rows per work item; static schedule: each thread one contiguous range
+      const int64_t items = (N + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) if (N * K > 32768)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t n0 = it * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
-      fn(xb, K, W, yb, N, n0, n1);
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t n0 = it * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+        fn(xb, K, W, yb, N, n0, n1);
+      }
     }
   }
 }
