@@ -127,3 +127,19 @@ def test_cpu_decode_plan_matches_torch_steps(heads, kv_heads, weights):
     assert caches[1].plan is not None and caches[1].plan[1].weights_bf16 == (weights == torch.bfloat16)
     for kr, kf in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         assert torch.allclose(kr, kf, atol=1e-5)
+
+
+def test_skinny_linear_bench_runs(tmp_path):
+    import json
+
+    from modegpt_rt.bench import skinny_linear
+
+    out = tmp_path / "s.json"
+    skinny_linear.main(
+        ["--shape", "40x33", "--rows", "1,3", "--mb", "1", "--rounds", "1", "--threads", "1"] + ["--json", str(out)]
+    )
+    res = json.loads(out.read_text())
+    assert {(r["rows"], r["weight_dtype"]) for r in res["results"]} == {
+        (m, d) for m in (1, 3) for d in ("float32", "bfloat16")
+    }
+    assert all(r["ms"] > 0 and r["weight_gb_s"] > 0 for r in res["results"])

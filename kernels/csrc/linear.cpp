@@ -91,8 +91,10 @@ void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, i
 // bfloat16 weights, 32 at a time: one 64-byte load holds 16 (even, odd) pairs; a 16-bit shift widens the even
 // ones, masking the low half the odd ones (exactly). The inputs come de-interleaved to match (`xe`: per block of
 // 32, the 16 even-indexed values then the 16 odd-indexed ones, zero-padded to Kp, a multiple of 32), so a
-// weight costs half an integer op instead of a 16-to-32-bit widening and a shift: streaming bfloat16 rows was
-// bound by that widening on one core (16.6 GB/s against 23.9 for float32 rows).
+// weight costs half an integer op instead of a 16-to-32-bit widening and a shift. With the widening, one core
+// streamed bfloat16 rows at 16.6 GB/s against 23.9 for float32 rows (LM-head shape, in cache); in pairs it
+// keeps up with memory: `python -m modegpt_rt.bench.skinny_linear --shape 49152x576 --rows 1` gave 24.9 GB/s
+// against 21.0 on one thread, 30.4 against 28.1 on two (bench/results/skinny_linear_bf16_lmhead.json).
 template <int M>
 void rows_block_bf16(const float* xe, int64_t Kp, int64_t K, const bf16* W, float* y, int64_t ldy, int64_t n0,
                      int64_t n1) {

@@ -1,0 +1,83 @@
+"""The C++ skinny product alone: float32 against bfloat16 weight rows, streamed from memory.
+
+    python -m modegpt_rt.bench.skinny_linear [--shape 3072x576] [--rows 1,8] [--mb 400] [--json OUT]
+
+Cycles through enough copies of one weight shape (`--mb` of float32 in all, well beyond the caches) that
+every product reads its weights from DRAM, as a decode step does, and reports the median time per
+product, the weight bytes read per second and the arithmetic rate, for each input row count, weight
+dtype and thread count (1 and the torch default). Rounds alternate the dtypes so bandwidth drift hits
+both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from modegpt_rt.bench.machine import describe
+from modegpt_rt.kernels import cpu_linear
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="3072x576", help="N x K of the weight (rows x inputs)")
+    p.add_argument("--rows", default="1,8", help="input rows M")
+    p.add_argument("--mb", type=int, default=400, help="float32 megabytes of weight copies cycled through")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", default=f"1,{torch.get_num_threads()}")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not cpu_linear.available():
+        raise SystemExit("the C++ extension _cpu_linear is not built")
+    N, K = (int(v) for v in args.shape.lower().split("x"))
+    copies = max(2, args.mb * 2**20 // (4 * N * K))
+    g = torch.Generator().manual_seed(0)
+    weights = {torch.float32: [torch.randn(N, K, generator=g) for _ in range(copies)]}
+    weights[torch.bfloat16] = [w.bfloat16() for w in weights[torch.float32]]
+    rows = []
+    default_threads = torch.get_num_threads()
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for M in (int(m) for m in args.rows.split(",")):
+            x = torch.randn(M, K, generator=g)
+            times = {dt: [] for dt in weights}
+            for _ in range(args.rounds):
+                for dt, ws in weights.items():
+                    t0 = time.perf_counter()
+                    for w in ws:
+                        cpu_linear.linear(x, w)
+                    times[dt].append((time.perf_counter() - t0) / len(ws))
+            for dt, ts in times.items():
+                t = statistics.median(ts)
+                row = {
+                    "threads": threads,
+                    "rows": M,
+                    "weight_dtype": str(dt).removeprefix("torch."),
+                    "ms": t * 1e3,
+                    "weight_gb_s": N * K * weights[dt][0].element_size() / t / 1e9,
+                    "gflop_s": 2 * M * N * K / t / 1e9,
+                }
+                rows.append(row)
+                print(
+                    f"threads {threads}  M {M}  {row['weight_dtype']:<8} {row['ms']:7.3f} ms  "
+                    f"{row['weight_gb_s']:5.1f} GB/s of weights  {row['gflop_s']:5.0f} GFLOP/s"
+                )
+    torch.set_num_threads(default_threads)
+    if args.json:
+        out = {
+            "kind": "skinny_linear",
+            "command": "python -m modegpt_rt.bench.skinny_linear " + " ".join(argv or __import__("sys").argv[1:]),
+            "machine": describe(),
+            "shape": [N, K],
+            "copies": copies,
+            "results": rows,
+        }
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
