@@ -193,8 +193,9 @@ class Scheduler:
     def run(self):
         """Serve queued requests until `close()`. The C++ CPU kernels' OpenMP regions start slower from a
         thread other than the main one (a decode step of SmolLM2 took 22.2–26.5 ms there against
-        16.7–20.5 ms on the main thread: `python -m modegpt_rt.bench.decode_thread`), so `modegpt serve` runs
-        this on the main thread."""
+        16.7–20.5 ms on the main thread: `python -m modegpt_rt.bench.decode_thread`; `--probe` shows why: a
+        second thread's libgomp pool is throttled and wakes its worker through the kernel for every region),
+        so `modegpt serve` runs this on the main thread."""
         while group := self._take_batch():
             self._run(group)
 

@@ -143,3 +143,14 @@ def test_skinny_linear_bench_runs(tmp_path):
         (m, d) for m in (1, 3) for d in ("float32", "bfloat16")
     }
     assert all(r["ms"] > 0 and r["weight_gb_s"] > 0 for r in res["results"])
+
+
+def test_decode_thread_probe_runs(capsys):
+    import json
+
+    from modegpt_rt.bench import decode_thread
+
+    decode_thread.main(["--probe"])
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"thread_before_main_us", "main_us", "thread_after_main_us"}
+    assert all(v > 0 for v in res.values())
