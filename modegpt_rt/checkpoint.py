@@ -6,6 +6,7 @@ Only safetensors (or GGUF, read by transformers) are loaded: never pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -172,7 +173,28 @@ def read_checkpoint(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         tensors = _with_full_rope_index(tensors, config)
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     validate_tensors(tensors, config, str(path))
-    return config, tensors
+    return _with_generation_eos(config, path), tensors
+
+
+def _with_generation_eos(config: ModelConfig, folder: Path) -> ModelConfig:
+    """Chat models often name their end-of-turn token only in generation_config.json (LLaMA-3-Instruct:
+    config.json says 128001, generation_config.json [128001, 128008, 128009]); generation must stop at
+    all of them, so they join config.eos_token_id (and go into any checkpoint compressed from here)."""
+    gen_file = folder / "generation_config.json"
+    if not gen_file.exists():
+        return config
+    try:
+        gen = json.loads(gen_file.read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise CheckpointError(f"{gen_file}: not valid JSON ({e})") from None
+    extra = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    extra = extra if isinstance(extra, list) else [extra] if extra is not None else []
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < config.vocab_size for t in extra):
+        raise CheckpointError(f"{gen_file}: eos_token_id must be token ids below {config.vocab_size}, got {extra}")
+    ids = config.eos_ids + [t for t in extra if t not in config.eos_ids]
+    if ids == config.eos_ids:
+        return config
+    return dataclasses.replace(config, eos_token_id=ids[0] if len(ids) == 1 else ids)
 
 
 def _with_full_rope_index(tensors, config):

@@ -389,6 +389,37 @@ def test_save_is_atomic_and_refuses_existing(tiny_hf_dir, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
 
 
+def test_generation_config_eos_ids_stop_generation(tiny_hf_dir, tmp_path):
+    """End-of-turn ids named only in generation_config.json stop generation, and survive compression."""
+    import shutil
+
+    folder = tmp_path / "chat"
+    shutil.copytree(tiny_hf_dir, folder)
+    model = modegpt_rt.load(folder, tokenizer=False)
+    for prompt in ([5, 6, 7], [8, 9], [10], [11, 12, 13], [14]):  # one whose greedy run starts without EOS (2)
+        free = model.generate([prompt], max_new_tokens=12, temperature=0)[0].token_ids
+        k = next((i for i in range(1, len(free)) if free[i] not in free[:i] and 2 not in free[: i + 1]), None)
+        if k is not None:
+            break
+    else:
+        pytest.fail("no prompt found whose greedy tokens allow the test")
+    turn_end = free[k]  # make a later greedy token an end-of-turn token
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, turn_end]}))
+    model = modegpt_rt.load(folder, tokenizer=False)
+    assert model.config.eos_ids == [2, turn_end]
+    res = model.generate([prompt], max_new_tokens=12, temperature=0)[0]
+    assert res.finish_reason == "eos" and res.token_ids == free[:k]
+    compress(model, torch.randint(0, 97, (2, 16)), CompressOptions(rate=0.2, refit="none"), progress=False)
+    save_checkpoint(model, tmp_path / "out")
+    assert read_checkpoint(tmp_path / "out")[0].eos_ids == [2, turn_end]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 97]}))
+    with pytest.raises(CheckpointError, match="below 97"):
+        modegpt_rt.load(folder, tokenizer=False)
+    (folder / "generation_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        modegpt_rt.load(folder, tokenizer=False)
+
+
 def test_generate_validates_input(tiny_hf_dir):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     for kwargs in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)):
