@@ -96,9 +96,10 @@ def main(argv=None):
     p.add_argument("--max-batch", default="1,8", help="server settings compared")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bf16-weights", action="store_true", help="bfloat16 matrices, float32 compute")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    model = modegpt_rt.load(args.path)
+    model = modegpt_rt.load(args.path, weight_dtype=torch.bfloat16 if args.bf16_weights else None)
     ids = data.tokenize(model.tokenizer, data.read_text("wikitext2", "test"))
     prompts = [ids[1000 + 97 * i : 1000 + 97 * i + args.prompt].tolist() for i in range(args.clients)]
     settings = [int(x) for x in args.max_batch.split(",")]
@@ -121,6 +122,7 @@ def main(argv=None):
     out = {
         "model": str(model.source),
         "backend": model.backend,
+        "weight_dtype": str(model.weight_dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "clients": args.clients,
         "requests_per_client": args.requests,
