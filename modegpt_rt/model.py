@@ -192,7 +192,7 @@ class KVCache:
     k: list[torch.Tensor]  # [B, H_kv, S, d_qk] after RoPE
     v: list[torch.Tensor]  # [B, H_kv, S, d_v]
     lens: torch.Tensor  # [B] int32 tokens cached
-    plan: object = None  # (tensors it points into, C++ DecodePlan) of the fused CPU decode step
+    plan: object = None  # (tensors it points into, C++ DecodePlan, their pointers) of the fused CPU decode step
 
     @property
     def capacity(self) -> int:
@@ -529,18 +529,30 @@ class Model(nn.Module):
         (rebuilt if a weight tensor was replaced since)."""
         from modegpt_rt.kernels import cpu_linear
 
-        tensors = [self.norm]
+        # dict lookups, not nn.Module attribute access: this runs every step
+        tensors = [self._parameters["norm"]]
         for i, layer in enumerate(self.layers):
-            tensors += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down]
-            tensors += [cache.k[i], cache.v[i], layer.freq_idx]
-        if cache.plan is not None and len(cache.plan[0]) == len(tensors) + 2:
-            if all(a is b for a, b in zip(cache.plan[0], tensors)):
-                return cache.plan[1]
+            p = layer._parameters
+            tensors += [p["attn_norm"], p["wqkv"], p["wo"], p["mlp_norm"], p["w_gate_up"], p["w_down"]]
+            tensors += [cache.k[i], cache.v[i], layer._buffers["freq_idx"]]
+        # the plan holds raw pointers: it is valid while every tensor keeps its storage (a weight replaced, or
+        # its .data swapped by .to()/.float(), changes the pointer) and the weights their dtype
+        key = [t.data_ptr() for t in tensors] + [self.weight_dtype]
+        if cache.plan is not None and cache.plan[2] == key:
+            return cache.plan[1]
         cos = self.cos.to(torch.float32).contiguous()
         sin = self.sin.to(torch.float32).contiguous()
         if not all(t.is_contiguous() for t in tensors):
             raise RuntimeError("the fused decode step needs contiguous weights and caches")
         per = [tensors[1 + 9 * i : 10 + 9 * i] for i in range(len(self.layers))]
+        matrices = [t for p in per for t in (p[1], p[2], p[4], p[5])]
+        floats = [tensors[0]] + [t for p in per for t in (p[0], p[3], p[6], p[7])]
+        if (
+            any(t.dtype != self.weight_dtype for t in matrices)
+            or any(t.dtype != torch.float32 for t in floats)
+            or any(p[8].dtype != torch.int32 for p in per)
+        ):
+            raise RuntimeError("the fused decode step needs float32 norms and caches and one weight dtype")
         plan = cpu_linear.decode_plan(
             [[t.data_ptr() for t in p] for p in per],
             [[layer.d_qk, layer.d_v, layer.k_mlp] for layer in self.layers],
@@ -558,5 +570,5 @@ class Model(nn.Module):
             scale=self.scale,
             weights_bf16=self.weight_dtype == torch.bfloat16,
         )
-        cache.plan = (tensors + [cos, sin], plan)
+        cache.plan = (tensors + [cos, sin], plan, key)
         return plan

@@ -529,6 +529,34 @@ def test_bf16_weights_compute_the_rounded_float32_model(tiny_hf_dir, backend):
     assert model.weight_dtype == torch.float32 and model._fused == (backend == "cpu")
 
 
+def test_decode_plan_follows_weights_changed_mid_cache(tiny_hf_dir):
+    """The C++ plan points into the weights: `.float()` swaps the storage of the same Parameter objects
+    (bfloat16 -> float32), which an identity check missed (stale pointers into freed memory); the plan
+    must be rebuilt and the steps go on matching the reference."""
+    from modegpt_rt.kernels import cpu_linear
+
+    if not cpu_linear.available():
+        pytest.skip("C++ extension not built")
+    model = modegpt_rt.load(tiny_hf_dir, weight_dtype=torch.bfloat16)
+    ref = modegpt_rt.load(tiny_hf_dir)
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.dim() == 2:
+                p.copy_(p.bfloat16())
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    caches = [model.new_cache(2, 16), ref.new_cache(2, 16)]
+    model.step(ids, caches[0]), ref.step(ids, caches[1])
+    model.step(ids[:, :1], caches[0]), ref.step(ids[:, :1], caches[1])
+    plan = caches[0].plan[1]
+    wqkv = model.layers[0].wqkv
+    model.float()
+    assert model.layers[0].wqkv is wqkv and wqkv.dtype == torch.float32  # same object, new storage
+    for t in range(1, 4):
+        got, want = model.step(ids[:, t : t + 1], caches[0]), ref.step(ids[:, t : t + 1], caches[1])
+        assert torch.allclose(got, want, atol=1e-5)
+    assert caches[0].plan[1] is not plan
+
+
 def test_bf16_weights_bad_combinations(tiny_hf_dir):
     with pytest.raises(ValueError, match="bfloat16, not torch.float16"):
         modegpt_rt.load(tiny_hf_dir, weight_dtype=torch.float16)
