@@ -193,6 +193,7 @@ class KVCache:
     v: list[torch.Tensor]  # [B, H_kv, S, d_v]
     lens: torch.Tensor  # [B] int32 tokens cached
     plan: object = None  # (tensors it points into, C++ DecodePlan, their pointers) of the fused CPU decode step
+    layers: tuple = ()  # the model's config.layers this cache was checked against (`Model._check_cache`)
 
     @property
     def capacity(self) -> int:
@@ -249,8 +250,8 @@ class Model(nn.Module):
             raise ValueError(f"weights can be stored in {self.dtype} or bfloat16, not {dtype}")
         if dtype != self.dtype and (self.dtype != torch.float32 or self.device.type != "cpu"):
             raise ValueError(
-                "bfloat16 weights under float32 compute are a CPU option; on a GPU load the model in bfloat16 "
-                f"(this model: {self.dtype} on {self.device})"
+                f"bfloat16 weights go with float32 compute on a CPU; this model computes in {self.dtype} on "
+                f"{self.device} (on a GPU, load the model in bfloat16 instead)"
             )
 
         def narrow(p):
@@ -262,7 +263,10 @@ class Model(nn.Module):
         tied = self.lm_head is self.embed
         self.embed = narrow(self.embed)
         self.lm_head = self.embed if tied else narrow(self.lm_head)
+        before, glue = self.backend, self.glue
         self.set_backend(self._backend_request)
+        if self.backend == before:
+            self.glue = glue  # a choice made by hand (benchmarks) survives, as in `_apply`
         return self
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -347,7 +351,8 @@ class Model(nn.Module):
         kw = dict(device=self.device, dtype=self.dtype)
         ks = [torch.zeros(batch_size, layer.n_kv, capacity, layer.d_qk, **kw) for layer in self.layers]
         vs = [torch.zeros(batch_size, layer.n_kv, capacity, layer.d_v, **kw) for layer in self.layers]
-        return KVCache(ks, vs, torch.zeros(batch_size, dtype=torch.int32, device=self.device))
+        lens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        return KVCache(ks, vs, lens, layers=self.config.layers)
 
     # ------------------------------------------------------------ full forward
     def layer_forward(self, layer: Layer, h: torch.Tensor, positions=None, mask=None) -> torch.Tensor:
@@ -444,12 +449,28 @@ class Model(nn.Module):
             new_lens = torch.full((B,), T, dtype=torch.int32, device=self.device)
         if int((cache.lens + new_lens).max()) > cache.capacity:
             raise ValueError(f"KV cache of {cache.capacity} positions cannot take {T} more tokens")
+        if cache.layers is not self.config.layers:
+            self._check_cache(cache)
         h = self._step_states(input_ids, cache, new_lens)
         cache.lens += new_lens
         if last_only:
             last = (new_lens.long() - 1).clamp(min=0)
             h = h[torch.arange(B, device=h.device), last]
         return self._linear(h, self.lm_head)
+
+    def _check_cache(self, cache: KVCache):
+        """A cache made before the layer widths changed (align_widths) would be written past its end."""
+        B, S = cache.lens.shape[0], cache.capacity
+        if len(cache.k) != len(self.layers) or len(cache.v) != len(self.layers):
+            raise ValueError(f"the KV cache has {len(cache.k)} layers, the model {len(self.layers)}; make a new cache")
+        for i, layer in enumerate(self.layers):
+            k, v = tuple(cache.k[i].shape), tuple(cache.v[i].shape)
+            if k != (B, layer.n_kv, S, layer.d_qk) or v != (B, layer.n_kv, S, layer.d_v):
+                raise ValueError(
+                    f"layer {i}: the KV cache holds {k} keys and {v} values, the layer has d_qk={layer.d_qk} and "
+                    f"d_v={layer.d_v} (widths changed after new_cache?); make a new cache"
+                )
+        cache.layers = self.config.layers
 
     def _step_states(self, input_ids, cache, new_lens):
         """The step's final-normed hidden states [B, T, d] (cache.lens not yet advanced), by the fastest path

@@ -23,17 +23,20 @@ def test_cpu_linear_matches_torch(rows, k, n):
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * k**0.5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17])
-@pytest.mark.parametrize("k,n", [(1, 1), (15, 3), (16, 33), (577, 1001), (64, 2)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 33])
+@pytest.mark.parametrize("k,n", [(1, 1), (15, 3), (16, 33), (577, 1001), (64, 2), (7, 600_000)])
 def test_cpu_linear_bf16_weights_match_float64(rows, k, n):
     """bfloat16 weights, float32 inputs and outputs: the product of the widened weights (every tail width,
-    the skinny kernel's row counts and the torch path above MAX_ROWS)."""
+    the skinny kernel's row counts in blocks of 8, and the torch path above BF16_MAX_ROWS rows, which a
+    matrix beyond BF16_LARGE elements such as 7 x 600000 keeps out of until BF16_LARGE_MAX_ROWS)."""
     g = torch.Generator().manual_seed(rows * 1000 + k + n + 7)
     x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g).bfloat16()
     ref = (x.double() @ w.double().T).float()
     got = cpu_linear.linear(x, w)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * k**0.5)
+    kernel = rows <= (cpu_linear.BF16_LARGE_MAX_ROWS if n * k >= cpu_linear.BF16_LARGE else cpu_linear.BF16_MAX_ROWS)
+    assert (cpu_linear._max_rows(w) >= rows) == kernel
 
 
 def test_cpu_linear_batched_shapes_and_fallbacks():

@@ -557,10 +557,25 @@ def test_decode_plan_follows_weights_changed_mid_cache(tiny_hf_dir):
     assert caches[0].plan[1] is not plan
 
 
+def test_cache_from_before_align_widths_is_refused(tiny_hf_dir, tmp_path):
+    """align_widths() after new_cache(): the C++ step wrote past the narrower cache (NaN, then a crash)."""
+    path = _compressed_ckpt(tiny_hf_dir, tmp_path)
+    model = modegpt_rt.load(path, tokenizer=False)
+    cache = model.new_cache(1, 16)
+    model.step(torch.tensor([[5, 6, 7]]), cache)
+    assert model.align_widths(mlp=64, pairs=8, v=8)
+    for backend in ("cpu", "torch"):
+        model.set_backend(backend)
+        with pytest.raises(ValueError, match="cache"):
+            model.step(torch.tensor([[8]]), cache)
+    fresh = model.new_cache(1, 16)
+    assert torch.isfinite(model.step(torch.tensor([[5, 6, 7]]), fresh)).all()
+
+
 def test_bf16_weights_bad_combinations(tiny_hf_dir):
     with pytest.raises(ValueError, match="bfloat16, not torch.float16"):
         modegpt_rt.load(tiny_hf_dir, weight_dtype=torch.float16)
-    with pytest.raises(ValueError, match="CPU option"):
+    with pytest.raises(ValueError, match="float32 compute on a CPU"):
         modegpt_rt.load(tiny_hf_dir, dtype=torch.float64, weight_dtype=torch.bfloat16)
     same = modegpt_rt.load(tiny_hf_dir, dtype=torch.bfloat16, weight_dtype=torch.bfloat16)  # nothing to split
     assert same.dtype == same.weight_dtype == torch.bfloat16
