@@ -6,7 +6,10 @@ Cycles through enough copies of one weight shape (`--mb` of float32 in all, well
 every product reads its weights from DRAM, as a decode step does, and reports the median time per
 product, the weight bytes read per second and the arithmetic rate, for each input row count, weight
 dtype and thread count (1 and the torch default). Rounds alternate the dtypes so bandwidth drift hits
-both alike.
+both alike. `cpu_linear.linear` chooses per call between the C++ kernel and MKL (float32 above MAX_ROWS rows;
+bfloat16 widened to float32 above BF16_MAX_ROWS, or BF16_LARGE_MAX_ROWS for large matrices), so these are
+the times a decode step sees; `--widened` adds bfloat16 weights widened and multiplied by MKL at every row
+count, the alternative those thresholds are set against.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main(argv=None):
     p.add_argument("--mb", type=int, default=400, help="float32 megabytes of weight copies cycled through")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", default=f"1,{torch.get_num_threads()}")
+    p.add_argument("--widened", action="store_true", help="also time F.linear(x, w_bf16.float())")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not cpu_linear.available():
@@ -43,26 +47,34 @@ def main(argv=None):
         torch.set_num_threads(threads)
         for M in (int(m) for m in args.rows.split(",")):
             x = torch.randn(M, K, generator=g)
-            times = {dt: [] for dt in weights}
+            ways = {"float32": (weights[torch.float32], cpu_linear.linear)}
+            ways["bfloat16"] = (weights[torch.bfloat16], cpu_linear.linear)
+            if args.widened:
+                ways["bfloat16 widened"] = (
+                    weights[torch.bfloat16],
+                    lambda x, w: torch.nn.functional.linear(x, w.float()),
+                )
+            times = {name: [] for name in ways}
             for _ in range(args.rounds):
-                for dt, ws in weights.items():
+                for name, (ws, fn) in ways.items():
                     t0 = time.perf_counter()
                     for w in ws:
-                        cpu_linear.linear(x, w)
-                    times[dt].append((time.perf_counter() - t0) / len(ws))
-            for dt, ts in times.items():
+                        fn(x, w)
+                    times[name].append((time.perf_counter() - t0) / len(ws))
+            for name, ts in times.items():
                 t = statistics.median(ts)
+                dt = ways[name][0][0].dtype
                 row = {
                     "threads": threads,
                     "rows": M,
-                    "weight_dtype": str(dt).removeprefix("torch."),
+                    "weight_dtype": name,
                     "ms": t * 1e3,
-                    "weight_gb_s": N * K * weights[dt][0].element_size() / t / 1e9,
+                    "weight_gb_s": N * K * (2 if dt == torch.bfloat16 else 4) / t / 1e9,
                     "gflop_s": 2 * M * N * K / t / 1e9,
                 }
                 rows.append(row)
                 print(
-                    f"threads {threads}  M {M}  {row['weight_dtype']:<8} {row['ms']:7.3f} ms  "
+                    f"threads {threads}  M {M}  {row['weight_dtype']:<16} {row['ms']:7.3f} ms  "
                     f"{row['weight_gb_s']:5.1f} GB/s of weights  {row['gflop_s']:5.0f} GFLOP/s"
                 )
     torch.set_num_threads(default_threads)

@@ -19,8 +19,11 @@ except Exception:  # noqa: BLE001 - ImportError, or OSError when libgomp is miss
 
 MAX_ROWS = 16  # above this, MKL's GEMM wins
 # bfloat16 weights: MKL needs them widened to float32 first (a full copy per call), so the kernel stays ahead
-# longer: to 32 rows, and to 128 for matrices beyond the caches such as an LM head (2-core CI machine, twelfth
-# session: 49152 x 576 at 64 rows 34.8 ms against 66.7 widened, 576 x 1536 at 64 rows 1.24 against 0.82).
+# longer: to 32 rows, and to 128 for matrices beyond the caches such as an LM head. Weights streamed from
+# DRAM, two threads (`python -m modegpt_rt.bench.skinny_linear --shape 49152x576 --rows 17,64,128,256
+# --threads 2 --mb 200 --rounds 3 --widened`, bench/results/skinny_linear_rows_{lmhead,down}.json): the LM
+# head at 64 rows takes 54.8 ms in the kernel against 103.9 widened, at 256 rows 148.0 against 145.4; the
+# 576 x 1536 down projection at 64 rows 2.12 against 2.06.
 BF16_MAX_ROWS, BF16_LARGE_MAX_ROWS, BF16_LARGE = 32, 128, 4_000_000
 
 
