@@ -118,8 +118,14 @@ def _batches(n: int, size: int):
 
 
 @torch.no_grad()
+def _check_float32(model: Model):
+    if model.dtype != torch.float32 or model.weight_dtype != torch.float32:
+        raise ValueError("compress a float32 model (statistics are gathered from float32 activations)")
+
+
 def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int):
     """Per layer: BI of the whole layer, of its attention sub-block and of its MLP sub-block."""
+    _check_float32(model)
     L = len(model.layers)
     acc = torch.zeros(3, L, dtype=torch.float64)
     count = 0
@@ -296,6 +302,7 @@ def measure_sensitivity(model: Model, tokens: torch.Tensor, opts: CompressOption
     cost is the KL divergence of the model's next-token distribution from the dense one, averaged over a
     probe of `opts.probe_tokens` calibration tokens. Statistics come from the first `opts.bi_samples`
     windows. Returns {"levels", "attn_kl" [L][K], "mlp_kl" [L][K], ...} (a compress report keeps it)."""
+    _check_float32(model)
     cfg, eps, L = model.config, model.config.rms_norm_eps, model.config.num_hidden_layers
     n_probe = max(1, min(tokens.shape[0], opts.probe_tokens // tokens.shape[1]))
     probe = tokens[:n_probe, : min(tokens.shape[1], opts.probe_tokens)]
@@ -395,8 +402,7 @@ def compress(
 ) -> dict:
     """Compress `model` in place with MoDeGPT on calibration `tokens` [N, L]; returns a report."""
     opts.validate()
-    if model.dtype != torch.float32 or model.weight_dtype != torch.float32:
-        raise ValueError("compress a float32 model (statistics are gathered from float32 activations)")
+    _check_float32(model)
     if not model.config.is_dense:
         raise ValueError("the model is already compressed; compress the dense source model instead")
     t0 = time.time()

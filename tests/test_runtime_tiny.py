@@ -586,8 +586,16 @@ def test_bf16_weights_bad_combinations(tiny_hf_dir):
     tied.store_weights(torch.bfloat16)
     assert tied.lm_head is tied.embed and tied.embed.dtype == torch.bfloat16
     narrow = modegpt_rt.load(tiny_hf_dir, weight_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="float32 model"):
-        compress(narrow, torch.zeros(1, 8, dtype=torch.long), CompressOptions(rate=0.2), progress=False)
+    calib = torch.zeros(1, 8, dtype=torch.long)
+    from modegpt_rt.compressor.compress import block_influence_scores, measure_sensitivity
+
+    for call in (
+        lambda: compress(narrow, calib, CompressOptions(rate=0.2), progress=False),
+        lambda: block_influence_scores(narrow, calib, 1),
+        lambda: measure_sensitivity(narrow, calib, CompressOptions(rate=0.2), progress=False),
+    ):
+        with pytest.raises(ValueError, match="float32 model"):
+            call()
 
 
 def test_cli_bf16_weights_flag(tiny_hf_dir, tmp_path, monkeypatch):
