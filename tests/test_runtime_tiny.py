@@ -793,3 +793,16 @@ def test_align_widths_pads_exactly(tiny_hf_dir, tmp_path):
     assert all(layer.d_qk == 10 and layer.d_v in (8, 10) for layer in full.layers)
     torch.testing.assert_close(full(ids).logits, ref(ids).logits, rtol=1e-10, atol=1e-10)
     assert modegpt_rt.load(path, backend="torch").config.layers == small.config.layers  # CPU: off by default
+
+
+def test_interleaved_bench_runs_both_weight_dtypes(tiny_hf_dir, tmp_path):
+    from modegpt_rt.bench import interleaved
+
+    out = tmp_path / "i.json"
+    interleaved.main(
+        [str(tiny_hf_dir), "--weights", "float32,bfloat16", "--batch", "1,2", "--prompt", "4", "--new", "3"]
+        + ["--rounds", "1", "--threads", str(torch.get_num_threads()), "--json", str(out)]
+    )
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch"], r["weight_dtype"]) for r in rows] == [(b, w) for b in (1, 2) for w in ("float32", "bfloat16")]
+    assert rows[0]["vs_first"] == 1.0 and all(r["tok_s"] > 0 for r in rows)
