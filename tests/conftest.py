@@ -19,6 +19,15 @@ except FileNotFoundError:
     DATA_AVAILABLE = False
 
 
+@torch.no_grad()
+def round_matrices_to_bf16(model):
+    """Round a float32 model's matrices to the values bfloat16 storage keeps (the reference for
+    `store_weights(torch.bfloat16)`, which must compute exactly what this model computes)."""
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.copy_(p.bfloat16())
+
+
 def tiny_hf_config(**overrides):
     from transformers import LlamaConfig
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_hf_config
+from conftest import round_matrices_to_bf16, tiny_hf_config
 from modegpt_rt.compressor.compress import CompressOptions, compress
 
 import modegpt_rt
@@ -503,10 +503,7 @@ def test_bf16_weights_compute_the_rounded_float32_model(tiny_hf_dir, backend):
     model = modegpt_rt.load(tiny_hf_dir, backend=backend, weight_dtype=torch.bfloat16)
     ref = modegpt_rt.load(tiny_hf_dir, backend=backend)
     full = modegpt_rt.load(tiny_hf_dir, backend=backend)
-    with torch.no_grad():
-        for p in ref.parameters():
-            if p.dim() == 2:
-                p.copy_(p.bfloat16())
+    round_matrices_to_bf16(ref)
     assert model.dtype == torch.float32 and model.weight_dtype == torch.bfloat16
     assert model.layers[1].wqkv.dtype == torch.bfloat16 and model.lm_head.dtype == torch.bfloat16
     assert model.layers[1].mlp_norm.dtype == torch.float32 and model.new_cache(1, 4).k[0].dtype == torch.float32
@@ -539,10 +536,7 @@ def test_decode_plan_follows_weights_changed_mid_cache(tiny_hf_dir):
         pytest.skip("C++ extension not built")
     model = modegpt_rt.load(tiny_hf_dir, weight_dtype=torch.bfloat16)
     ref = modegpt_rt.load(tiny_hf_dir)
-    with torch.no_grad():
-        for p in ref.parameters():
-            if p.dim() == 2:
-                p.copy_(p.bfloat16())
+    round_matrices_to_bf16(ref)
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     caches = [model.new_cache(2, 16), ref.new_cache(2, 16)]
     model.step(ids, caches[0]), ref.step(ids, caches[1])
