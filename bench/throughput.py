@@ -127,8 +127,9 @@ def main(args):
                     **s,
                 }
             )
+    bf16_weights = getattr(args, "bf16_weights", False)
+    weight_dtype = torch.bfloat16 if bf16_weights else None
     for path in paths:
-        weight_dtype = torch.bfloat16 if getattr(args, "bf16_weights", False) else None
         model = modegpt_rt.load(
             path, device=args.device, dtype=dtype, backend=args.backend, tokenizer=False, weight_dtype=weight_dtype
         )
@@ -154,7 +155,7 @@ def main(args):
         "machine": describe(),
         "command": "modegpt " + " ".join(sys.argv[1:]),
         "dtype": args.dtype,
-        "weight_dtype": "bfloat16" if getattr(args, "bf16_weights", False) else args.dtype,
+        "weight_dtype": "bfloat16" if bf16_weights else args.dtype,
         "device": args.device,
         "results": results,
     }

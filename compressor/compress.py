@@ -117,12 +117,12 @@ def _batches(n: int, size: int):
         yield slice(s, min(n, s + size))
 
 
-@torch.no_grad()
 def _check_float32(model: Model):
     if model.dtype != torch.float32 or model.weight_dtype != torch.float32:
         raise ValueError("compress a float32 model (statistics are gathered from float32 activations)")
 
 
+@torch.no_grad()
 def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int):
     """Per layer: BI of the whole layer, of its attention sub-block and of its MLP sub-block."""
     _check_float32(model)

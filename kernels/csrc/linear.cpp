@@ -43,6 +43,19 @@ inline float to_float(bf16 w) {
   return f;
 }
 
+// fn(n0, n1) over the N output rows in chunks of 16, split statically across the OpenMP threads (each
+// thread one contiguous range of W) when the product is large enough to be worth a parallel region.
+template <typename Fn>
+void over_row_chunks(int64_t N, int64_t K, Fn&& fn) {
+  const int64_t chunk = 16;
+  const int64_t items = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (N * K > 32768)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t n0 = it * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
+    fn(n0, n1);
+  }
+}
+
 #if defined(__AVX512F__)
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -140,20 +153,16 @@ constexpr BlockBf16Fn kBlocksBf16[kMaxRows + 1] = {
 // y[M, N] = x[M, K] W[N, K]^T for bfloat16 W (see rows_block_bf16).
 void gemv_bf16(const float* x, const bf16* W, float* y, int64_t M, int64_t K, int64_t N) {
   const int64_t Kp = (K + 31) / 32 * 32;
-  std::vector<float> xe(std::min<int64_t>(M, kMaxRows) * Kp, 0.f);
+  thread_local std::vector<float> xe;  // reused across calls: this runs ~120 times a decode step
+  xe.assign(std::min<int64_t>(M, kMaxRows) * Kp, 0.f);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
     for (int64_t m = 0; m < mb; ++m)
       for (int64_t k = 0; k < K; ++k) xe[m * Kp + (k & ~int64_t(31)) + (k & 1) * 16 + (k & 31) / 2] = x[(m0 + m) * K + k];
     const BlockBf16Fn fn = kBlocksBf16[mb];
+    const float* xb = xe.data();
     float* yb = y + m0 * N;
-    const int64_t chunk = 16;
-    const int64_t items = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (N * K > 32768)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t n0 = it * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
-      fn(xe.data(), Kp, K, W, yb, N, n0, n1);
-    }
+    over_row_chunks(N, K, [&](int64_t n0, int64_t n1) { fn(xb, Kp, K, W, yb, N, n0, n1); });
   }
 }
 #else
@@ -181,7 +190,6 @@ constexpr BlockFn<Wt> kBlocks[kMaxRows + 1] = {nullptr,           rows_block<1, 
                                                rows_block<3, Wt>, rows_block<4, Wt>, rows_block<5, Wt>,
                                                rows_block<6, Wt>, rows_block<7, Wt>, rows_block<8, Wt>};
 
-
 // y[M, N] = x[M, K] W[N, K]^T (all contiguous).
 template <typename Wt>
 void gemv(const float* x, const Wt* W, float* y, int64_t M, int64_t K, int64_t N) {
@@ -196,13 +204,7 @@ void gemv(const float* x, const Wt* W, float* y, int64_t M, int64_t K, int64_t N
       const BlockFn<Wt> fn = kBlocks<Wt>[mb];
       const float* xb = x + m0 * K;
       float* yb = y + m0 * N;
-      const int64_t chunk = 16;  // rows per work item; static schedule: each thread one contiguous range
-      const int64_t items = (N + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (N * K > 32768)
-      for (int64_t it = 0; it < items; ++it) {
-        const int64_t n0 = it * chunk, n1 = (n0 + chunk < N) ? n0 + chunk : N;
-        fn(xb, K, W, yb, N, n0, n1);
-      }
+      over_row_chunks(N, K, [&](int64_t n0, int64_t n1) { fn(xb, K, W, yb, N, n0, n1); });
     }
   }
 }
