@@ -21,6 +21,29 @@ def _plt():
     return plt
 
 
+def _rate_series(rows: list[dict]) -> tuple[dict, dict]:
+    """modegpt_rt rows grouped by (batch, runtime variant) as (rate, tok/s, label) points, and the dense
+    model's tok/s for each group that has one."""
+    # a dense model has nothing to pad: its row stands for the "+aligned" runtime at that batch too
+    by_batch = defaultdict(list)
+    dense = {}
+    impls = {r["impl"] for r in rows}
+    for r in rows:
+        if not r["impl"].startswith("modegpt_rt"):
+            continue
+        keys = [(r["batch"], r["impl"])]
+        if r["label"] == "dense" and r["impl"] + "+aligned" in impls:
+            keys.append((r["batch"], r["impl"] + "+aligned"))
+        for key in keys:
+            by_batch[key].append((r["rate"], r["tok_s"], r["label"]))
+            if r["label"] == "dense":
+                dense[key] = r["tok_s"]
+    for b, impl in [k for k, pts in by_batch.items() if {p[2] for p in pts} == {"dense"}]:
+        if (b, impl + "+aligned") in by_batch:  # no compressed model ran unpadded at this batch
+            del by_batch[(b, impl)]
+    return by_batch, dense
+
+
 def plot_throughput(res: dict, out_dir: Path, stem: str) -> list[Path]:
     plt = _plt()
     rows = res["results"]
@@ -44,11 +67,7 @@ def plot_throughput(res: dict, out_dir: Path, stem: str) -> list[Path]:
 
     # one line per batch size (and per runtime variant, e.g. with/without CUDA graph), as a multiple of the
     # dense model's throughput at that batch where the run has it: the speed-up compression buys
-    by_batch = defaultdict(list)
-    dense = {(r["batch"], r["impl"]): r["tok_s"] for r in rows if r["label"] == "dense"}
-    for r in rows:
-        if r["impl"].startswith("modegpt_rt"):
-            by_batch[(r["batch"], r["impl"])].append((r["rate"], r["tok_s"], r["label"]))
+    by_batch, dense = _rate_series(rows)
     several = len({impl for _, impl in by_batch}) > 1
     relative = bool(by_batch) and all(key in dense for key in by_batch)
     if by_batch:

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from modegpt_rt.bench import quality  # noqa: E402
-from modegpt_rt.bench.plots import _quality_series, plot_files  # noqa: E402
+from modegpt_rt.bench.plots import _quality_series, _rate_series, plot_files  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -93,3 +93,23 @@ def test_throughput_and_widths_plots(tmp_path):
 def test_plot_refuses_unknown_json(tmp_path):
     with pytest.raises(ValueError, match="not a throughput/quality result"):
         plot_files([_write(tmp_path / "x.json", {"hello": 1})], tmp_path)
+
+
+def test_rate_series_uses_the_dense_row_for_aligned_models():
+    # a GPU run pads compressed models (impl "+aligned") but not the dense one, which has nothing to pad:
+    # the speed-up is still relative to that dense row; a series with no dense row stays absolute
+    rows = [
+        {"label": "dense", "impl": "modegpt_rt/triton+graph", "rate": 0.0, "batch": 256, "tok_s": 100.0},
+        {"label": "5", "impl": "modegpt_rt/triton+graph+aligned", "rate": 0.05, "batch": 256, "tok_s": 102.0},
+        {"label": "5", "impl": "modegpt_rt/triton+graph", "rate": 0.05, "batch": 256, "tok_s": 60.0},
+        {"label": "5", "impl": "modegpt_rt/triton+graph+aligned", "rate": 0.05, "batch": 1, "tok_s": 9.0},
+    ]
+    by_batch, dense = _rate_series(rows)
+    assert dense == {(256, "modegpt_rt/triton+graph"): 100.0, (256, "modegpt_rt/triton+graph+aligned"): 100.0}
+    assert sorted(by_batch[(256, "modegpt_rt/triton+graph+aligned")]) == [(0.0, 100.0, "dense"), (0.05, 102.0, "5")]
+    assert (1, "modegpt_rt/triton+graph+aligned") not in dense
+    # at a batch where no compressed model ran unpadded, the dense row makes no line of its own
+    rows.append({"label": "dense", "impl": "modegpt_rt/triton+graph", "rate": 0.0, "batch": 16, "tok_s": 50.0})
+    rows.append({"label": "5", "impl": "modegpt_rt/triton+graph+aligned", "rate": 0.05, "batch": 16, "tok_s": 51.0})
+    by_batch, dense = _rate_series(rows)
+    assert (16, "modegpt_rt/triton+graph") not in by_batch and dense[(16, "modegpt_rt/triton+graph+aligned")] == 50.0
