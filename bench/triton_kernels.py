@@ -56,9 +56,8 @@ def cuda_time_ms(fn, warmup: int, iters: int) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": iters}
 
 
-def make_inputs(torch, *, B, T, H, H_kv, d_qk, d_v, S, cache_len, head_dim=128, dtype, seed=0):
-    """Random fp16 inputs with `cache_len` tokens already cached and T new ones per sequence."""
-    device = "cuda"
+def make_inputs(torch, *, B, T, H, H_kv, d_qk, d_v, S, cache_len, head_dim=128, dtype, seed=0, device="cuda"):
+    """Random inputs with `cache_len` tokens already cached and T new ones per sequence."""
     g = torch.Generator(device=device).manual_seed(seed)
     half, full_half = d_qk // 2, head_dim // 2
     inv_freq = 10000.0 ** (-torch.arange(full_half, dtype=torch.float64, device=device) / full_half)
@@ -120,6 +119,46 @@ def bench_decode(torch, reference, triton_attention, shape: dict, warmup: int, i
         t["kv_bandwidth_GBps"] = kv_bytes / (t["median_ms"] * 1e-3) / 1e9
         res[name] = t
     return res
+
+
+# launch configurations `--sweep` tries for a decode shape (the default comes from decode_config)
+SWEEP_GRID = {"BLOCK_N": (16, 32, 64), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
+
+
+def sweep_decode(torch, reference, triton_attention, shape, time_fn, grid=SWEEP_GRID, dtype=None, device="cuda"):
+    """Every decode launch configuration in `grid` for one shape, each checked against the torch reference on
+    the same inputs and timed by time_fn(fn) -> {"median_ms": ...}. A configuration that fails to compile or
+    launch (e.g. out of shared memory) is recorded with its error, not raised. Rows come back fastest first."""
+    import itertools
+
+    B, H, H_kv, d_qk, d_v, S = (shape[k] for k in ("B", "H", "H_kv", "d_qk", "d_v", "S"))
+    x = make_inputs(
+        torch, B=B, T=1, H=H, H_kv=H_kv, d_qk=d_qk, d_v=d_v, S=S, cache_len=S - 1,
+        dtype=dtype or torch.float16, device=device, seed=1,
+    )  # fmt: skip
+    args = [x[name] for name in ARG_ORDER]
+    ref = reference.attention(*[a.clone() if torch.is_tensor(a) else a for a in args]).float()
+    triton_attention.attention(*args)  # the new token is in the cache from here on (same slot every call)
+    decode_args = [x[k] for k in ("q", "k_cache", "v_cache", "cos", "sin", "freq_idx", "cache_lens", "new_lens")]
+    kv_bytes = B * H_kv * S * (d_qk + d_v) * x["k_cache"].element_size()
+    rows = []
+    for block_n, warps, stages in itertools.product(grid["BLOCK_N"], grid["num_warps"], grid["num_stages"]):
+        row = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+        kw = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+
+        def run(kw=kw):
+            return triton_attention.decode_attention(*decode_args, x["scale"], **kw)
+
+        try:
+            row["max_abs_err_vs_reference"] = float((run().float() - ref).abs().max())
+            row.update(time_fn(run))
+        except Exception as e:  # noqa: BLE001 - a configuration the compiler or the GPU refuses
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            rows.append(row)
+            continue
+        row["kv_bandwidth_GBps"] = kv_bytes / (row["median_ms"] * 1e-3) / 1e9
+        rows.append(row)
+    return sorted(rows, key=lambda r: r.get("median_ms", math.inf))
 
 
 def bench_prefill(torch, reference, triton_attention, shape: dict, warmup: int, iters: int, time_ref: bool) -> dict:
@@ -193,7 +232,17 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--skip-reference", action="store_true", help="do not time the torch reference")
+    parser.add_argument(
+        "--sweep",
+        metavar="SHAPES",
+        help="also time every decode launch configuration of SWEEP_GRID for these decode shapes "
+        f"(comma-separated, or 'all'; shapes: {', '.join(DECODE_SHAPES)})",
+    )
     args = parser.parse_args(argv)
+    sweep = list(DECODE_SHAPES) if args.sweep == "all" else (args.sweep.split(",") if args.sweep else [])
+    unknown = [n for n in sweep if n not in DECODE_SHAPES]
+    if unknown:
+        parser.error(f"unknown decode shape(s) for --sweep: {', '.join(unknown)}")
 
     torch, reference, triton_attention = _modules()
     if not torch.cuda.is_available():
@@ -238,6 +287,28 @@ def main(argv=None) -> int:
             f"{_ref_ms(res)}max err {res['max_abs_err_vs_reference']:.1e}"
         )
         torch.cuda.empty_cache()
+
+    if sweep:
+        report["decode_sweep"] = {}
+        for name in sweep:
+            rows = sweep_decode(
+                torch, reference, triton_attention, DECODE_SHAPES[name],
+                lambda fn: cuda_time_ms(fn, args.warmup, args.iters),
+            )  # fmt: skip
+            report["decode_sweep"][name] = rows
+            default = report["decode"][name]["launch"]
+            for r in rows[:3]:
+                if "median_ms" in r:
+                    print(
+                        f"sweep {name}: BLOCK_N {r['BLOCK_N']} warps {r['num_warps']} stages {r['num_stages']}: "
+                        f"{r['median_ms']:.3f} ms ({100 * r['kv_bandwidth_GBps'] / copy_bw:.0f}% of copy), "
+                        f"max err {r['max_abs_err_vs_reference']:.1e}"
+                    )
+            print(
+                f"sweep {name}: default BLOCK_N {default['BLOCK_N']} warps {default['num_warps']} "
+                f"stages {default['num_stages']}; {sum('error' in r for r in rows)} of {len(rows)} failed"
+            )
+            torch.cuda.empty_cache()
 
     report["prefill"] = {}
     for name, shape in PREFILL_SHAPES.items():

@@ -10,7 +10,9 @@
 #             zero-padded as modegpt_rt.load does on a GPU), MULTIPLES (M,P,V: widths chosen at multiples
 #             within the budget), GLUE (triton/torch/both: fused Triton norm + SiLU·up kernels or torch
 #             ops), HF (1: transformers baseline)
-#             narrow the throughput run to fit a call; TAG names its files (gpu_throughput$TAG.*)
+#             narrow the throughput run to fit a call; TAG names its files (gpu_throughput$TAG.*,
+#             triton_kernels$TAG.*)
+#   SWEEP     decode shapes for bench.triton_kernels --sweep (every launch configuration timed), or 'all'
 #   RANKS     the paper's layer ranks JSON where ../shared is not beside the checkout
 #   T_TESTS, T_KERNELS, T_THROUGHPUT   per-step time limits in seconds
 #   APPEND=1  keep summary.txt (a second run in the same call, e.g. STEPS=throughput TAG=_mult MULTIPLES=64,8,8)
@@ -48,8 +50,10 @@ if step tests; then
 fi
 
 if step kernels; then
-  timeout ${T_KERNELS:-120} $PY -m modegpt_rt.bench.triton_kernels --json "$OUT/triton_kernels.json" > "$OUT/triton_kernels.log" 2>&1
-  summary "bench triton_kernels (rc $?)" "$(tail -1 "$OUT/triton_kernels.log")"
+  KEXTRA=()
+  [[ -n ${SWEEP:-} ]] && KEXTRA+=(--sweep "$SWEEP")
+  timeout ${T_KERNELS:-120} $PY -m modegpt_rt.bench.triton_kernels "${KEXTRA[@]}" --json "$OUT/triton_kernels$TAG.json" > "$OUT/triton_kernels$TAG.log" 2>&1
+  summary "bench triton_kernels (rc $?)" "$(tail -1 "$OUT/triton_kernels$TAG.log")"
 fi
 
 if step throughput; then
@@ -64,5 +68,5 @@ if step throughput; then
 fi
 
 step tests && grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_triton.log" | tail -15 | cut -c1-200
-tail -30 "$OUT/triton_kernels.log" "$OUT/gpu_throughput$TAG.log" 2>/dev/null | cut -c1-200
+tail -30 "$OUT/triton_kernels$TAG.log" "$OUT/gpu_throughput$TAG.log" 2>/dev/null | cut -c1-200
 cat "$OUT/summary.txt"

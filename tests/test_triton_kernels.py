@@ -545,3 +545,26 @@ def test_triton_glue_rejects_bad_inputs():
         triton_fused.silu_mul(torch.zeros(2, 7, device=DEVICE))
     with pytest.raises(ValueError, match="dtype"):
         triton_fused.silu_mul(torch.zeros(2, 8, device=DEVICE, dtype=torch.int32))
+
+
+def test_triton_decode_sweep_checks_and_orders_every_config():
+    # the GPU launch sweep (bench.triton_kernels --sweep): each configuration's output is compared with the
+    # reference on the same inputs, one that cannot be built is recorded (not raised), fastest rows first
+    try:
+        from modegpt_rt.bench import triton_kernels as tk
+    except ImportError:
+        from bench import triton_kernels as tk
+    shape = dict(B=3, H=6, H_kv=2, d_qk=10, d_v=12, S=37)  # GQA 3, odd pair count, d_v != d_qk
+    times = iter([3.0, 1.0, 2.0, 4.0])
+
+    def time_fn(fn):
+        assert torch.isfinite(fn()).all()
+        return {"median_ms": next(times)}
+
+    grid = {"BLOCK_N": (16, 32, 3), "num_warps": (4,), "num_stages": (1, 2)}  # BLOCK_N 3: not a power of two
+    rows = tk.sweep_decode(torch, reference, triton_attention, shape, time_fn, grid, torch.float32, DEVICE)
+    assert len(rows) == 6
+    ok, failed = rows[:4], rows[4:]
+    assert [r["median_ms"] for r in ok] == [1.0, 2.0, 3.0, 4.0]
+    assert all(r["max_abs_err_vs_reference"] < 1e-4 for r in ok)
+    assert all(r["BLOCK_N"] == 3 and "error" in r and "median_ms" not in r for r in failed)
