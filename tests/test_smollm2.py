@@ -26,6 +26,22 @@ def test_smollm2_rate_zero_reproduces_dense_logits(smollm2_path, smollm2_hf):
     assert (model(ids).logits - hf_logits).abs().max() <= 1e-4
 
 
+def test_smollm2_gguf_read_directly_equals_transformers_weights(smollm2_path, smollm2_hf):
+    # the direct GGUF reader (Q4_1 / Q8_0 dequantized by the gguf package, q/k rows un-permuted) against
+    # transformers' reader of the same file: bit-identical weights
+    from pathlib import Path
+
+    from modegpt_rt.checkpoint import ROPE_IDX_NAME, _read_gguf_direct
+
+    config, tensors = _read_gguf_direct(Path(smollm2_path))
+    hf = smollm2_hf.state_dict()
+    assert config.tie_word_embeddings and "lm_head.weight" not in tensors
+    weights = {k: v for k, v in tensors.items() if ROPE_IDX_NAME not in k}
+    assert weights.keys() == hf.keys() - {"lm_head.weight"}
+    for name, t in weights.items():
+        assert torch.equal(t, hf[name]), name
+
+
 def _hf_greedy(hf, tok, prompt, n):
     ids = tok(prompt, return_tensors="pt")
     out = hf.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)

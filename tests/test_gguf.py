@@ -1,0 +1,111 @@
+"""GGUF reading: the direct reader (one parse with the `gguf` package) against transformers' reader on tiny
+files written here, its fallback to transformers, and damaged or foreign files."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import modegpt_rt
+from modegpt_rt import checkpoint as ck
+from modegpt_rt.checkpoint import CheckpointError
+from modegpt_rt.config import ConfigError
+
+gguf = pytest.importorskip("gguf")
+
+
+def write_tiny_gguf(path, *, layers=2, d=32, ff=48, heads=4, kv_heads=2, vocab=64, tied=True, arch="llama", extra=()):
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(d // heads)
+    w.add_vocab_size(vocab)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for key, value in extra:
+        w.add_float32(key, value)
+    rng = np.random.default_rng(0)
+    hd = d // heads
+
+    def tensor(name, shape, dtype=np.float32):
+        w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
+
+    tensor("token_embd.weight", (vocab, d))
+    tensor("output_norm.weight", (d,))
+    if not tied:
+        tensor("output.weight", (vocab, d), np.float16)
+    for i in range(layers):
+        tensor(f"blk.{i}.attn_norm.weight", (d,))
+        tensor(f"blk.{i}.ffn_norm.weight", (d,))
+        tensor(f"blk.{i}.attn_q.weight", (heads * hd, d), np.float16)
+        tensor(f"blk.{i}.attn_k.weight", (kv_heads * hd, d))
+        tensor(f"blk.{i}.attn_v.weight", (kv_heads * hd, d))
+        tensor(f"blk.{i}.attn_output.weight", (d, heads * hd))
+        tensor(f"blk.{i}.ffn_gate.weight", (ff, d))
+        tensor(f"blk.{i}.ffn_up.weight", (ff, d), np.float16)
+        tensor(f"blk.{i}.ffn_down.weight", (d, ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _through_transformers(path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(ck, "_read_gguf_direct", lambda p: None)
+        return ck.read_checkpoint(path)
+
+
+def _no_default_rope(config):
+    # transformers 5 reports plain RoPE as rope_scaling {"rope_type": "default", ...}; the direct reader as None
+    kind = (config.rope_scaling or {}).get("rope_type", "default")
+    assert kind == "default"
+    return dataclasses.replace(config, rope_scaling=None)
+
+
+@pytest.mark.parametrize("tied,heads,kv_heads", [(True, 4, 2), (False, 6, 3), (True, 4, 4)])
+def test_gguf_direct_reader_equals_transformers(tmp_path, monkeypatch, tied, heads, kv_heads):
+    # q/k rows un-permuted from llama.cpp's interleaved pairs per head (GQA: k per KV head), float16 and float32
+    # tensors, tied and untied heads: the same config and bit-identical tensors as transformers' reader
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", d=8 * heads, heads=heads, kv_heads=kv_heads, tied=tied)
+    direct = ck._read_gguf_direct(path)
+    assert direct is not None
+    config, tensors = direct
+    ref_config, ref_tensors = _through_transformers(path, monkeypatch)
+    assert _no_default_rope(config) == _no_default_rope(ref_config)
+    assert config.tie_word_embeddings is tied and ("lm_head.weight" in tensors) is not tied
+    assert tensors.keys() == ref_tensors.keys()
+    for name, t in tensors.items():
+        assert t.dtype == ref_tensors[name].dtype and torch.equal(t, ref_tensors[name]), name
+    # and the runtime serves it: the same logits from either reader
+    ids = torch.tensor([[1, 5, 9, 3]])
+    model = ck.build_model(config, tensors, backend="torch")
+    ref = ck.build_model(ref_config, ref_tensors, backend="torch")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_gguf_with_metadata_the_direct_reader_does_not_know_goes_to_transformers(tmp_path):
+    path = write_tiny_gguf(tmp_path / "scaled.gguf", extra=[("llama.rope.scaling.factor", 8.0)])
+    assert ck._read_gguf_direct(path) is None
+
+
+def test_damaged_or_foreign_gguf_is_refused_clearly(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.gguf"):
+        modegpt_rt.load(cut)
+    foreign = write_tiny_gguf(tmp_path / "foreign.gguf", arch="gpt2")
+    assert ck._read_gguf_direct(foreign) is None  # not LLaMA: transformers' reader decides, and we refuse it
+    with pytest.raises((CheckpointError, ConfigError)):
+        modegpt_rt.load(foreign)
