@@ -10,6 +10,11 @@ import pytest  # noqa: E402
 
 from modegpt_rt.config import ModelConfig
 
+if "MODEGPT_RT_CACHE" not in os.environ:  # tokenizers converted from GGUF go to a cache of this run, not ~/.cache
+    import tempfile
+
+    os.environ["MODEGPT_RT_CACHE"] = tempfile.mkdtemp(prefix="modegpt_rt_test_cache_")
+
 DATA_AVAILABLE = True
 try:
     from modegpt_rt.data import find_data_dir

