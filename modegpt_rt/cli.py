@@ -128,7 +128,9 @@ def cmd_eval_ppl(args):
     from modegpt_rt.evaluate import perplexity
 
     model, dtype = _load_for_eval(args)
-    res = perplexity(model, model.tokenizer, args.data, args.seqlen, args.limit, progress=not args.quiet)
+    res = perplexity(
+        model, model.tokenizer, args.data, args.seqlen, args.limit, progress=not args.quiet, join=args.wikitext_join
+    )
     res["model"] = str(args.path or modegpt_rt.default_model_path())
     res["dtype"] = dtype
     print(f"perplexity {res['ppl']:.3f} ({res['windows']} windows of {res['seqlen']}, {res['seconds']} s)")
@@ -139,8 +141,8 @@ def cmd_eval_zeroshot(args):
     import modegpt_rt
     from modegpt_rt import zeroshot
 
+    tasks = zeroshot.check_tasks(args.tasks)  # names and data files checked before the model loads
     model, dtype = _load_for_eval(args)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     res = zeroshot.evaluate(
         model,
         model.tokenizer,
@@ -180,9 +182,11 @@ def cmd_eval_paired(args):
     avg_b = sum(d["b"] for d in diffs.values()) / T
     se = math.sqrt(sum(d["diff_stderr"] ** 2 for d in diffs.values())) / T
     row("average", "", avg_a, avg_b, se)
-    print(f"other / base = {100 * avg_b / avg_a:.1f}% (± {100 * se / avg_a:.1f})")
+    ratio = avg_b / avg_a if avg_a > 0 else None
+    if ratio is not None:
+        print(f"other / base = {100 * ratio:.1f}% (± {100 * se / avg_a:.1f})")
     out = {"base": str(args.base), "other": str(args.other), "tasks": diffs}
-    out.update(average_base=avg_a, average_other=avg_b, ratio=avg_b / avg_a, diff_stderr=se)
+    out.update(average_base=avg_a, average_other=avg_b, ratio=ratio, diff_stderr=se)
     _write_json(out, args.json)
 
 
@@ -367,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     ep = e.add_parser("ppl", help="perplexity over non-overlapping windows")
     _add_model_arg(ep)
     ep.add_argument("--data", default="wikitext2", help="'wikitext2' (wiki.test.raw) or a text/jsonl file")
+    ep.add_argument(
+        "--wikitext-join",
+        choices=("file", "rows"),
+        default="file",
+        help="WikiText-2 as the raw file is (default; every figure in the README's tables) or as SliceGPT and the "
+        "MoDeGPT paper read it: the dataset rows joined by blank lines (rows)",
+    )
     ep.add_argument("--seqlen", type=int, default=2048)
     ep.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
     ep.add_argument("--json", default=None)
@@ -376,7 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     ep.set_defaults(func=cmd_eval_ppl)
     ez = e.add_parser("zeroshot", help="zero-shot accuracy (lm-eval formats) on local task data")
     _add_model_arg(ez)
-    ez.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,winogrande,hellaswag")
+    ez.add_argument(
+        "--tasks",
+        default="arc_easy,arc_challenge,piqa,winogrande,hellaswag",
+        help="comma-separated task names, or all (default: the five tasks)",
+    )
     pick = ez.add_mutually_exclusive_group()
     pick.add_argument("--limit", type=int, default=None, help="first N items per task (lm-eval's --limit)")
     pick.add_argument(

@@ -35,13 +35,31 @@ def find_data_dir(start: str | os.PathLike | None = None) -> Path:
     )
 
 
-def read_text(source: str, split: str = "test") -> str:
-    """`wikitext2` (the given split), a .jsonl file (its "text" fields), or any text file."""
+WIKITEXT_JOINS = ("file", "rows")
+
+
+def wikitext_rows_joined(text: str) -> str:
+    """The text as SliceGPT and MoDeGPT feed WikiText-2 to the tokenizer: ``"\n\n".join`` of the rows of HF
+    ``datasets``' wikitext-2-raw-v1, which are the file's lines with their newline kept and blank lines
+    (a single space in the raw file) as empty strings. The file begins `` \n = Robert Boulter = \n \n``, the
+    joined text ``\n\n = Robert Boulter = \n\n\n\n\n``."""
+    parts = text.split("\n")
+    rows = [p + "\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+    return "\n\n".join(r if r.strip() else "" for r in rows)
+
+
+def read_text(source: str, split: str = "test", join: str = "file") -> str:
+    """`wikitext2` (the given split), a .jsonl file (its "text" fields), or any text file. For WikiText-2,
+    join="file" gives the raw file as it is, join="rows" the paper's "\n\n"-joined dataset rows
+    (`wikitext_rows_joined`)."""
+    if join not in WIKITEXT_JOINS:
+        raise ValueError(f"join must be one of {', '.join(WIKITEXT_JOINS)}, got {join!r}")
     if source in ("wikitext2", "wikitext-2"):
         path = find_data_dir() / "wikitext-2-raw" / WIKITEXT_FILES[split]
         if not path.exists():
             raise FileNotFoundError(f"WikiText-2 {split} split not found at {path}")
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+        return wikitext_rows_joined(text) if join == "rows" else text
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"text source {source!r} is neither 'wikitext2' nor a readable file")

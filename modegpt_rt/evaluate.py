@@ -21,11 +21,14 @@ def perplexity(
     limit: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    join: str = "file",
 ) -> dict:
-    """exp(mean NLL) of every token but the first of each window; windows do not overlap."""
+    """exp(mean NLL) of every token but the first of each window; windows do not overlap. join="rows" reads
+    WikiText-2 as the paper does ("\n\n"-joined dataset rows, `data.wikitext_rows_joined`), join="file" as
+    the raw file is."""
     if seqlen > model.config.max_position_embeddings:
         raise ValueError(f"seqlen {seqlen} exceeds the model's context {model.config.max_position_embeddings}")
-    tokens = data.tokenize(tokenizer, data.read_text(source, split="test"))
+    tokens = data.tokenize(tokenizer, data.read_text(source, split="test", join=join))
     windows = data.eval_windows(tokens, seqlen)
     if limit:
         windows = windows[:limit]
@@ -49,5 +52,6 @@ def perplexity(
         "tokens_scored": count,
         "seqlen": seqlen,
         "data": source,
+        "join": join if source in ("wikitext2", "wikitext-2") else None,
         "seconds": round(time.time() - t0, 1),
     }

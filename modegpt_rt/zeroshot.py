@@ -41,7 +41,8 @@ continuation; ``whole = encode(context + continuation)``, ``ctx = encode(context
 (``add_bos=False``) no BOS is added, which is lm-eval's default for causal LMs (``add_bos_token=False``).
 ``add_bos=None`` follows the tokenizer's default (prepend BOS iff ``tokenizer.encode`` adds one by default);
 ``add_bos=True`` always prepends ``bos_token_id`` to the context.  SmolLM2's tokenizer adds none by default,
-so all three agree there.  An empty context is replaced by one BOS (or EOS) token, as lm-eval does.
+so the first two agree there (``add_bos=True`` would prepend its ``<|im_start|>``).  An empty context is
+replaced by one BOS (or EOS) token, as lm-eval does.
 """
 
 from __future__ import annotations
@@ -146,8 +147,21 @@ def _read_labels(path: Path) -> list[int]:
         return [int(x) for x in f.read().split()]
 
 
+def _label(labels: list[int], i: int, task: str, labels_path: Path) -> int:
+    if i >= len(labels):
+        raise ValueError(f"{task}: {labels_path} has {len(labels)} labels, fewer than the task's items")
+    return labels[i]
+
+
+def _check_label_count(task: str, n_items: int, labels: list[int], labels_path: Path, limit: int | None) -> None:
+    if limit is None and n_items != len(labels):
+        raise ValueError(f"{task}: {n_items} items but {len(labels)} labels in {labels_path}")
+
+
 def _mc_doc(task: str, index: int, context: str, choices: Sequence[str], gold: int, metrics) -> Doc:
     choices = tuple(choices)
+    if not 0 <= gold < len(choices):
+        raise ValueError(f"{task} item {index}: gold answer {gold} is not one of its {len(choices)} choices")
     return Doc(
         task=task,
         index=index,
@@ -168,6 +182,8 @@ def _load_arc(task: str, path: Path, limit: int | None) -> list[Doc]:
         texts = [c["text"] for c in q["choices"]]
         labels = [c["label"] for c in q["choices"]]
         ctx = f"Question: {q['stem']}\nAnswer:"
+        if d["answerKey"] not in labels:
+            raise ValueError(f"{task} item {i}: answerKey {d['answerKey']!r} is not one of its labels {labels}")
         docs.append(_mc_doc(task, i, ctx, texts, labels.index(d["answerKey"]), ("acc", "acc_norm")))
     return docs
 
@@ -179,9 +195,9 @@ def _load_piqa(path: Path, labels_path: Path, limit: int | None) -> list[Doc]:
         if limit is not None and i >= limit:
             break
         ctx = f"Question: {d['goal']}\nAnswer:"
-        docs.append(_mc_doc("piqa", i, ctx, [d["sol1"], d["sol2"]], labels[i], ("acc", "acc_norm")))
-    if limit is None and len(docs) != len(labels):
-        raise ValueError(f"piqa: {len(docs)} items but {len(labels)} labels")
+        gold = _label(labels, i, "piqa", labels_path)
+        docs.append(_mc_doc("piqa", i, ctx, [d["sol1"], d["sol2"]], gold, ("acc", "acc_norm")))
+    _check_label_count("piqa", len(docs), labels, labels_path, limit)
     return docs
 
 
@@ -196,7 +212,9 @@ def _load_winogrande(path: Path, labels_path: Path, limit: int | None) -> list[D
         options = (d["option1"], d["option2"])
         contexts = tuple(s[:blank] + opt for opt in options)  # lm-eval partial_context / doc_to_choice
         target = s[blank + 1 :].strip()  # lm-eval partial_target / doc_to_target
-        gold = labels[i] - 1  # labels are 1/2
+        gold = _label(labels, i, "winogrande", labels_path) - 1  # labels are 1/2
+        if gold not in (0, 1):
+            raise ValueError(f"winogrande item {i}: label {gold + 1} in {labels_path} is not 1 or 2")
         if "answer" in d and str(d["answer"]).strip() and int(d["answer"]) - 1 != gold:
             raise ValueError(f"winogrande item {i}: answer field {d['answer']!r} != label {labels[i]}")
         docs.append(
@@ -210,6 +228,7 @@ def _load_winogrande(path: Path, labels_path: Path, limit: int | None) -> list[D
                 metrics=("acc",),
             )
         )
+    _check_label_count("winogrande", len(docs), labels, labels_path, limit)
     return docs
 
 
@@ -268,12 +287,30 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
         if not p.is_file():
             raise FileNotFoundError(f"task {name!r}: missing data file {p}")
     if name in ("arc_easy", "arc_challenge"):
-        return _load_arc(name, paths[0], limit)
-    if name == "piqa":
-        return _load_piqa(paths[0], paths[1], limit)
-    if name == "winogrande":
-        return _load_winogrande(paths[0], paths[1], limit)
-    return _load_hellaswag(paths[0], limit)
+        docs = _load_arc(name, paths[0], limit)
+    elif name == "piqa":
+        docs = _load_piqa(paths[0], paths[1], limit)
+    elif name == "winogrande":
+        docs = _load_winogrande(paths[0], paths[1], limit)
+    else:
+        docs = _load_hellaswag(paths[0], limit)
+    if not docs and limit != 0:
+        raise ValueError(f"task {name!r}: no items in {paths[0]}")
+    return docs
+
+
+def check_tasks(tasks: str | Iterable[str], data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The task names of ``tasks`` (see ``evaluate``), each checked to be known and to have its data files,
+    before any model is loaded. Raises ValueError / FileNotFoundError."""
+    names = _task_list(tasks)
+    if not names:
+        raise ValueError(f"no task given; known tasks: {', '.join(TASKS)}")
+    root = _resolve(data_dir)
+    for name in names:
+        for p in _TASK_FILES[name]:
+            if not (root / p).is_file():
+                raise FileNotFoundError(f"task {name!r}: missing data file {root / p}")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------- scoring

@@ -531,3 +531,106 @@ def test_cpu_native_bfloat16_detection():
     assert not cpu_has_native_bfloat16("flags : fpu sse2 avx2 avx512f avx512bw\n")
     assert not cpu_has_native_bfloat16("model name : some cpu without a flags line\n")
     assert fast_eval_dtype() == (torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32)
+
+
+def _copy_data(data_dir, dst):
+    import shutil
+
+    shutil.copytree(data_dir, dst)
+    return dst
+
+
+def test_zeroshot_bad_task_files_are_refused_clearly(data_dir, tmp_path):
+    d = _copy_data(data_dir, tmp_path / "data")
+    arc = d / zeroshot._TASK_FILES["arc_easy"][0]
+    arc.write_text("")
+    with pytest.raises(ValueError, match="no items in"):
+        zeroshot.load_task("arc_easy", d)
+    piqa_labels = d / zeroshot._TASK_FILES["piqa"][1]
+    labels = piqa_labels.read_text().split()
+    piqa_labels.write_text("\n".join(labels[:3]))
+    with pytest.raises(ValueError, match="3 labels, fewer than"):
+        zeroshot.load_task("piqa", d, limit=10)  # also under --limit
+    wl = d / zeroshot._TASK_FILES["winogrande"][1]
+    wlabels = wl.read_text().split()
+    wl.write_text("\n".join(wlabels + ["1"]))
+    with pytest.raises(ValueError, match="labels in"):
+        zeroshot.load_task("winogrande", d)  # one label too many
+    wl.write_text("\n".join(["3"] + wlabels[1:]))
+    with pytest.raises(ValueError, match="not 1 or 2"):
+        zeroshot.load_task("winogrande", d, limit=2)
+    hs = d / zeroshot._TASK_FILES["hellaswag"][0]
+    lines = hs.read_text().split("\n")
+    lines[1] = "7"  # the first item's gold ending
+    hs.write_text("\n".join(lines))
+    with pytest.raises(ValueError, match="gold answer 7"):
+        zeroshot.load_task("hellaswag", d, limit=1)
+
+
+def test_zeroshot_check_tasks_before_loading(data_dir, tmp_path):
+    assert zeroshot.check_tasks("all", data_dir) == list(zeroshot.TASKS)
+    assert zeroshot.check_tasks("piqa, arc_easy,piqa", data_dir) == ["piqa", "arc_easy"]
+    with pytest.raises(ValueError, match="no task given"):
+        zeroshot.check_tasks(",", data_dir)
+    with pytest.raises(ValueError, match="unknown task 'boolq'"):
+        zeroshot.check_tasks("piqa,boolq", data_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing data file"):
+        zeroshot.check_tasks("piqa", tmp_path / "empty")
+
+
+def test_cli_eval_zeroshot_refuses_bad_tasks_before_loading_a_model(capsys, monkeypatch):
+    from modegpt_rt import cli
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(cli, "_load_for_eval", no_load)
+    assert cli.main(["eval", "zeroshot", "--tasks", ","]) == 2
+    assert "no task given" in capsys.readouterr().err
+    assert cli.main(["eval", "zeroshot", "--tasks", "piqa,boolq"]) == 2
+    assert "unknown task 'boolq'" in capsys.readouterr().err
+
+
+def test_cli_eval_paired_with_a_zero_base_average(tmp_path, capsys):
+    import json
+
+    from modegpt_rt import cli
+
+    a = {"tasks": {"piqa": {"items": {"acc": "00", "acc_norm": "00"}}}}
+    b = {"tasks": {"piqa": {"items": {"acc": "11", "acc_norm": "10"}}}}
+    pa, pb, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "d.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    assert cli.main(["eval", "paired", str(pa), str(pb), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["ratio"] is None and res["average_other"] == pytest.approx(0.5)
+    assert "other / base" not in capsys.readouterr().out
+
+
+def test_wikitext_rows_join_as_the_paper_reads_it(tiny, data_dir, monkeypatch):
+    # HF datasets' wikitext rows are the file's lines with their newline, blank lines (" \n") as ""; SliceGPT
+    # and MoDeGPT tokenise "\n\n".join(rows)
+    from modegpt_rt import data
+    from modegpt_rt.evaluate import perplexity
+
+    assert data.wikitext_rows_joined(" \n = A = \n \n B c \n") == "\n\n = A = \n\n\n\n\n B c \n"
+    assert data.wikitext_rows_joined("x\n\ny") == "x\n\n\n\n\ny"  # an empty line is a blank row too
+    monkeypatch.setenv("MODEGPT_DATA", str(data_dir))
+    raw = data.read_text("wikitext2", "test")
+    rows = data.read_text("wikitext2", "test", join="rows")
+    lines = raw.split("\n")[:-1]
+    blank = sum(1 for x in lines if not x.strip())  # " " lines: each row loses its two characters
+    assert raw.endswith("\n") and len(rows) == len(raw) + 2 * (len(lines) - 1) - 2 * blank
+    assert rows.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is")
+    with pytest.raises(ValueError, match="join must be one of"):
+        data.read_text("wikitext2", "test", join="lines")
+    # perplexity reads the text it is told to, and reports which
+    model, tok = tiny
+    res = perplexity(model, tok, "wikitext2", seqlen=64, limit=2, progress=False, join="rows")
+    w = data.eval_windows(data.tokenize(tok, rows), 64)[:2]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(w).logits[:, :-1].double(), -1)
+    nll = -logp.gather(-1, w[:, 1:, None]).mean().item()
+    assert res["join"] == "rows" and res["ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert perplexity(model, tok, "wikitext2", seqlen=64, limit=2, progress=False)["ppl"] != res["ppl"]
