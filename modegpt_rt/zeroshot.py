@@ -32,8 +32,9 @@ WikiHow items have an empty ``ctx_b``) the part after the last sentence end (``[
 as ``ctx_b`` and ``.capitalize()``-d; then lm-eval's ``preprocess`` is applied to the query and to each ending
 (idempotent on text klosax already cleaned, and it removes the few ``[...]`` tags klosax kept).  On this file
 the ActivityNet rule selects exactly the 3,243 ActivityNet items of the validation split.  Known residual
-differences: a ``ctx_b`` that itself contains a sentence end would be capitalised only after it, and ~5 items
-where klosax's tag removal left an unmatched ``[`` (lm-eval's regex would have removed text up to a later tag).
+differences: a ``ctx_b`` that itself contains a sentence end would be capitalised only after it, and 25 items
+(29 strings) where klosax's tag removal left an unmatched ``[`` or ``]`` (lm-eval's regex would have removed text
+up to a later tag).
 
 Tokenisation (lm-eval ``HFLM._encode_pair``): trailing whitespace of the context is moved to the front of the
 continuation; ``whole = encode(context + continuation)``, ``ctx = encode(context)``,
