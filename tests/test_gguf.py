@@ -15,7 +15,9 @@ from modegpt_rt.config import ConfigError
 gguf = pytest.importorskip("gguf")
 
 
-def write_tiny_gguf(path, *, layers=2, d=32, ff=48, heads=4, kv_heads=2, vocab=64, tied=True, arch="llama", extra=()):
+def write_tiny_gguf(
+    path, *, layers=2, d=32, ff=48, heads=4, kv_heads=2, vocab=64, tied=True, arch="llama", extra=(), vocab_key=True
+):
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(128)
@@ -26,7 +28,10 @@ def write_tiny_gguf(path, *, layers=2, d=32, ff=48, heads=4, kv_heads=2, vocab=6
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(d // heads)
-    w.add_vocab_size(vocab)
+    if vocab_key:
+        w.add_vocab_size(vocab)
+    else:  # older files: the vocabulary size is the token list's length
+        w.add_token_list([f"t{i}" for i in range(vocab)])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     for key, value in extra:
@@ -109,3 +114,9 @@ def test_damaged_or_foreign_gguf_is_refused_clearly(tmp_path):
     assert ck._read_gguf_direct(foreign) is None  # not LLaMA: transformers' reader decides, and we refuse it
     with pytest.raises((CheckpointError, ConfigError)):
         modegpt_rt.load(foreign)
+
+
+def test_gguf_without_vocab_size_key_counts_the_token_list(tmp_path):
+    path = write_tiny_gguf(tmp_path / "old.gguf", vocab=70, vocab_key=False)
+    config, tensors = ck._read_gguf_direct(path)
+    assert config.vocab_size == 70 and tensors["model.embed_tokens.weight"].shape == (70, 32)
