@@ -1,7 +1,7 @@
 """Checkpoint I/O: one code path from a variable-rank checkpoint, a dense HF folder
 or a .gguf file to a `Model`, and atomic writes of variable-rank checkpoints.
 
-Only safetensors (or GGUF, read by transformers) are loaded: never pickle.
+Only safetensors (or GGUF, read with the gguf package or by transformers) are loaded: never pickle.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ WIKITEXT_JOINS = ("file", "rows")
 
 
 def wikitext_rows_joined(text: str) -> str:
-    """The text as SliceGPT and MoDeGPT feed WikiText-2 to the tokenizer: ``"\n\n".join`` of the rows of HF
+    r"""The text as SliceGPT and MoDeGPT feed WikiText-2 to the tokenizer: ``"\n\n".join`` of the rows of HF
     ``datasets``' wikitext-2-raw-v1, which are the file's lines with their newline kept and blank lines
     (a single space in the raw file) as empty strings. The file begins `` \n = Robert Boulter = \n \n``, the
     joined text ``\n\n = Robert Boulter = \n\n\n\n\n``."""
@@ -49,7 +49,7 @@ def wikitext_rows_joined(text: str) -> str:
 
 
 def read_text(source: str, split: str = "test", join: str = "file") -> str:
-    """`wikitext2` (the given split), a .jsonl file (its "text" fields), or any text file. For WikiText-2,
+    r"""`wikitext2` (the given split), a .jsonl file (its "text" fields), or any text file. For WikiText-2,
     join="file" gives the raw file as it is, join="rows" the paper's "\n\n"-joined dataset rows
     (`wikitext_rows_joined`)."""
     if join not in WIKITEXT_JOINS:

@@ -23,7 +23,7 @@ def perplexity(
     progress: bool = True,
     join: str = "file",
 ) -> dict:
-    """exp(mean NLL) of every token but the first of each window; windows do not overlap. join="rows" reads
+    r"""exp(mean NLL) of every token but the first of each window; windows do not overlap. join="rows" reads
     WikiText-2 as the paper does ("\n\n"-joined dataset rows, `data.wikitext_rows_joined`), join="file" as
     the raw file is."""
     if seqlen > model.config.max_position_embeddings:
