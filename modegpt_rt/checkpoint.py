@@ -453,7 +453,10 @@ def tokenizer_cache_dir() -> Path | None:
         return None
     if env:
         return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modegpt_rt"
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modegpt_rt"
+    except RuntimeError:  # no home directory to be found: no cache
+        return None
 
 
 def _gguf_tokenizer(path: Path):

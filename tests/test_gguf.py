@@ -120,3 +120,14 @@ def test_gguf_without_vocab_size_key_counts_the_token_list(tmp_path):
     path = write_tiny_gguf(tmp_path / "old.gguf", vocab=70, vocab_key=False)
     config, tensors = ck._read_gguf_direct(path)
     assert config.vocab_size == 70 and tensors["model.embed_tokens.weight"].shape == (70, 32)
+
+
+def test_tokenizer_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    for off in ("off", "0", "", "none"):
+        monkeypatch.setenv("MODEGPT_RT_CACHE", off)
+        assert ck.tokenizer_cache_dir() is None
+    monkeypatch.setenv("MODEGPT_RT_CACHE", str(tmp_path / "c"))
+    assert ck.tokenizer_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("MODEGPT_RT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ck.tokenizer_cache_dir() == tmp_path / "xdg" / "modegpt_rt"
