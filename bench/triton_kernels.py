@@ -95,15 +95,25 @@ def _max_err(torch, reference, triton_attention, x) -> float:
     return float((out.float() - ref.float()).abs().max())
 
 
+def _decode_setup(torch, triton_attention, shape: dict, dtype, device="cuda", seed=0):
+    """Inputs of one decode step with S - 1 tokens cached, the new token appended once (the same slot every
+    later call); returns (inputs, the full op's args, decode_attention's args, bytes of K and V it reads)."""
+    B, H, H_kv, d_qk, d_v, S = (shape[k] for k in ("B", "H", "H_kv", "d_qk", "d_v", "S"))
+    x = make_inputs(
+        torch, B=B, T=1, H=H, H_kv=H_kv, d_qk=d_qk, d_v=d_v, S=S, cache_len=S - 1, dtype=dtype, device=device,
+        seed=seed,
+    )  # fmt: skip
+    args = [x[name] for name in ARG_ORDER]
+    kv_bytes = B * H_kv * S * (d_qk + d_v) * x["k_cache"].element_size()  # S - 1 cached tokens + the new one
+    decode_args = [x[k] for k in ("q", "k_cache", "v_cache", "cos", "sin", "freq_idx", "cache_lens", "new_lens")]
+    decode_args.append(x["scale"])
+    triton_attention.attention(*args)
+    return x, args, decode_args, kv_bytes
+
+
 def bench_decode(torch, reference, triton_attention, shape: dict, warmup: int, iters: int, time_ref: bool) -> dict:
     B, H, H_kv, d_qk, d_v, S = (shape[k] for k in ("B", "H", "H_kv", "d_qk", "d_v", "S"))
-    x = make_inputs(torch, B=B, T=1, H=H, H_kv=H_kv, d_qk=d_qk, d_v=d_v, S=S, cache_len=S - 1, dtype=torch.float16)
-    args = [x[name] for name in ARG_ORDER]
-    kv_len = S  # S - 1 cached tokens + the new one
-    kv_bytes = B * H_kv * kv_len * (d_qk + d_v) * x["k_cache"].element_size()
-    decode_args = (x["q"], x["k_cache"], x["v_cache"], x["cos"], x["sin"], x["freq_idx"], x["cache_lens"])
-    decode_args += (x["new_lens"], x["scale"])
-    triton_attention.attention(*args)  # the new token is in the cache from here on (same slot every call)
+    x, args, decode_args, kv_bytes = _decode_setup(torch, triton_attention, shape, torch.float16)
     res = dict(shape)
     res["kv_bytes"] = kv_bytes
     res["launch"] = triton_attention.decode_config(B, H, H_kv, d_qk, d_v, S, torch.float16, "cuda")
@@ -131,23 +141,18 @@ def sweep_decode(torch, reference, triton_attention, shape, time_fn, grid=SWEEP_
     launch (e.g. out of shared memory) is recorded with its error, not raised. Rows come back fastest first."""
     import itertools
 
-    B, H, H_kv, d_qk, d_v, S = (shape[k] for k in ("B", "H", "H_kv", "d_qk", "d_v", "S"))
-    x = make_inputs(
-        torch, B=B, T=1, H=H, H_kv=H_kv, d_qk=d_qk, d_v=d_v, S=S, cache_len=S - 1,
-        dtype=dtype or torch.float16, device=device, seed=1,
-    )  # fmt: skip
-    args = [x[name] for name in ARG_ORDER]
+    _, args, decode_args, kv_bytes = _decode_setup(
+        torch, triton_attention, shape, dtype or torch.float16, device, seed=1
+    )
+    # the op on the cache that already holds the new token rewrites the same slot: the same output
     ref = reference.attention(*[a.clone() if torch.is_tensor(a) else a for a in args]).float()
-    triton_attention.attention(*args)  # the new token is in the cache from here on (same slot every call)
-    decode_args = [x[k] for k in ("q", "k_cache", "v_cache", "cos", "sin", "freq_idx", "cache_lens", "new_lens")]
-    kv_bytes = B * H_kv * S * (d_qk + d_v) * x["k_cache"].element_size()
     rows = []
     for block_n, warps, stages in itertools.product(grid["BLOCK_N"], grid["num_warps"], grid["num_stages"]):
         row = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
         kw = dict(block_n=block_n, num_warps=warps, num_stages=stages)
 
         def run(kw=kw):
-            return triton_attention.decode_attention(*decode_args, x["scale"], **kw)
+            return triton_attention.decode_attention(*decode_args, **kw)
 
         try:
             row["max_abs_err_vs_reference"] = float((run().float() - ref).abs().max())

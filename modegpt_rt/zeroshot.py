@@ -282,11 +282,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     if limit is not None and limit < 0:
         raise ValueError("limit must be >= 0")
-    root = _resolve(data_dir)
-    paths = [root / p for p in _TASK_FILES[name]]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"task {name!r}: missing data file {p}")
+    paths = _task_paths(name, _resolve(data_dir))
     if name in ("arc_easy", "arc_challenge"):
         docs = _load_arc(name, paths[0], limit)
     elif name == "piqa":
@@ -300,6 +296,14 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
     return docs
 
 
+def _task_paths(name: str, root: Path) -> list[Path]:
+    paths = [root / p for p in _TASK_FILES[name]]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"task {name!r}: missing data file {p}")
+    return paths
+
+
 def check_tasks(tasks: str | Iterable[str], data_dir: str | os.PathLike | None = None) -> list[str]:
     """The task names of ``tasks`` (see ``evaluate``), each checked to be known and to have its data files,
     before any model is loaded. Raises ValueError / FileNotFoundError."""
@@ -308,9 +312,7 @@ def check_tasks(tasks: str | Iterable[str], data_dir: str | os.PathLike | None =
         raise ValueError(f"no task given; known tasks: {', '.join(TASKS)}")
     root = _resolve(data_dir)
     for name in names:
-        for p in _TASK_FILES[name]:
-            if not (root / p).is_file():
-                raise FileNotFoundError(f"task {name!r}: missing data file {root / p}")
+        _task_paths(name, root)
     return names
 
 
