@@ -159,9 +159,8 @@ def sweep_decode(torch, reference, triton_attention, shape, time_fn, grid=SWEEP_
             row.update(time_fn(run))
         except Exception as e:  # noqa: BLE001 - a configuration the compiler or the GPU refuses
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-            rows.append(row)
-            continue
-        row["kv_bandwidth_GBps"] = kv_bytes / (row["median_ms"] * 1e-3) / 1e9
+        else:
+            row["kv_bandwidth_GBps"] = kv_bytes / (row["median_ms"] * 1e-3) / 1e9
         rows.append(row)
     return sorted(rows, key=lambda r: r.get("median_ms", math.inf))
 
