@@ -162,8 +162,6 @@ def cmd_eval_zeroshot(args):
 
 
 def cmd_eval_paired(args):
-    import math
-
     from modegpt_rt import zeroshot
 
     a, b = (json.loads(Path(p).read_text()) for p in (args.base, args.other))
@@ -177,16 +175,11 @@ def cmd_eval_paired(args):
     print(f"{'task':>14} {'n':>6} {'base':>7} {'other':>7} {'diff':>7} {'± se':>6}")
     for task, d in diffs.items():
         row(task, d["n"], d["a"], d["b"], d["diff_stderr"])
-    T = len(diffs)
-    avg_a = sum(d["a"] for d in diffs.values()) / T
-    avg_b = sum(d["b"] for d in diffs.values()) / T
-    se = math.sqrt(sum(d["diff_stderr"] ** 2 for d in diffs.values())) / T
-    row("average", "", avg_a, avg_b, se)
-    ratio = avg_b / avg_a if avg_a > 0 else None
-    if ratio is not None:
-        print(f"other / base = {100 * ratio:.1f}% (± {100 * se / avg_a:.1f})")
-    out = {"base": str(args.base), "other": str(args.other), "tasks": diffs}
-    out.update(average_base=avg_a, average_other=avg_b, ratio=ratio, diff_stderr=se)
+    avg = zeroshot.paired_average(diffs)
+    row("average", "", avg["average_base"], avg["average_other"], avg["diff_stderr"])
+    if avg["ratio"] is not None:
+        print(f"other / base = {100 * avg['ratio']:.1f}% (± {100 * avg['ratio_stderr']:.1f}, delta method)")
+    out = {"base": str(args.base), "other": str(args.other), "tasks": diffs, **avg}
     _write_json(out, args.json)
 
 

@@ -656,9 +656,46 @@ def paired_difference(a: dict, b: dict) -> dict:
             raise ValueError(f"{task}: the two results scored no item in common")
         n = len(common)
         mean, se = _mean_stderr([int(xb[i]) - int(xa[i]) for i in common])
-        acc_a, acc_b = (_mean_stderr([int(x[i]) for i in common])[0] for x in (xa, xb))
-        out[task] = {"metric": metric, "n": n, "a": acc_a, "b": acc_b, "diff": mean, "diff_stderr": se}
+        (acc_a, se_a), (acc_b, se_b) = (_mean_stderr([int(x[i]) for i in common]) for x in (xa, xb))
+        # covariance of the two means (sample covariance, ddof=1, over n): what the ratio's error needs
+        cov = sum((int(xa[i]) - acc_a) * (int(xb[i]) - acc_b) for i in common) / (n - 1) / n if n > 1 else math.nan
+        out[task] = {
+            "metric": metric,
+            "n": n,
+            "a": acc_a,
+            "b": acc_b,
+            "diff": mean,
+            "diff_stderr": se,
+            "a_stderr": se_a,
+            "b_stderr": se_b,
+            "cov": cov,
+        }
     return dict(sorted(out.items()))
+
+
+def paired_average(diffs: dict) -> dict:
+    """The task average of ``paired_difference``'s result for each model, the paired difference of the averages
+    with its standard error, and the ratio other / base with its delta-method standard error:
+    Var(B / A) ≈ (Var B − 2 R Cov(A, B) + R² Var A) / A², each term summed over the tasks (independent items)
+    and divided by the number of tasks squared. ``ratio`` and ``ratio_stderr`` are None when the base
+    average is 0."""
+    if not diffs:
+        raise ValueError("no task in common")
+    T = len(diffs)
+    avg_a = sum(d["a"] for d in diffs.values()) / T
+    avg_b = sum(d["b"] for d in diffs.values()) / T
+    out = {
+        "average_base": avg_a,
+        "average_other": avg_b,
+        "diff_stderr": math.sqrt(sum(d["diff_stderr"] ** 2 for d in diffs.values())) / T,
+        "ratio": None,
+        "ratio_stderr": None,
+    }
+    if avg_a > 0:
+        r = avg_b / avg_a
+        var = sum(d["b_stderr"] ** 2 - 2 * r * d["cov"] + r * r * d["a_stderr"] ** 2 for d in diffs.values())
+        out.update(ratio=r, ratio_stderr=math.sqrt(max(var, 0.0)) / T / avg_a)
+    return out
 
 
 def _task_list(tasks: str | Iterable[str]) -> list[str]:

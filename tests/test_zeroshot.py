@@ -503,6 +503,34 @@ def test_zeroshot_paired_difference():
         zeroshot.paired_difference({"tasks": {"piqa": {"acc": 0.5}}}, b)
 
 
+def test_paired_average_ratio_stderr_matches_simulation():
+    """The delta-method standard error of other / base matches the spread of the ratio over many simulated
+    pairs of runs (correlated item by item, as a compressed model's answers are with dense's)."""
+    import random
+
+    rng = random.Random(0)
+
+    def run_pair():
+        res = {}
+        for task, (p, n) in {"piqa": (0.65, 300), "arc_easy": (0.45, 200)}.items():
+            a = [rng.random() < p for _ in range(n)]
+            b = [(x and rng.random() > 0.2) or (not x and rng.random() < 0.1) for x in a]
+            res[task] = ("".join("1" if v else "0" for v in a), "".join("1" if v else "0" for v in b))
+        wrap = [{"tasks": {t: {"items": {"acc": ab[k]}} for t, ab in res.items()}} for k in (0, 1)]
+        return zeroshot.paired_average(zeroshot.paired_difference(*wrap))
+
+    runs = [run_pair() for _ in range(400)]
+    ratios = [r["ratio"] for r in runs]
+    mean = sum(ratios) / len(ratios)
+    spread = math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1))
+    predicted = sorted(r["ratio_stderr"] for r in runs)[len(runs) // 2]
+    assert predicted == pytest.approx(spread, rel=0.15)
+    same = {"tasks": {"piqa": {"items": {"acc": "1101"}}}}
+    assert zeroshot.paired_average(zeroshot.paired_difference(same, same))["ratio_stderr"] == 0
+    zero = {"tasks": {"piqa": {"items": {"acc": "0000"}}}}
+    assert zeroshot.paired_average(zeroshot.paired_difference(zero, same))["ratio"] is None
+
+
 def test_cli_eval_paired(tmp_path, capsys):
     import json
 
