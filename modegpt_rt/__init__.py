@@ -11,6 +11,8 @@ Auto classes when transformers is installed (see modegpt_rt.hf).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from modegpt_rt.checkpoint import CheckpointError, default_model_path, load_tokenizer, read_checkpoint
@@ -32,7 +34,9 @@ def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer
     """
     from modegpt_rt.checkpoint import build_model
 
-    path = path or default_model_path()
+    if path is not None and not str(path).strip():
+        raise CheckpointError("empty model path (pass None for the default model)")
+    path = default_model_path() if path is None else path
     config, tensors = read_checkpoint(path)
     model = build_model(config, tensors, device=device, dtype=dtype, backend=backend)
     if align is None:
@@ -42,13 +46,23 @@ def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer
     if weight_dtype is not None and weight_dtype != model.dtype:
         model.store_weights(weight_dtype)
     model.source = str(path)
-    model.tokenizer = None
+    model.tokenizer, model.tokenizer_error = None, "loaded with tokenizer=False"
     if tokenizer:
         try:
-            model.tokenizer = load_tokenizer(path)
-        except CheckpointError:
-            pass  # token-id prompts still work; string prompts say a tokenizer is needed
+            model.tokenizer, model.tokenizer_error = load_tokenizer(path), ""
+        except CheckpointError as e:  # token-id prompts still work; string prompts get this reason
+            model.tokenizer_error = str(e)
+            if _has_tokenizer_files(path):  # a tokenizer was meant to be there: say so now
+                warnings.warn(f"{e}; string prompts will not work", stacklevel=2)
     return model
+
+
+def _has_tokenizer_files(path) -> bool:
+    from pathlib import Path
+
+    path = Path(path)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    return path.is_file() or any((path / n).exists() for n in names)  # a GGUF file carries its tokenizer
 
 
 try:  # transformers integration is optional

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -356,13 +357,22 @@ def model_tensors(model: Model) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ writing
-def save_checkpoint(model: Model, out_dir, tokenizer=None, overwrite=False, max_shard_bytes=4 << 30) -> Path:
-    """Write config.json + safetensors (+ tokenizer) atomically: a temp dir renamed into place."""
+def save_checkpoint(
+    model: Model, out_dir, tokenizer=None, overwrite=False, max_shard_bytes=4 << 30, update=False
+) -> Path:
+    """Write config.json + safetensors (+ tokenizer) atomically: a temp dir renamed into place.
+
+    ``update=True`` writes into ``out_dir`` as transformers' ``save_pretrained`` does instead: the folder is
+    created if missing, config.json and the weight files are replaced one by one (each atomically, the
+    config last), weight shards the new checkpoint no longer uses are removed, and every other file (a
+    tokenizer, a README) stays."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    if out_dir.exists() and not (overwrite or update):
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    if update and out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+    (out_dir if update else out_dir.parent).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir if update else out_dir.parent))
     try:
         tensors = model_tensors(model)
         validate_tensors(tensors, model.config, "model to save")
@@ -376,7 +386,9 @@ def save_checkpoint(model: Model, out_dir, tokenizer=None, overwrite=False, max_
             f.chmod(0o666 & ~umask)
             with open(f, "rb") as fh:  # on disk before the rename makes it visible
                 os.fsync(fh.fileno())
-        if out_dir.exists():
+        if update:
+            _move_files_into(tmp, out_dir)
+        elif out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / "old")
             try:
@@ -388,10 +400,24 @@ def save_checkpoint(model: Model, out_dir, tokenizer=None, overwrite=False, max_
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
+
+
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _move_files_into(src: Path, dst: Path):
+    """Move src's files into dst, config.json last; then remove dst's weight files that src did not have."""
+    new = sorted((f for f in src.iterdir() if f.is_file()), key=lambda f: f.name == "config.json")
+    for f in new:
+        os.replace(f, dst / f.name)
+    names = {f.name for f in new}
+    for f in dst.iterdir():
+        weights = f.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_NAME.fullmatch(f.name)
+        if weights and f.name not in names and f.is_file():
+            f.unlink()
 
 
 def _umask() -> int:

@@ -186,7 +186,13 @@ def cmd_eval_paired(args):
 # ----------------------------------------------------------------- generate
 def cmd_generate(args):
     import modegpt_rt
+    from modegpt_rt.generate import _check_args
 
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
+    _check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the load
+    if args.temperature == 0 and (args.top_k, args.top_p, args.seed) != (None, None, None):
+        print("[--temperature 0 is greedy: --top-k, --top-p and --seed have no effect]", file=sys.stderr)
     model = modegpt_rt.load(args.path, backend=args.backend, weight_dtype=_weight_dtype(args))
     print(f"[attention backend: {model.backend}]", file=sys.stderr)
 
@@ -215,20 +221,26 @@ def cmd_serve(args):
     import modegpt_rt
     from modegpt_rt.server import make_server
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    _check_device(args.device)
     dtype = getattr(torch, args.dtype)
     model = modegpt_rt.load(
         args.path, device=args.device, dtype=dtype, backend=args.backend, weight_dtype=_weight_dtype(args)
     )
-    srv = make_server(
-        model,
-        args.host,
-        args.port,
-        model_name=args.model_name,
-        verbose=args.verbose,
-        max_batch=args.max_batch,
-        batch_wait=args.batch_wait_ms / 1000,
-        worker_thread=False,
-    )
+    try:
+        srv = make_server(
+            model,
+            args.host,
+            args.port,
+            model_name=args.model_name,
+            verbose=args.verbose,
+            max_batch=args.max_batch,
+            batch_wait=args.batch_wait_ms / 1000,
+            worker_thread=False,
+        )
+    except OSError as e:  # the port is taken, the host unknown, ...
+        raise RuntimeError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(f"serving {model.source} at {srv.url} (attention backend: {model.backend}); Ctrl-C stops", file=sys.stderr)
     http = threading.Thread(target=srv.serve_forever, name="modegpt-http", daemon=True)
     http.start()
@@ -241,10 +253,23 @@ def cmd_serve(args):
         srv.server_close()
 
 
+def _check_device(device: str):
+    """A clear error for a device this torch cannot use, before a model is loaded onto it."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build or machine has no CUDA device")
+
+
 # ----------------------------------------------------------------- bench / plot / info
 def cmd_bench_throughput(args):
     from modegpt_rt.bench import throughput
 
+    _check_device(args.device)
     throughput.main(args)
 
 

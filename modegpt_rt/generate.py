@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,26 +20,47 @@ class GenerationResult:
     stats: dict = field(default_factory=dict, repr=False)
 
 
-def _check_args(max_new_tokens, temperature, top_k, top_p):
+MAX_SEED = 2**63 - 1
+
+
+def _is_int(v) -> bool:  # Python or NumPy integers, not bools
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p, seed=None):
     limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens]
-    if not limits or any(isinstance(m, bool) or not isinstance(m, int) or m <= 0 for m in limits):
+    if not limits or any(not _is_int(m) or m <= 0 for m in limits):
         raise ValueError(f"max_new_tokens must be a positive integer (or one per prompt), got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not _is_real(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
 
 
-def encode_prompts(prompts, tokenizer) -> list[list[int]]:
+def encode_prompts(prompts, tokenizer, vocab_size: int | None = None, no_tokenizer: str = "") -> list[list[int]]:
+    """Strings (through `tokenizer`), token-id lists, or an integer tensor [T] / [B, T] -> token-id lists.
+    Token ids must be integers in [0, vocab_size) when `vocab_size` is given. `no_tokenizer` says why there
+    is no tokenizer, for the error a string prompt then gets."""
     if isinstance(prompts, torch.Tensor):  # [T] or [B, T] token ids (no padding)
         if prompts.dtype.is_floating_point or prompts.dim() not in (1, 2):
             what = f"{prompts.dtype} {list(prompts.shape)}"
             raise ValueError(f"a tensor prompt must hold integer token ids [T] or [B, T], got {what}")
         prompts = prompts.tolist()
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and _is_int(prompts[0])):
         prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(
+            f"prompts must be a string, a list of strings or of token-id lists, or an integer tensor; "
+            f"got {type(prompts).__name__}"
+        )
     if not prompts:
         raise ValueError("no prompts given")
     out = []
@@ -46,12 +69,19 @@ def encode_prompts(prompts, tokenizer) -> list[list[int]]:
             if not p:
                 raise ValueError(f"prompt {i} is empty")
             if tokenizer is None:
-                raise ValueError("string prompts need a tokenizer; pass token ids or load with tokenizer=True")
+                why = f" ({no_tokenizer})" if no_tokenizer else ""
+                raise ValueError(f"string prompts need a tokenizer, and this model has none{why}; pass token ids")
             ids = tokenizer(p)["input_ids"]
-        else:
+        elif isinstance(p, (list, tuple)):
+            if not all(_is_int(t) for t in p):
+                raise ValueError(f"prompt {i}: token ids must be integers")
             ids = [int(t) for t in p]
+        else:
+            raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
         if not ids:
             raise ValueError(f"prompt {i} is empty")
+        if vocab_size is not None and not all(0 <= t < vocab_size for t in ids):
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size})")
         out.append(ids)
     return out
 
@@ -117,9 +147,10 @@ def generate(
     batch may run on); the list returned at the end holds the same results.
     `cuda_graph`: replay the decode step from a CUDA graph (`decode_graph.py`); default: on a CUDA device.
     """
-    _check_args(max_new_tokens, temperature, top_k, top_p)
+    _check_args(max_new_tokens, temperature, top_k, top_p, seed)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    ids = encode_prompts(prompts, tokenizer)
+    vocab = getattr(model.config, "vocab_size", None)
+    ids = encode_prompts(prompts, tokenizer, vocab, getattr(model, "tokenizer_error", ""))
     if isinstance(max_new_tokens, (list, tuple)):
         if len(max_new_tokens) != len(ids):
             raise ValueError(f"{len(max_new_tokens)} max_new_tokens limits for {len(ids)} prompts")

@@ -101,10 +101,12 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write the runtime model as a modegpt checkpoint (transformers' writer would name the wrapped
-        tensors `runtime.*`, which no loader reads). An existing folder is replaced atomically."""
+        tensors `runtime.*`, which no loader reads). As with transformers, the folder may exist: config.json
+        and the weights are replaced (each file atomically), stale weight shards removed, and the folder's
+        other files (a tokenizer saved beside the model, anything else) kept."""
         from modegpt_rt.checkpoint import save_checkpoint
 
-        save_checkpoint(self.runtime, save_directory, tokenizer=kwargs.get("tokenizer"), overwrite=True)
+        save_checkpoint(self.runtime, save_directory, tokenizer=kwargs.get("tokenizer"), update=True)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         return {"input_ids": input_ids, "attention_mask": attention_mask}

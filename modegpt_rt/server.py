@@ -19,11 +19,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 from modegpt_rt.generate import _check_args, encode_prompts, generate
 
 MAX_BODY = 8 << 20  # bytes of JSON accepted per request
-UNSUPPORTED = ("logprobs", "echo", "best_of", "suffix", "logit_bias")
+UNSUPPORTED = ("logprobs", "echo", "best_of", "suffix", "logit_bias", "frequency_penalty", "presence_penalty")
 
 
 class RequestError(ValueError):
@@ -82,6 +83,11 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
     if any(isinstance(p, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
         raise RequestError("token-id prompts must be lists of integers")
     max_tokens = body.get("max_tokens", 16)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise RequestError(f"'max_tokens' must be an integer, got {max_tokens!r}")
+    for k in ("stream", "ignore_eos"):
+        if not isinstance(body.get(k, False), bool):
+            raise RequestError(f"{k!r} must be true or false, got {body[k]!r}")
     temperature = body.get("temperature", 1.0)
     top_k, top_p, seed = body.get("top_k"), body.get("top_p"), body.get("seed")
     stop = body.get("stop")
@@ -97,15 +103,13 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
         raise RequestError("'top_k' must be an integer")
     try:
-        _check_args(max_tokens, temperature, top_k, top_p)
+        _check_args(max_tokens, temperature, top_k, top_p, seed)
         if (stop or body.get("stream")) and tokenizer is None:
             raise ValueError("stop strings and streaming need a tokenizer; this model was loaded without one")
-        ids = encode_prompts(prompt, tokenizer)
+        ids = encode_prompts(prompt, tokenizer, vocab_size)
     except ValueError as e:
         raise RequestError(str(e)) from None
     for i, p in enumerate(ids):
-        if not all(0 <= t < vocab_size for t in p):
-            raise RequestError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size})")
         if len(p) + max_tokens > max_positions:
             raise RequestError(
                 f"prompt {i} has {len(p)} tokens; with max_tokens={max_tokens} it exceeds the context of "
@@ -117,9 +121,9 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
         top_p=None if top_p is None else float(top_p),
         seed=seed,
         stop=tuple(stop),
-        ignore_eos=bool(body.get("ignore_eos", False)),
+        ignore_eos=body.get("ignore_eos", False),
     )
-    return Request(ids, [max_tokens] * len(ids), sampling, stream=bool(body.get("stream", False)))
+    return Request(ids, [max_tokens] * len(ids), sampling, stream=body.get("stream", False))
 
 
 class Scheduler:
@@ -151,6 +155,11 @@ class Scheduler:
             self.worker.start()
 
     def submit(self, req: Request):
+        if len(req.prompts) > self.max_batch:  # a batch holds whole requests: one this large would never fit
+            raise RequestError(
+                f"{len(req.prompts)} prompts in one request; this server runs at most {self.max_batch} sequences "
+                "at once (--max-batch): send them in several requests"
+            )
         with self.cond:
             if self.closed:
                 raise RuntimeError("the server is shutting down")
@@ -205,7 +214,7 @@ class Scheduler:
 
         def on_token(i, token, delta):
             r, j = owners[i]
-            if r.stream:
+            if r.stream and delta:  # a token whose text is held back (a possible stop string) sends nothing yet
                 r.events.put(("token", j, delta))
 
         def on_finish(i, result):
@@ -248,16 +257,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         srv = self.server
-        if self.path in ("/health", "/"):
+        path = urlsplit(self.path).path
+        if path in ("/health", "/"):
             self._json(200, {"status": "ok", "model": srv.model_name, "backend": srv.model.backend})
-        elif self.path == "/v1/models":
+        elif path == "/v1/models":
             card = {"id": srv.model_name, "object": "model", "owned_by": "modegpt-rt"}
             self._json(200, {"object": "list", "data": [card]})
         else:
             self._error(404, f"no such endpoint: GET {self.path}", "not_found")
 
     def do_POST(self):
-        if self.path != "/v1/completions":
+        if urlsplit(self.path).path != "/v1/completions":
             return self._error(404, f"no such endpoint: POST {self.path}", "not_found")
         srv = self.server
         try:
@@ -271,8 +281,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(n) or b"null")
             req = parse_completion(body, srv.scheduler.tokenizer, srv.scheduler.ctx, srv.model.config.vocab_size)
             srv.scheduler.submit(req)
-        except json.JSONDecodeError as e:
-            return self._error(400, f"the body is not valid JSON: {e}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self._error(400, f"the body is not valid JSON in UTF-8: {e}")
         except RequestError as e:
             return self._error(400, str(e))
         except OverflowError as e:

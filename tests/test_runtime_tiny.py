@@ -389,6 +389,34 @@ def test_save_is_atomic_and_refuses_existing(tiny_hf_dir, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
 
 
+def test_save_update_keeps_the_folders_other_files(tiny_hf_dir, tmp_path):
+    """`update=True` (what the transformers wrapper's save_pretrained uses) replaces config and weights inside
+    an existing folder, removes stale shards, and keeps every other file (a tokenizer saved beside it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    out = save_checkpoint(model, tmp_path / "c", max_shard_bytes=2000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-extra.bin").write_bytes(b"not ours")
+    before = {p.name for p in out.iterdir()}
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    hf.save_pretrained(out)  # into the folder it was read from
+    after = {p.name for p in out.iterdir()}
+    assert after == (before - set(shards) - {"model.safetensors.index.json"}) | {"model.safetensors"}
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model-extra.bin").read_bytes() == b"not ours"
+    again = modegpt_rt.load(out, backend="torch")  # the same weights
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(again(ids).logits, model(ids).logits)
+    hf.save_pretrained(tmp_path / "new" / "deeper")  # created if missing
+    assert (tmp_path / "new" / "deeper" / "config.json").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        save_checkpoint(model, tmp_path / "file", update=True)
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp folder left inside
+
+
 def test_generation_config_eos_ids_stop_generation(tiny_hf_dir, tmp_path):
     """End-of-turn ids named only in generation_config.json stop generation, and survive compression."""
     import shutil
@@ -663,6 +691,89 @@ def test_tensor_prompts_cli_bounds_and_missing_tokenizer(tiny_hf_dir, capsys):
         assert "must be at least" in capsys.readouterr().err
     assert cli.main(["eval", "ppl", str(tiny_hf_dir), "--seqlen", "16", "--limit", "1"]) == 2  # no tokenizer files
     assert "needs a tokenizer" in capsys.readouterr().err
+
+
+def test_generate_and_load_refuse_bad_input_clearly(tiny_hf_dir, tmp_path, capsys, monkeypatch):
+    """Token ids are checked (type and vocabulary) before they reach the embedding; sampling settings must be
+    finite numbers; a tokenizer that is there but broken is reported at load and again by a string prompt;
+    the CLI checks its generation settings and the serving device and port before it loads a model."""
+    import shutil
+    import warnings
+
+    from modegpt_rt import cli
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
+    V = model.config.vocab_size
+    for prompts, fragment in [
+        ([[1, V]], "outside the vocabulary"),
+        ([[1, -5]], "outside the vocabulary"),
+        ([[1.7, 2.2]], "must be integers"),
+        ([[True, 2]], "must be integers"),
+        (b"hello", "got bytes"),
+        (5, "got int"),
+        ({"a": 1}, "got dict"),
+        ([None], "prompt 0 must be"),
+        ("text", "loaded with tokenizer=False"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            model.generate(prompts, max_new_tokens=2)
+    import numpy as np
+
+    assert model.generate([np.array([5, 6]).tolist(), list(np.array([5, 6]))], max_new_tokens=2, temperature=0)
+    for kw, fragment in [
+        ({"temperature": None}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 0.5, "top_p": float("nan")}, "top_p"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -1}, "seed"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            model.generate([[5, 6]], max_new_tokens=2, **kw)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_hf_dir, broken)
+    (broken / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    with pytest.warns(UserWarning, match="no usable tokenizer"):
+        m = modegpt_rt.load(broken, backend="torch")
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        m.generate("hi", max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tokenizer files at all: no warning, the reason comes on use
+        assert modegpt_rt.load(tiny_hf_dir, backend="torch").tokenizer is None
+    with pytest.raises(modegpt_rt.CheckpointError, match="empty model path"):
+        modegpt_rt.load("")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(modegpt_rt, "load", no_load)
+    for argv, fragment in [
+        (["generate", "x", "hi", "--temperature", "nan"], "temperature"),
+        (["generate", "x", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["generate", "x", "hi", "--top-p", "2"], "top_p"),
+        (["generate", "x", ""], "prompt is empty"),
+        (["serve", "x", "--port", "99999"], "--port"),
+        (["serve", "x", "--device", "nonsense"], "--device"),
+    ]:
+        assert cli.main(argv) == 2, argv
+        assert fragment in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["serve", "x", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_serve_reports_a_taken_port(tiny_hf_dir, capsys):
+    import socket
+
+    from modegpt_rt import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert cli.main(["serve", str(tiny_hf_dir), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_generated_calibration_is_seeded_sampling_from_the_model(tiny_hf_dir):

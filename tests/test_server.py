@@ -65,8 +65,16 @@ def test_server_token_ids_match_generate_and_reject_bad_requests(tiny_hf_dir, se
         "logprobs": 3,
         "stop": [3],
         "seed": "x",
+        "frequency_penalty": 0.5,
     }
-    for key, value in bad.items():
+    bad2 = [  # each dropped the connection or answered 500 before
+        ("max_tokens", [3]),
+        ("temperature", float("nan")),
+        ("seed", 2**64),
+        ("stream", "false"),
+        ("ignore_eos", "yes"),
+    ]
+    for key, value in [*bad.items(), *bad2]:
         status, text = _post(srv, {"prompt": [5, 6], key: value})
         assert status == 400, (key, text)
         assert json.loads(text)["error"]["type"] == "invalid_request_error"
@@ -81,6 +89,12 @@ def test_server_token_ids_match_generate_and_reject_bad_requests(tiny_hf_dir, se
         assert status == 400 and fragment in json.loads(text)["error"]["message"], text
     status, text = _post(srv, None, raw=b"{not json")
     assert status == 400 and "not valid JSON" in text
+    status, text = _post(srv, None, raw=b'{"prompt": "\xff\xfe hi"}')  # not UTF-8
+    assert status == 400 and "not valid JSON" in text
+    status, text = _post(srv, {"prompt": [[5]] * 9, "max_tokens": 2})  # more sequences than --max-batch (8)
+    assert status == 400 and "at most 8 sequences" in text
+    with urllib.request.urlopen(srv.url + "/health?verbose=1", timeout=30) as r:
+        assert r.status == 200
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(srv.url + "/nowhere", timeout=30)
     assert e.value.code == 404
@@ -141,3 +155,10 @@ def test_server_batches_concurrent_requests_and_streams(smollm2, serve):
     word = out[0]["choices"][0]["text"].split()[1]
     stopped = _complete(srv, {"prompt": prompts[0], "max_tokens": 12, "temperature": 0, "stop": word})
     assert stopped["choices"][0]["finish_reason"] == "stop" and word not in stopped["choices"][0]["text"]
+    body = {"prompt": prompts[0], "max_tokens": 12, "temperature": 0, "stop": word, "stream": True}
+    status, text = _post(srv, body)
+    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == stopped["choices"][0]["text"]
+    assert all(c["text"] for c in chunks[:-1])  # no empty events while a possible stop string is held back
