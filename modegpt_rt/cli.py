@@ -453,8 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("path", nargs="?", default=None, help="checkpoint dir, HF folder or .gguf (default SmolLM2)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch", type=int, default=8, help="most sequences generated together")
+    sv.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    sv.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="most sequences generated together (default 8); a request with more prompts is refused",
+    )
     sv.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with"
     )
