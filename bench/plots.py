@@ -174,19 +174,33 @@ def plot_widths(cfg: dict, out_dir: Path, stem: str) -> list[Path]:
 
 def plot_files(paths, out_dir="bench/results") -> list[Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outs = []
-    for p in map(Path, paths):
+    jobs = []
+    for p in map(Path, paths):  # read and recognise every input before writing anything
         if p.is_dir():
             p = p / "config.json"
-        res = json.loads(p.read_text())
+        try:
+            res = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: not a JSON file ({e})") from None
         stem = p.parent.name if p.name == "config.json" else p.stem
-        if res.get("kind") == "throughput":
-            outs += plot_throughput(res, out_dir, stem)
-        elif res.get("kind") == "quality":
-            outs += plot_quality(res, out_dir, stem)
+        if not isinstance(res, dict):
+            kind = None
+        elif res.get("kind") == "throughput" and isinstance(res.get("results"), list):
+            kind = plot_throughput
+        elif res.get("kind") == "quality" and isinstance(res.get("rows"), list):
+            kind = plot_quality
         elif "layers" in res and "intermediate_size" in res:
-            outs += plot_widths(res, out_dir, stem)
+            kind = plot_widths
         else:
+            kind = None
+        if kind is None:
             raise ValueError(f"{p}: not a throughput/quality result or a checkpoint config.json")
+        jobs.append((kind, res, stem, p))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outs = []
+    for kind, res, stem, p in jobs:
+        try:
+            outs += kind(res, out_dir, stem)
+        except (KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{p}: a malformed {res.get('kind', 'config')} file ({type(e).__name__}: {e})") from None
     return outs

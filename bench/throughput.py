@@ -94,10 +94,41 @@ def _label(model):
     return rate, ("dense" if not comp else f"{rate:.0%} {comp.get('allocation', '')}".strip())
 
 
+def _dense_source(path):
+    """The dense model a checkpoint was compressed from (its config's `compression.source_model`), or `path`
+    itself when it is dense (None: the default model)."""
+    cfg = Path(path) / "config.json" if path is not None else None
+    if cfg is not None and cfg.is_file():
+        try:
+            conf = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            conf = {}
+        comp = conf.get("compression") if isinstance(conf, dict) else None
+        if comp:
+            return comp.get("source_model") or None
+    return path
+
+
+def _check_options(args, paths):
+    try:
+        batches = [int(b) for b in str(args.batch).split(",")]
+    except ValueError:
+        raise ValueError(f"--batch {args.batch!r}: give comma-separated positive integers, like 1,8") from None
+    for name, v, low in (("--batch", min(batches), 1), ("--prompt", args.prompt, 1), ("--new", args.new, 2)):
+        if v < low:
+            raise ValueError(f"{name} must be at least {low}, got {v}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    for p in paths:
+        if p is not None and not Path(p).exists():
+            raise FileNotFoundError(f"{p}: no such checkpoint, folder or file")
+    return batches
+
+
 def main(args):
     dtype = getattr(torch, args.dtype)
-    batches = [int(b) for b in str(args.batch).split(",")]
     paths = args.paths or [None]
+    batches = _check_options(args, paths)  # all of them before the first model is timed
     results = []
     print(f"{'model':<28} {'impl':<18} {'batch':>5} {'tok/s':>8} {'decode tok/s':>12} {'prefill s':>9}")
 
@@ -110,7 +141,7 @@ def main(args):
         )
 
     if args.hf_baseline:
-        base = paths[0] or modegpt_rt.default_model_path()
+        base = _dense_source(paths[0]) or modegpt_rt.default_model_path()  # dense, even if paths[0] is not
         for b in batches:
             s = summarize(
                 time_transformers(base, b, args.prompt, args.new, args.repeats, args.device, dtype), b, args.new

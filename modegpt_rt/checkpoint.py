@@ -367,10 +367,10 @@ def save_checkpoint(
     config last), weight shards the new checkpoint no longer uses are removed, and every other file (a
     tokenizer, a README) stays."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (overwrite or update):
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     if update and out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+    if not update:
+        check_output_folder(out_dir, overwrite)
     (out_dir if update else out_dir.parent).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir if update else out_dir.parent))
     try:
@@ -403,6 +403,38 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def check_output_folder(out_dir, overwrite: bool = False) -> None:
+    """Raise unless a checkpoint can be written to `out_dir` (run it before long work): its nearest existing
+    parent is a writable folder, and `out_dir` is absent, or (with `overwrite`) an empty folder or a modegpt
+    checkpoint. `--overwrite` replaces checkpoints only: never a file, a folder of other things, or the
+    current folder or one above it."""
+    out_dir = Path(out_dir)
+    full = out_dir.resolve()
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} is a file, not a checkpoint folder; refusing to replace it")
+        if full == Path.cwd().resolve() or full in Path.cwd().resolve().parents:
+            raise FileExistsError(f"{out_dir} is the current folder or holds it; refusing to replace it")
+        if any(out_dir.iterdir()):
+            try:
+                kind = json.loads((out_dir / "config.json").read_text()).get("model_type")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+            if kind != MODEL_TYPE:
+                raise FileExistsError(
+                    f"{out_dir} holds files but no modegpt checkpoint; --overwrite replaces checkpoints only"
+                )
+    parent = full.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write {out_dir}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {out_dir}: {parent} is not writable")
 
 
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -59,28 +61,53 @@ def _threads(args):
         torch.set_num_threads(args.threads)
 
 
+def _finite(obj):
+    """NaN and infinities as null: standard JSON that every reader takes (a standard error of one item is NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _write_json(obj, path):
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2))
+        Path(path).write_text(json.dumps(_finite(obj), indent=2, allow_nan=False))
         print(f"wrote {path}")
+
+
+def _check_json_out(path):
+    """Fail now, not after the run, where a --json result could not be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"--json {path} is a folder; give a file name")
+    parent = p.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--json {path}: cannot write under {parent}")
 
 
 # ----------------------------------------------------------------- compress
 def cmd_compress(args):
     import modegpt_rt
     from modegpt_rt import data
-    from modegpt_rt.checkpoint import save_checkpoint
+    from modegpt_rt.checkpoint import check_output_folder, save_checkpoint
     from modegpt_rt.compressor.compress import MAX_RATE, CompressOptions, compress
 
-    if not 0 <= args.rate <= MAX_RATE:
-        raise ValueError(f"--rate {args.rate} outside [0, {MAX_RATE}]")
+    if not 0 <= args.rate < MAX_RATE:
+        raise ValueError(f"--rate {args.rate} outside [0, {MAX_RATE})")
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
+    check_output_folder(out, args.overwrite)  # before the long work, not after it
     opts = CompressOptions.from_args(args)
     opts.validate()
     model = modegpt_rt.load(args.model, backend="torch")
+    ctx = model.config.max_position_embeddings
+    if args.seqlen > ctx:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
     if args.calib == "generated":
         calib = data.generated_calibration(model, args.samples, args.seqlen, args.seed, progress=not args.quiet)
     else:
@@ -164,10 +191,19 @@ def cmd_eval_zeroshot(args):
 def cmd_eval_paired(args):
     from modegpt_rt import zeroshot
 
-    a, b = (json.loads(Path(p).read_text()) for p in (args.base, args.other))
+    def read(path):
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON file ({e})") from None
+
+    a, b = read(args.base), read(args.other)
     diffs = zeroshot.paired_difference(a, b)
     if not diffs:
-        raise SystemExit("error: the two results share no task")
+        raise ValueError("the two results share no task")
+    only = sorted(a["tasks"].keys() ^ b["tasks"].keys())
+    if only:
+        print(f"[scored in one file only, left out of the average: {', '.join(only)}]", file=sys.stderr)
 
     def row(name, n, x, y, se):
         print(f"{name:>14} {n:>6} {100 * x:>7.1f} {100 * y:>7.1f} {100 * (y - x):>+7.1f} {100 * se:>6.1f}")
@@ -301,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate",
         type=float,
         required=True,
-        help="fraction of transformer-block projection parameters to remove, in [0, 0.95]",
+        help="fraction of transformer-block projection parameters to remove, in [0, 0.95)",
     )
     c.add_argument(
         "--calib",
@@ -381,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="output checkpoint directory")
-    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds a modegpt checkpoint (or nothing)"
+    )
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
 
@@ -476,12 +514,16 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("paths", nargs="*", help="checkpoints/models (default: SmolLM2)")
     bt.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     bt.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    bt.add_argument("--new", type=int, default=128, help="new tokens")
+    bt.add_argument("--new", type=int, default=128, help="new tokens (at least 2)")
     bt.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
     bt.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     _add_bf16_weights(bt)
     bt.add_argument("--device", default="cpu")
-    bt.add_argument("--hf-baseline", action="store_true", help="also time the dense model through transformers")
+    bt.add_argument(
+        "--hf-baseline",
+        action="store_true",
+        help="also time the dense model (the first path's source model) through transformers",
+    )
     bt.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
     bt.add_argument("--json", default=None)
     bt.set_defaults(func=cmd_bench_throughput)
@@ -510,10 +552,15 @@ def main(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
     _threads(args)
     try:
+        if getattr(args, "json", None):
+            _check_json_out(args.json)
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, ConfigError, RuntimeError) as e:
+    except (ValueError, OSError, CheckpointError, ConfigError, RuntimeError) as e:
         print(f"modegpt: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("modegpt: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -644,6 +644,9 @@ def paired_difference(a: dict, b: dict) -> dict:
     on the items both scored, with the standard error of the paired difference.  Items are matched by their
     position in the task's file: a result's ``indices`` (``sample``) or else its first n items (``limit`` keeps
     a prefix).  Uses acc_norm where the task reports it, else acc; needs the ``items`` field."""
+    for name, r in (("base", a), ("other", b)):
+        if not isinstance(r, dict) or not isinstance(r.get("tasks"), dict):
+            raise ValueError(f"the {name} file is not a zero-shot result (no 'tasks' object)")
     out = {}
     for task in a["tasks"].keys() & b["tasks"].keys():
         ra, rb = a["tasks"][task], b["tasks"][task]

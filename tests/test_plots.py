@@ -113,3 +113,25 @@ def test_rate_series_uses_the_dense_row_for_aligned_models():
     rows.append({"label": "5", "impl": "modegpt_rt/triton+graph+aligned", "rate": 0.05, "batch": 16, "tok_s": 51.0})
     by_batch, dense = _rate_series(rows)
     assert (16, "modegpt_rt/triton+graph") not in by_batch and dense[(16, "modegpt_rt/triton+graph+aligned")] == 50.0
+
+
+def test_plot_refuses_wrong_inputs_before_writing_anything(tmp_path):
+    """Files of another kind get one clear error naming the file, and no output folder appears."""
+    import json
+
+    import pytest
+    from modegpt_rt.bench import plots
+
+    cases = {
+        "list.json": "[1, 2]",
+        "kind_only.json": json.dumps({"kind": "throughput"}),
+        "zeroshot.json": json.dumps({"tasks": {}}),
+        "latin1.json": b"\xff\xfe{}",
+        "broken.json": json.dumps({"kind": "throughput", "results": [{"batch": 1}]}),
+    }
+    for name, body in cases.items():
+        p = tmp_path / name
+        p.write_bytes(body if isinstance(body, bytes) else body.encode())
+        with pytest.raises(ValueError, match=name):
+            plots.plot_files([p], tmp_path / "out")
+        assert name == "broken.json" or not (tmp_path / "out").exists()

@@ -645,8 +645,7 @@ def test_cli_bf16_weights_flag(tiny_hf_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(modegpt_rt, "load", fake_load)
     for argv in (["generate", "x"], ["serve"], ["eval", "ppl"], ["eval", "zeroshot", "--tasks", "piqa"]):
-        with pytest.raises(KeyboardInterrupt):
-            cli.main(argv + ["--bf16-weights"])
+        assert cli.main(argv + ["--bf16-weights"]) == 130  # Ctrl-C: a one-line message, no traceback
     assert seen == [torch.bfloat16] * 4
 
 
@@ -911,3 +910,100 @@ def test_interleaved_bench_runs_both_weight_dtypes(tiny_hf_dir, tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [(r["batch"], r["weight_dtype"]) for r in rows] == [(b, w) for b in (1, 2) for w in ("float32", "bfloat16")]
     assert rows[0]["vs_first"] == 1.0 and all(r["tok_s"] > 0 for r in rows)
+
+
+def test_output_checks_come_before_the_work_and_overwrite_replaces_checkpoints_only(
+    tiny_hf_dir, tmp_path, monkeypatch, capsys
+):
+    """`--overwrite` replaces a modegpt checkpoint or an empty folder, never a file, a folder of other things,
+    or the current folder; unwritable places and `--json` folders are refused before a model is loaded."""
+    from modegpt_rt import cli
+    from modegpt_rt.checkpoint import check_output_folder
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    check_output_folder(ckpt, overwrite=True)  # a checkpoint: fine
+    (tmp_path / "empty").mkdir()
+    check_output_folder(tmp_path / "empty", overwrite=True)
+    check_output_folder(tmp_path / "new" / "deeper")  # created on save
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "afile").write_text("keep")
+    for target, fragment in [
+        (tmp_path / "mine", "no modegpt checkpoint"),
+        (tmp_path / "afile", "is a file"),
+        (tmp_path / "afile" / "sub", "is a file"),
+        (tmp_path / "ckpt", "exists"),  # without overwrite
+    ]:
+        with pytest.raises(OSError, match=fragment):
+            check_output_folder(target, overwrite=target.name != "ckpt")
+        with pytest.raises(OSError, match=fragment):
+            save_checkpoint(model, target, overwrite=target.name != "ckpt")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "afile").read_text() == "keep"
+    monkeypatch.chdir(ckpt)
+    with pytest.raises(OSError, match="current folder"):
+        check_output_folder(".", overwrite=True)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(modegpt_rt, "load", no_load)
+    for argv, fragment in [
+        (["compress", "--rate", "0.3", "--out", str(tmp_path / "mine"), "--overwrite"], "no modegpt checkpoint"),
+        (["compress", "--rate", "0.95", "--out", str(tmp_path / "x")], "outside [0, 0.95)"),
+        (["compress", "--rate", "0.3", "--allocation", "uniform", "--split", "--out", str(tmp_path / "x")], "uniform"),
+        (["eval", "ppl", "--json", str(tmp_path / "mine")], "is a folder"),
+        (["eval", "ppl", "--json", str(tmp_path / "afile" / "r.json")], "cannot write"),
+    ]:
+        assert cli.main(argv) == 2, argv
+        assert fragment in capsys.readouterr().err, argv
+    with pytest.raises(ValueError, match="uniform allocation"):
+        CompressOptions(rate=0.3, allocation="uniform", eps=0.5).validate()
+
+
+def test_compress_warns_when_the_calibration_is_too_small(tiny_hf_dir):
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    width = model.config.intermediate_size
+    with pytest.warns(UserWarning, match=f"only 64 calibration and 64 refit tokens for MLPs {width} wide"):
+        compress(model, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    with pytest.raises(ValueError, match="context of 128"):
+        compress(model, torch.randint(0, 97, (1, 129)), CompressOptions(rate=0.3, bi_samples=1), progress=False)
+    import warnings
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compress(model, torch.randint(0, 97, (6, 64)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
+
+
+def test_bench_throughput_checks_options_first_and_baselines_the_dense_source(tiny_hf_dir, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from modegpt_rt.bench import throughput
+
+    from modegpt_rt import cli
+
+    ckpt = tmp_path / "c"
+    assert (
+        cli.main(
+            ["compress", "--model", str(tiny_hf_dir), "--rate", "0.3", "--calib", "generated"]
+            + ["--samples", "4", "--seqlen", "32", "--bi-samples", "2", "--quiet", "--out", str(ckpt)]
+        )
+        == 0
+    )
+    assert throughput._dense_source(str(ckpt)) == str(tiny_hf_dir)  # --hf-baseline times the dense source
+    assert throughput._dense_source(str(tiny_hf_dir)) == str(tiny_hf_dir)
+    ok = dict(batch="1,8", prompt=4, new=3, repeats=1)
+    assert throughput._check_options(SimpleNamespace(**ok), [str(ckpt)]) == [1, 8]
+    for bad, fragment in [
+        ({"batch": "abc"}, "--batch"),
+        ({"batch": "1,-1"}, "--batch"),
+        ({"prompt": 0}, "--prompt"),
+        ({"new": 1}, "--new"),
+        ({"repeats": 0}, "--repeats"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            throughput._check_options(SimpleNamespace(**{**ok, **bad}), [str(ckpt)])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        throughput._check_options(SimpleNamespace(**ok), [str(ckpt), str(tmp_path / "nowhere")])

@@ -662,3 +662,28 @@ def test_wikitext_rows_join_as_the_paper_reads_it(tiny, data_dir, monkeypatch):
     nll = -logp.gather(-1, w[:, 1:, None]).mean().item()
     assert res["join"] == "rows" and res["ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
     assert perplexity(model, tok, "wikitext2", seqlen=64, limit=2, progress=False)["ppl"] != res["ppl"]
+
+
+def test_cli_eval_paired_wrong_files_and_one_item(tmp_path, capsys):
+    """A file of another kind is named in a one-line error; a task in one file only is named and left out;
+    a standard error that is undefined (one item) is written as null, not NaN."""
+    import json
+
+    from modegpt_rt import cli
+
+    zs = {"tasks": {"piqa": {"items": {"acc": "1", "acc_norm": "1"}}, "arc_easy": {"items": {"acc_norm": "1"}}}}
+    other = {"tasks": {"piqa": {"items": {"acc": "0", "acc_norm": "0"}}}}
+    files = {"zs": zs, "other": other, "ppl": {"ppl": 21.7}, "list": [1]}
+    for name, obj in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(obj))
+    (tmp_path / "bad.json").write_bytes(b"\xff")
+    for b, fragment in [("ppl", "not a zero-shot result"), ("list", "not a zero-shot result"), ("bad", "bad.json")]:
+        assert cli.main(["eval", "paired", str(tmp_path / "zs.json"), str(tmp_path / f"{b}.json")]) == 2
+        assert fragment in capsys.readouterr().err
+    out = tmp_path / "d.json"
+    assert (
+        cli.main(["eval", "paired", str(tmp_path / "zs.json"), str(tmp_path / "other.json"), "--json", str(out)]) == 0
+    )
+    assert "left out of the average: arc_easy" in capsys.readouterr().err
+    text = out.read_text()
+    assert "NaN" not in text and json.loads(text)["tasks"]["piqa"]["diff_stderr"] is None
