@@ -63,6 +63,13 @@ def read_text(source: str, split: str = "test", join: str = "file") -> str:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"text source {source!r} is neither 'wikitext2' nor a readable file")
+    try:
+        return _read_text_file(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_text_file(path: Path) -> str:
     if path.suffix == ".jsonl":
         texts = []
         with open(path, encoding="utf-8") as f:
@@ -101,6 +108,8 @@ def calibration_windows(tokens: torch.Tensor, samples: int, seqlen: int, seed: i
     if samples < 1 or seqlen < 2:
         raise ValueError(f"need samples >= 1 and seqlen >= 2, got {samples} x {seqlen}")
     available = tokens.numel() // seqlen
+    if tokens.numel() == 0:
+        raise ValueError("the calibration text is empty")
     if available < samples:
         raise ValueError(
             f"calibration text has {tokens.numel()} tokens: {available} windows of {seqlen}, "

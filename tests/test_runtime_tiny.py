@@ -1007,3 +1007,13 @@ def test_bench_throughput_checks_options_first_and_baselines_the_dense_source(ti
             throughput._check_options(SimpleNamespace(**{**ok, **bad}), [str(ckpt)])
     with pytest.raises(FileNotFoundError, match="nowhere"):
         throughput._check_options(SimpleNamespace(**ok), [str(ckpt), str(tmp_path / "nowhere")])
+
+
+def test_text_sources_name_the_file_that_is_not_utf8_or_empty(tmp_path):
+    from modegpt_rt import data
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8"):
+        data.read_text(str(tmp_path / "latin1.txt"))
+    with pytest.raises(ValueError, match="calibration text is empty"):
+        data.calibration_windows(torch.zeros(0, dtype=torch.long), 1, 8)
