@@ -154,6 +154,8 @@ def cmd_eval_ppl(args):
     import modegpt_rt
     from modegpt_rt.evaluate import perplexity
 
+    if args.wikitext_join != "file" and args.data not in ("wikitext2", "wikitext-2"):
+        raise ValueError("--wikitext-join applies to --data wikitext2 only")
     model, dtype = _load_for_eval(args)
     res = perplexity(
         model, model.tokenizer, args.data, args.seqlen, args.limit, progress=not args.quiet, join=args.wikitext_join
@@ -324,6 +326,14 @@ def cmd_info(args):
     for i, w in enumerate(cfg.layers):
         print(f"layer {i:>3}: k_mlp={w.k_mlp} d_qk={w.d_qk} d_v={w.d_v}")
     print(f"parameters: {cfg.total_params():,} (blocks {cfg.block_params():,})")
+    comp = cfg.compression or {}
+    if comp:
+        calib = comp.get("calibration") or {}
+        print(
+            f"compressed: rate {comp.get('target_rate')}, allocation {comp.get('allocation')}, "
+            f"refit {comp.get('refit', 'none')}, calibration {calib.get('source', '?')} "
+            f"{calib.get('samples', '?')} x {calib.get('seqlen', '?')}, from {comp.get('source_model', '?')}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1017,3 +1017,14 @@ def test_text_sources_name_the_file_that_is_not_utf8_or_empty(tmp_path):
         data.read_text(str(tmp_path / "latin1.txt"))
     with pytest.raises(ValueError, match="calibration text is empty"):
         data.calibration_windows(torch.zeros(0, dtype=torch.long), 1, 8)
+
+
+def test_cli_info_shows_the_compression_and_join_needs_wikitext(tiny_hf_dir, tmp_path, capsys):
+    from modegpt_rt import cli
+
+    out = _compressed_ckpt(tiny_hf_dir, tmp_path)
+    assert cli.main(["info", str(out)]) == 0
+    assert "compressed: rate 0.3, allocation global" in capsys.readouterr().out
+    (tmp_path / "t.txt").write_text("some text")
+    assert cli.main(["eval", "ppl", "--data", str(tmp_path / "t.txt"), "--wikitext-join", "rows"]) == 2
+    assert "--wikitext-join applies to --data wikitext2 only" in capsys.readouterr().err
