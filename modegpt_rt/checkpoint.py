@@ -428,13 +428,18 @@ def check_output_folder(out_dir, overwrite: bool = False) -> None:
                 raise FileExistsError(
                     f"{out_dir} holds files but no modegpt checkpoint; --overwrite replaces checkpoints only"
                 )
-    parent = full.parent
+    check_writable_parent(out_dir)
+
+
+def check_writable_parent(path) -> None:
+    """Raise unless `path` can be created: its nearest existing parent is a folder this process may write."""
+    parent = Path(path).resolve().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(f"cannot write {out_dir}: {parent} is a file")
+        raise NotADirectoryError(f"cannot write {path}: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {out_dir}: {parent} is not writable")
+        raise PermissionError(f"cannot write {path}: {parent} is not writable")
 
 
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -81,14 +80,11 @@ def _write_json(obj, path):
 
 def _check_json_out(path):
     """Fail now, not after the run, where a --json result could not be written."""
-    p = Path(path)
-    if p.is_dir():
+    from modegpt_rt.checkpoint import check_writable_parent
+
+    if Path(path).is_dir():
         raise IsADirectoryError(f"--json {path} is a folder; give a file name")
-    parent = p.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"--json {path}: cannot write under {parent}")
+    check_writable_parent(path)
 
 
 # ----------------------------------------------------------------- compress

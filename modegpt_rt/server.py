@@ -94,15 +94,7 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) for s in stop):
         raise RequestError("'stop' must be a string or a list of strings")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise RequestError("'temperature' must be a number")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise RequestError("'seed' must be an integer")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)):
-        raise RequestError("'top_p' must be a number")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
-        raise RequestError("'top_k' must be an integer")
-    try:
+    try:  # types and ranges of the sampling settings, as generate() checks them
         _check_args(max_tokens, temperature, top_k, top_p, seed)
         if (stop or body.get("stream")) and tokenizer is None:
             raise ValueError("stop strings and streaming need a tokenizer; this model was loaded without one")
