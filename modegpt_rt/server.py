@@ -80,8 +80,6 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
         prompt = [prompt]
     if not isinstance(prompt, list) or not all(isinstance(p, (str, list)) for p in prompt):
         raise RequestError("'prompt' must be a string, a list of strings, or token ids")
-    if any(isinstance(p, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
-        raise RequestError("token-id prompts must be lists of integers")
     max_tokens = body.get("max_tokens", 16)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
         raise RequestError(f"'max_tokens' must be an integer, got {max_tokens!r}")
