@@ -182,7 +182,10 @@ def cmd_eval_zeroshot(args):
     res["dtype"] = dtype
     for name, r in res["tasks"].items():
         norm = f"  acc_norm {r['acc_norm']:.4f}" if r.get("acc_norm") is not None else ""
-        print(f"{name:>14}: acc {r['acc']:.4f}{norm}  (n={r['n']})")
+        whole = "  (the whole task)" if (args.sample or args.limit or 0) > r["n"] else ""
+        print(f"{name:>14}: acc {r['acc']:.4f}{norm}  (n={r['n']}){whole}")
+    if res.get("average_norm") is not None:
+        print(f"{'average':>14}: {res['average_norm']:.4f} (acc_norm where reported, else acc)")
     _write_json(res, args.json)
 
 

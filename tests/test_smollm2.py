@@ -163,7 +163,7 @@ def test_streaming_never_shows_broken_characters_or_stop_string_starts(smollm2):
         assert res.finish_reason == ("eos" if stop != "o w" else "stop")
 
 
-def test_smollm2_cli_zeroshot_bfloat16_agrees(smollm2_path, tmp_path):
+def test_smollm2_cli_zeroshot_bfloat16_agrees(smollm2_path, tmp_path, capsys):
     """`eval zeroshot --dtype bfloat16` runs end to end and picks the same answers as float32 on a few items."""
     import json
 
@@ -182,6 +182,7 @@ def test_smollm2_cli_zeroshot_bfloat16_agrees(smollm2_path, tmp_path):
         res[dt] = json.loads(out.read_text())
         assert res[dt]["dtype"] == (dt or str(fast_eval_dtype()).removeprefix("torch."))
         assert res[dt]["tasks"]["piqa"]["n"] == 6
+        assert f"average: {res[dt]['average_norm']:.4f}" in capsys.readouterr().out
     assert res[None]["tasks"] == res[res[None]["dtype"]]["tasks"]  # auto is one of the two, same answers
     for task in ("arc_easy", "piqa"):
         a, b = (res[dt]["tasks"][task]["items"]["acc_norm"] for dt in ("float32", "bfloat16"))
