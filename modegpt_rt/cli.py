@@ -158,7 +158,8 @@ def cmd_eval_ppl(args):
     )
     res["model"] = str(args.path or modegpt_rt.default_model_path())
     res["dtype"] = dtype
-    print(f"perplexity {res['ppl']:.3f} ({res['windows']} windows of {res['seqlen']}, {res['seconds']} s)")
+    windows = f"{res['windows']} window{'s' if res['windows'] != 1 else ''}"
+    print(f"perplexity {res['ppl']:.3f} ({windows} of {res['seqlen']}, {res['seconds']} s)")
     _write_json(res, args.json)
 
 
@@ -424,12 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ridge μ of the refit toward the local (Nyström / SVD) solution, relative to the mean diagonal of "
         "the refit's Gram matrix (default 0: plain least squares)",
     )
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' choice (default 0)")
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument(
         "--overwrite", action="store_true", help="replace --out if it holds a modegpt checkpoint (or nothing)"
     )
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("eval", help="quality evaluation").add_subparsers(dest="what", required=True)
@@ -445,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ep.add_argument("--seqlen", type=int, default=2048)
     ep.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
-    ep.add_argument("--json", default=None)
-    ep.add_argument("--quiet", action="store_true")
+    ep.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    ep.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_eval_dtype(ep, "float32")
     _add_bf16_weights(ep)
     ep.set_defaults(func=cmd_eval_ppl)
@@ -467,11 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
         "HellaSwag's first 3,243 items are all ActivityNet); `eval paired` matches items by position",
     )
     ez.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
-    ez.add_argument("--batch-size", type=int, default=16)
+    ez.add_argument("--batch-size", type=int, default=16, help="requests scored together (default 16)")
     _add_eval_dtype(ez, "auto")
     _add_bf16_weights(ez)
-    ez.add_argument("--json", default=None)
-    ez.add_argument("--quiet", action="store_true")
+    ez.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    ez.add_argument("--quiet", action="store_true", help="no progress bars")
     ez.set_defaults(func=cmd_eval_zeroshot)
     epd = e.add_parser(
         "paired",
@@ -479,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     epd.add_argument("base", help="e.g. the dense model's result JSON")
     epd.add_argument("other", help="e.g. the compressed model's result JSON")
-    epd.add_argument("--json", default=None)
+    epd.add_argument("--json", default=None, help="also write the result as JSON to this file")
     epd.set_defaults(func=cmd_eval_paired)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt")
@@ -534,16 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time the dense model (the first path's source model) through transformers",
     )
     bt.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
-    bt.add_argument("--json", default=None)
+    bt.add_argument("--json", default=None, help="also write the result as JSON to this file")
     bt.set_defaults(func=cmd_bench_throughput)
 
     pl = sub.add_parser("plot", help="PNG plots from result JSON files")
-    pl.add_argument("results", nargs="+")
-    pl.add_argument("--out", default="bench/results")
+    pl.add_argument(
+        "results", nargs="+", help="throughput or quality JSON files, or checkpoints (their per-layer widths)"
+    )
+    pl.add_argument("--out", default="bench/results", help="folder for the PNG files (default bench/results)")
     pl.set_defaults(func=cmd_plot)
 
     i = sub.add_parser("info", help="print a checkpoint's config and widths")
-    i.add_argument("path")
+    i.add_argument("path", help="checkpoint dir, HF folder or .gguf")
     i.set_defaults(func=cmd_info)
     return p
 
