@@ -336,6 +336,10 @@ def cmd_info(args):
         )
 
 
+def _add_json(parser):
+    parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modegpt", description="MoDeGPT compression and runtime for LLaMA-family models")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -446,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ep.add_argument("--seqlen", type=int, default=2048)
     ep.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows")
-    ep.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    _add_json(ep)
     ep.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_eval_dtype(ep, "float32")
     _add_bf16_weights(ep)
@@ -471,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     ez.add_argument("--batch-size", type=int, default=16, help="requests scored together (default 16)")
     _add_eval_dtype(ez, "auto")
     _add_bf16_weights(ez)
-    ez.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    _add_json(ez)
     ez.add_argument("--quiet", action="store_true", help="no progress bars")
     ez.set_defaults(func=cmd_eval_zeroshot)
     epd = e.add_parser(
@@ -480,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     epd.add_argument("base", help="e.g. the dense model's result JSON")
     epd.add_argument("other", help="e.g. the compressed model's result JSON")
-    epd.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    _add_json(epd)
     epd.set_defaults(func=cmd_eval_paired)
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt")
@@ -535,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time the dense model (the first path's source model) through transformers",
     )
     bt.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
-    bt.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    _add_json(bt)
     bt.set_defaults(func=cmd_bench_throughput)
 
     pl = sub.add_parser("plot", help="PNG plots from result JSON files")
