@@ -2,15 +2,15 @@
 `AutoModelForCausalLM.from_pretrained(checkpoint_dir)` returns a model whose forward and
 `generate` run on modegpt_rt (no remote code).
 
-transformers' own weight loader cannot map our per-layer widths onto its modules, so
-`from_pretrained` goes through `modegpt_rt.load` and wraps the result.
+The config class is registered at import; the model class (`modegpt_rt.hf_model`, a
+`PreTrainedModel`) is registered through a stand-in that imports it on first use, because
+importing transformers' `PreTrainedModel` and `GenerationMixin` costs about 2.4 s, which every
+`modegpt` command and `import modegpt_rt` would otherwise pay without needing them.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from modegpt_rt.config import MODEL_TYPE
 
@@ -26,91 +26,36 @@ class ModegptConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
-    """A transformers-facing wrapper of `modegpt_rt.model.Model`.
+def model_class():
+    """The real `ModegptForCausalLM`, imported (and registered in place of the stand-in) on first use."""
+    from modegpt_rt.hf_model import ModegptForCausalLM
 
-    Each forward recomputes the whole (left-padded) sequence through the runtime's
-    cached step with per-sequence lengths; for fast generation use `modegpt_rt`'s own
-    `model.generate`, which keeps a KV cache.
-    """
+    AutoModelForCausalLM.register(ModegptConfig, ModegptForCausalLM, exist_ok=True)
+    return ModegptForCausalLM
+
+
+class _LoadOnUse(type):
+    def __getattr__(cls, name):  # from_pretrained, _from_config, ...: whatever the Auto class asks for
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(model_class(), name)
+
+
+class _ModegptForCausalLM(metaclass=_LoadOnUse):
+    """Stand-in for `modegpt_rt.hf_model.ModegptForCausalLM` in the Auto mapping: it carries the names the
+    mapping reads and hands every other attribute to the real class."""
 
     config_class = ModegptConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    _supports_cache_class = False
 
-    def __init__(self, config: ModegptConfig, runtime_model=None):
-        super().__init__(config)
-        self.runtime = runtime_model
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        import modegpt_rt
+_ModegptForCausalLM.__name__ = _ModegptForCausalLM.__qualname__ = "ModegptForCausalLM"
 
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
-        device = kwargs.pop("device", None) or kwargs.pop("device_map", None) or "cpu"
-        if isinstance(device, dict):
-            device = next(iter(device.values()))
-        if device == "auto":  # one device holds the whole model: the GPU when there is one
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        runtime = modegpt_rt.load(pretrained_model_name_or_path, device=device, dtype=dtype, tokenizer=False)
-        config = kwargs.pop("config", None)
-        if not isinstance(config, ModegptConfig):
-            config = ModegptConfig.from_pretrained(pretrained_model_name_or_path)
-        model = cls(config, runtime)
-        model.eval()
-        return model
 
-    def get_input_embeddings(self):
-        return None
-
-    @property
-    def device(self):
-        return self.runtime.device
-
-    @property
-    def dtype(self):
-        return self.runtime.dtype
-
-    @torch.no_grad()
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        rt = self.runtime
-        input_ids = input_ids.to(rt.device)
-        B, T = input_ids.shape
-        if attention_mask is None or bool(attention_mask.all()):
-            logits = rt(input_ids).logits
-        else:
-            # left or right padding -> each sequence's tokens packed at positions 0..n-1
-            mask = attention_mask.to(rt.device).bool()
-            lens = mask.sum(1).to(torch.int32)
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # valid tokens first
-            packed = torch.gather(input_ids, 1, order) * torch.gather(mask, 1, order)
-            cache = rt.new_cache(B, T)
-            packed_logits = rt.step(packed, cache, lens, last_only=False)
-            logits = torch.zeros_like(packed_logits).scatter_(
-                1, order[:, :, None].expand_as(packed_logits), packed_logits
-            )
-        loss = None
-        if labels is not None:
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Write the runtime model as a modegpt checkpoint (transformers' writer would name the wrapped
-        tensors `runtime.*`, which no loader reads). As with transformers, the folder may exist: config.json
-        and the weights are replaced (each file atomically), stale weight shards removed, and the folder's
-        other files (a tokenizer saved beside the model, anything else) kept."""
-        from modegpt_rt.checkpoint import save_checkpoint
-
-        save_checkpoint(self.runtime, save_directory, tokenizer=kwargs.get("tokenizer"), update=True)
-
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+def __getattr__(name):  # `from modegpt_rt.hf import ModegptForCausalLM` still gives the real class
+    if name == "ModegptForCausalLM":
+        return model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 AutoConfig.register(MODEL_TYPE, ModegptConfig, exist_ok=True)
-AutoModelForCausalLM.register(ModegptConfig, ModegptForCausalLM, exist_ok=True)
+AutoModelForCausalLM.register(ModegptConfig, _ModegptForCausalLM, exist_ok=True)

@@ -1,6 +1,8 @@
 """The runtime and checkpoint contract on tiny random models."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -671,6 +673,28 @@ def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
     assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     hf.save_pretrained(tmp_path / "resaved")  # a modegpt checkpoint again, loadable both ways
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")(ids).logits, hf(ids).logits)
+
+
+def test_import_registers_the_auto_classes_without_loading_transformers_models():
+    """`import modegpt_rt` registers the config and a stand-in model class; transformers' PreTrainedModel (about
+    2.4 s to import) is loaded only when the Auto class is used, and the stand-in is then replaced by the real
+    class."""
+    code = (
+        "import sys, modegpt_rt\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "from modegpt_rt.hf import ModegptConfig\n"
+        "assert 'transformers.modeling_utils' not in sys.modules, 'PreTrainedModel imported by modegpt_rt'\n"
+        "from modegpt_rt.config import MODEL_TYPE\n"
+        "assert AutoConfig.for_model(MODEL_TYPE).__class__ is ModegptConfig\n"
+        "cls = AutoModelForCausalLM._model_mapping[ModegptConfig]\n"
+        "assert cls.__name__ == 'ModegptForCausalLM' and cls.config_class is ModegptConfig\n"
+        "assert cls.from_pretrained.__self__.__module__ == 'modegpt_rt.hf_model'\n"
+        "assert AutoModelForCausalLM._model_mapping[ModegptConfig].__module__ == 'modegpt_rt.hf_model'\n"
+        "from modegpt_rt.hf import ModegptForCausalLM\n"
+        "assert issubclass(ModegptForCausalLM, __import__('transformers').PreTrainedModel)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_tensor_prompts_cli_bounds_and_missing_tokenizer(tiny_hf_dir, capsys):
