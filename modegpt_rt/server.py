@@ -245,6 +245,20 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, kind: str = "invalid_request_error"):
         self._json(status, {"error": {"message": message, "type": kind}})
 
+    def _not_allowed(self):
+        """Any other method (OPTIONS, PUT, DELETE, ...): 405 in the API's JSON error form, not http.server's
+        HTML 501 page."""
+        allow = "POST" if urlsplit(self.path).path == "/v1/completions" else "GET"
+        data = json.dumps({"error": {"message": f"{self.command} is not served; use {allow}", "type": "not_allowed"}})
+        self.send_response(405)
+        self.send_header("Allow", allow)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data.encode())
+
+    do_OPTIONS = do_PUT = do_DELETE = do_PATCH = _not_allowed
+
     def do_GET(self):
         srv = self.server
         path = urlsplit(self.path).path

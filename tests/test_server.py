@@ -100,6 +100,11 @@ def test_server_token_ids_match_generate_and_reject_bad_requests(tiny_hf_dir, se
     assert e.value.code == 404
     with urllib.request.urlopen(srv.url + "/health", timeout=30) as r:
         assert json.loads(r.read())["backend"] == model.backend
+    for method, path, allow in [("OPTIONS", "/v1/completions", "POST"), ("DELETE", "/health", "GET")]:
+        with pytest.raises(urllib.error.HTTPError) as e:  # http.server's HTML 501 page before
+            urllib.request.urlopen(urllib.request.Request(srv.url + path, method=method), timeout=30)
+        assert e.value.code == 405 and e.value.headers["Allow"] == allow
+        assert json.loads(e.value.read())["error"]["message"] == f"{method} is not served; use {allow}"
     # after all that, the server still answers
     assert _complete(srv, {"prompt": [8, 9], "max_tokens": 2, "temperature": 0})["choices"][0]["token_ids"]
 
