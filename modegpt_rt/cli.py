@@ -168,6 +168,8 @@ def cmd_eval_zeroshot(args):
     from modegpt_rt import zeroshot
 
     tasks = zeroshot.check_tasks(args.tasks)  # names and data files checked before the model loads
+    if args.seed is not None and args.sample is None:
+        raise ValueError("--seed draws the items of --sample; without --sample it would change nothing")
     model, dtype = _load_for_eval(args)
     res = zeroshot.evaluate(
         model,
@@ -175,7 +177,7 @@ def cmd_eval_zeroshot(args):
         tasks,
         limit=args.limit,
         sample=args.sample,
-        seed=args.seed,
+        seed=args.seed or 0,
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
@@ -471,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="N items per task drawn at random from the whole task (a prefix can be unrepresentative: "
         "HellaSwag's first 3,243 items are all ActivityNet); `eval paired` matches items by position",
     )
-    ez.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
+    ez.add_argument("--seed", type=int, default=None, help="seed of --sample (default 0)")
     ez.add_argument("--batch-size", type=int, default=16, help="requests scored together (default 16)")
     _add_eval_dtype(ez, "auto")
     _add_bf16_weights(ez)

@@ -618,6 +618,8 @@ def test_cli_eval_zeroshot_refuses_bad_tasks_before_loading_a_model(capsys, monk
     assert "no task given" in capsys.readouterr().err
     assert cli.main(["eval", "zeroshot", "--tasks", "piqa,boolq"]) == 2
     assert "unknown task 'boolq'" in capsys.readouterr().err
+    assert cli.main(["eval", "zeroshot", "--tasks", "piqa", "--seed", "3"]) == 2  # was silently ignored
+    assert "without --sample" in capsys.readouterr().err
 
 
 def test_cli_eval_paired_with_a_zero_base_average(tmp_path, capsys):
