@@ -342,6 +342,23 @@ def _add_json(parser):
     parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
 
 
+def _add_backend(p):
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "cpu", "triton"],
+        help="attention kernels: cpu (C++), triton (GPU), torch (reference); auto (default) picks by device and "
+        "dtype, or takes $MODEGPT_BACKEND",
+    )
+
+
+def _add_device_dtype(p):
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights and activations"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modegpt", description="MoDeGPT compression and runtime for LLaMA-family models")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -491,13 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt")
     g.add_argument("path", nargs="?", default=None, help="checkpoint dir, HF folder or .gguf (default SmolLM2)")
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("prompt", help="text to continue (the model's tokenizer encodes it)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
+    g.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set holding P of the mass")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: a fresh one)")
+    _add_backend(g)
     _add_bf16_weights(g)
     g.set_defaults(func=cmd_generate)
 
@@ -518,9 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with"
     )
     sv.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the path)")
-    sv.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
-    sv.add_argument("--device", default="cpu")
-    sv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    _add_backend(sv)
+    _add_device_dtype(sv)
     _add_bf16_weights(sv)
     sv.add_argument("--verbose", action="store_true", help="log every request")
     sv.set_defaults(func=cmd_serve)
@@ -528,13 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bt = b.add_parser("throughput", help="prefill/decode tokens per second")
     bt.add_argument("paths", nargs="*", help="checkpoints/models (default: SmolLM2)")
-    bt.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    bt.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    bt.add_argument("--new", type=int, default=128, help="new tokens (at least 2)")
-    bt.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu", "triton"])
-    bt.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bt.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    bt.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    bt.add_argument("--new", type=int, default=128, help="new tokens, at least 2 (default 128)")
+    _add_backend(bt)
+    _add_device_dtype(bt)
     _add_bf16_weights(bt)
-    bt.add_argument("--device", default="cpu")
     bt.add_argument(
         "--hf-baseline",
         action="store_true",
@@ -557,24 +572,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the subcommand `args` came through (`modegpt eval zeroshot`, ...)."""
+    while parser._subparsers is not None:
+        action = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[getattr(args, action.dest)]
+    return parser
+
+
 def main(argv=None):
     from modegpt_rt.checkpoint import CheckpointError
     from modegpt_rt.config import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = _command_parser(parser, args)  # errors name the subcommand and show its usage
     least = {"threads": 1, "limit": 1, "sample": 1, "seqlen": 2, "samples": 1, "batch_size": 1}
     for name, low in least.items():
         v = getattr(args, name, None)
         if v is not None and v < low:
-            parser.error(f"--{name.replace('_', '-')} must be at least {low}, got {v}")
+            (parser if name == "threads" else command).error(
+                f"--{name.replace('_', '-')} must be at least {low}, got {v}"
+            )
     _threads(args)
     try:
         if getattr(args, "json", None):
             _check_json_out(args.json)
         args.func(args)
     except (ValueError, OSError, CheckpointError, ConfigError, RuntimeError) as e:
-        print(f"modegpt: error: {e}", file=sys.stderr)
+        print(f"{command.prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("modegpt: interrupted", file=sys.stderr)

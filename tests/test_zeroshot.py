@@ -619,7 +619,11 @@ def test_cli_eval_zeroshot_refuses_bad_tasks_before_loading_a_model(capsys, monk
     assert cli.main(["eval", "zeroshot", "--tasks", "piqa,boolq"]) == 2
     assert "unknown task 'boolq'" in capsys.readouterr().err
     assert cli.main(["eval", "zeroshot", "--tasks", "piqa", "--seed", "3"]) == 2  # was silently ignored
-    assert "without --sample" in capsys.readouterr().err
+    assert "modegpt eval zeroshot: error: --seed draws" in capsys.readouterr().err  # the subcommand named
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "zeroshot", "--limit", "0"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: modegpt eval zeroshot") and "--limit must be at least 1" in err
 
 
 def test_cli_eval_paired_with_a_zero_base_average(tmp_path, capsys):
