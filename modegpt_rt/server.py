@@ -234,28 +234,24 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.verbose:
             super().log_message(fmt, *args)
 
-    def _json(self, status: int, obj: dict):
+    def _json(self, status: int, obj: dict, headers: dict | None = None):
         data = json.dumps(obj).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str, kind: str = "invalid_request_error"):
-        self._json(status, {"error": {"message": message, "type": kind}})
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+        self._json(status, {"error": {"message": message, "type": kind}}, headers)
 
     def _not_allowed(self):
         """Any other method (OPTIONS, PUT, DELETE, ...): 405 in the API's JSON error form, not http.server's
         HTML 501 page."""
         allow = "POST" if urlsplit(self.path).path == "/v1/completions" else "GET"
-        data = json.dumps({"error": {"message": f"{self.command} is not served; use {allow}", "type": "not_allowed"}})
-        self.send_response(405)
-        self.send_header("Allow", allow)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data.encode())
+        self._error(405, f"{self.command} is not served; use {allow}", "not_allowed", {"Allow": allow})
 
     do_OPTIONS = do_PUT = do_DELETE = do_PATCH = _not_allowed
 
