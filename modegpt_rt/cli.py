@@ -355,7 +355,10 @@ def _add_backend(p):
 def _add_device_dtype(p):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights and activations"
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights and activations (default float32)",
     )
 
 
