@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from modegpt_rt.generate import _check_args, encode_prompts, generate
+from modegpt_rt.generate import _check_args, _is_int, encode_prompts, generate
 
 MAX_BODY = 8 << 20  # bytes of JSON accepted per request
 UNSUPPORTED = ("logprobs", "echo", "best_of", "suffix", "logit_bias", "frequency_penalty", "presence_penalty")
@@ -81,7 +81,7 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
     if not isinstance(prompt, list) or not all(isinstance(p, (str, list)) for p in prompt):
         raise RequestError("'prompt' must be a string, a list of strings, or token ids")
     max_tokens = body.get("max_tokens", 16)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+    if not _is_int(max_tokens):  # one limit for all prompts (generate also takes a list)
         raise RequestError(f"'max_tokens' must be an integer, got {max_tokens!r}")
     for k in ("stream", "ignore_eos"):
         if not isinstance(body.get(k, False), bool):
