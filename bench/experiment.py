@@ -90,11 +90,12 @@ def main(argv=None):
         "achieved_rate": report.get("achieved_rate"),
         "eps_used": report.get("eps"),
         "widths": [[w.k_mlp, w.d_qk, w.d_v] for w in model.config.layers],
+        "sensitivity": report.get("sensitivity"),  # the measured table (reusable with --sensitivity-from)
         "threads": torch.get_num_threads(),
     }
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")
-    print(json.dumps({k: v for k, v in row.items() if k != "widths"}))
+    print(json.dumps({k: v for k, v in row.items() if k not in ("widths", "sensitivity")}))
 
 
 if __name__ == "__main__":
