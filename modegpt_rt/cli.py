@@ -277,6 +277,7 @@ def cmd_serve(args):
             verbose=args.verbose,
             max_batch=args.max_batch,
             batch_wait=args.batch_wait_ms / 1000,
+            batching=args.batching,
             worker_thread=False,
         )
     except OSError as e:  # the port is taken, the host unknown, ...
@@ -535,7 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="most sequences generated together (default 8); a request with more prompts is refused",
     )
     sv.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with"
+        "--batch-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long an idle server waits for more requests before it starts (default 5)",
+    )
+    sv.add_argument(
+        "--batching",
+        choices=("auto", "continuous", "static"),
+        default="auto",
+        help="continuous: requests join and leave the running batch at every decode step; static: a batch "
+        "runs until its longest sequence ends (generate's CUDA-graph decode step). auto (default): continuous "
+        "on CPU, static on a GPU",
     )
     sv.add_argument("--model-name", default=None, help="the name /v1/models reports (default: the path)")
     _add_backend(sv)

@@ -170,14 +170,8 @@ def generate(
             f"the longest prompt ({longest} tokens) plus the largest max_new_tokens ({most}) exceeds the context "
             f"of {ctx} tokens; generate these prompts in separate calls"
         )
-    stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
-    stop_ids = {s for s in stop if isinstance(s, int)}
-    stop_strs = [s for s in stop if isinstance(s, str) and s]
-    if not ignore_eos:
-        stop_ids |= set(model.config.eos_ids)
-    need_text = bool(stream or stop_strs)
-    if need_text and tokenizer is None:
-        raise ValueError("streaming and stop strings need a tokenizer")
+    ends = _Ends(model, stop, ignore_eos)
+    ends.check(tokenizer, stream)
 
     B, dev = len(ids), model.device
     lens = torch.tensor([len(p) for p in ids], dtype=torch.int32, device=dev)
@@ -193,22 +187,10 @@ def generate(
     t0 = time.perf_counter()
     logits = model.step(batch, cache, lens)
     t_prefill = time.perf_counter() - t0
-    new = [[] for _ in range(B)]
-    texts = [""] * B
-    emitted = [0] * B  # characters of texts[i] already streamed
-    reason: list[str | None] = [None] * B
-    results: list[GenerationResult | None] = [None] * B
-
-    def finish(i, why):
-        reason[i] = why
-        if need_text:
-            text = texts[i]
-        else:
-            text = tokenizer.decode(new[i], skip_special_tokens=True) if tokenizer else ""
-        stats = {"prefill_seconds": t_prefill, "total_seconds": time.perf_counter() - t0}
-        results[i] = GenerationResult(text, new[i], why, len(ids[i]), stats)
-        if on_finish:
-            on_finish(i, results[i])
+    seqs = [
+        _Sequence(i, len(p), m, ends, tokenizer, stream, on_finish, t0, t_prefill)
+        for i, (p, m) in enumerate(zip(ids, limits))
+    ]
 
     ones = torch.ones(B, dtype=torch.int32, device=dev)
     if cuda_graph is None:
@@ -218,33 +200,10 @@ def generate(
     decode = None
     while True:
         tokens = sample(logits, temperature, top_k, top_p, generator)
-        host = tokens.tolist()
-        for i, t in enumerate(host):
-            if reason[i] is not None:
-                continue
-            if t in stop_ids:
-                if stream and len(texts[i]) > emitted[i]:  # flush what was held back
-                    stream(i, t, texts[i][emitted[i] :])
-                finish(i, "eos" if t in model.config.eos_ids and not ignore_eos else "stop")
-                continue
-            new[i].append(t)
-            hit = None
-            if need_text:
-                text = tokenizer.decode(new[i], skip_special_tokens=True)
-                hit = next((s for s in stop_strs if s in text), None)
-                if hit is not None:
-                    text = text[: text.index(hit)]
-                texts[i] = text
-                if stream:
-                    last = hit is not None or len(new[i]) >= limits[i]
-                    end = len(text) if last else _stable_end(text, stop_strs)
-                    stream(i, t, text[emitted[i] : max(end, emitted[i])])
-                    emitted[i] = max(end, emitted[i])
-            if hit is not None:
-                finish(i, "stop")
-            elif len(new[i]) >= limits[i]:
-                finish(i, "length")
-        if all(r is not None for r in reason):
+        for seq, t in zip(seqs, tokens.tolist()):
+            if seq.result is None:
+                seq.take(t)
+        if all(seq.result is not None for seq in seqs):
             break
         if cuda_graph:
             if decode is None:
@@ -254,4 +213,238 @@ def generate(
             logits = decode(tokens)
         else:
             logits = model.step(tokens[:, None], cache, ones)
-    return results
+    return [seq.result for seq in seqs]
+
+
+class _Ends:
+    """What ends a sequence: stop token ids (the model's end-of-sequence ids unless `ignore_eos`) and stop strings."""
+
+    def __init__(self, model, stop, ignore_eos: bool):
+        stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
+        self.ids = {s for s in stop if isinstance(s, int)}
+        self.strs = [s for s in stop if isinstance(s, str) and s]
+        self.eos = set(model.config.eos_ids)
+        self.ignore_eos = ignore_eos
+        if not ignore_eos:
+            self.ids |= self.eos
+
+    def check(self, tokenizer, stream):
+        if (stream or self.strs) and tokenizer is None:
+            raise ValueError("streaming and stop strings need a tokenizer")
+
+
+class _Sequence:
+    """One sequence's new tokens, text and end, fed one sampled token at a time (`take`): the bookkeeping
+    `generate` and `ContinuousBatch` share. `stream(index, token, delta)` and `on_finish(index, result)` as in
+    `generate`; `result` is set when the sequence ends."""
+
+    def __init__(self, index, prompt_len, limit, ends: _Ends, tokenizer, stream, on_finish, t0, t_prefill):
+        self.index, self.prompt_len, self.limit, self.ends = index, prompt_len, limit, ends
+        self.tokenizer, self.stream, self.on_finish = tokenizer, stream, on_finish
+        self.t0, self.t_prefill = t0, t_prefill
+        self.need_text = bool(stream or ends.strs)
+        self.new: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of self.text already streamed
+        self.result: GenerationResult | None = None
+
+    def take(self, t: int):
+        ends = self.ends
+        if t in ends.ids:
+            if self.stream and len(self.text) > self.emitted:  # flush what was held back
+                self.stream(self.index, t, self.text[self.emitted :])
+            self._finish("eos" if t in ends.eos and not ends.ignore_eos else "stop")
+            return
+        self.new.append(t)
+        hit = None
+        if self.need_text:
+            text = self.tokenizer.decode(self.new, skip_special_tokens=True)
+            hit = next((s for s in ends.strs if s in text), None)
+            if hit is not None:
+                text = text[: text.index(hit)]
+            self.text = text
+            if self.stream:
+                last = hit is not None or len(self.new) >= self.limit
+                end = len(text) if last else _stable_end(text, ends.strs)
+                self.stream(self.index, t, text[self.emitted : max(end, self.emitted)])
+                self.emitted = max(end, self.emitted)
+        if hit is not None:
+            self._finish("stop")
+        elif len(self.new) >= self.limit:
+            self._finish("length")
+
+    def _finish(self, why: str):
+        if self.need_text:
+            text = self.text
+        else:
+            text = self.tokenizer.decode(self.new, skip_special_tokens=True) if self.tokenizer else ""
+        stats = {"prefill_seconds": self.t_prefill, "total_seconds": time.perf_counter() - self.t0}
+        self.result = GenerationResult(text, self.new, why, self.prompt_len, stats)
+        if self.on_finish:
+            self.on_finish(self.index, self.result)
+
+
+class ContinuousBatch:
+    """Continuous batching: sequences join a running batch and leave it between decode steps.
+
+    `add` gives a prompt a free row of a shared KV cache; `step` prefills the prompts added since the last
+    step (together, in one batched step), samples the next token of every running sequence (each with its
+    own sampling settings and end conditions), drops the sequences that ended, and runs one decode step for
+    the others. The running sequences always sit in rows 0..n-1 of the cache (an ended sequence's row is
+    refilled with the last one's), so a step computes only the live rows, and one sequence alone decodes as
+    fast as `generate` with one prompt. The cache grows when a new sequence needs more positions than it
+    has. No CUDA graph: `generate` remains the fastest way to run a fixed batch on a GPU.
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch: int = 8, min_capacity: int = 256):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch, self.min_capacity = model, max_batch, min_capacity
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.seqs: list[_Sequence] = []  # running, in cache-row order
+        self.logits: list[torch.Tensor] = []  # each running sequence's next-token logits [V]
+        self.sampling: list[tuple] = []  # (temperature, top_k, top_p, generator) per running sequence
+        self.cache = None
+        self._views: dict[tuple, object] = {}  # (0, n) -> KVCache over the first n rows (keeps its C++ plan)
+        self._new: list[list[int]] = []  # prompts added since the last step, not yet prefilled
+        self.steps = 0
+        self.allocations = 0  # caches made (the first, then one each time a longer sequence arrived)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        stop=None,
+        ignore_eos: bool = False,
+        stream: Callable | None = None,
+        on_finish: Callable | None = None,
+        index=0,
+    ) -> None:
+        """Run `prompt` (token ids, or a string when there is a tokenizer) from the next `step` on, which
+        prefills it. `stream(index, token, delta)` and `on_finish(index, result)` as in `generate`, called
+        with `index`. Sampling with temperature > 0 draws from `generator` (one made at random if None)."""
+        _check_args(max_new_tokens, temperature, top_k, top_p)
+        model, ctx = self.model, self.model.config.max_position_embeddings
+        (ids,) = encode_prompts([prompt], self.tokenizer, model.config.vocab_size)
+        if len(ids) + max_new_tokens > ctx:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the context "
+                f"of {ctx} tokens"
+            )
+        if len(self.seqs) >= self.max_batch:
+            raise RuntimeError(f"the batch is full ({self.max_batch} sequences)")
+        ends = _Ends(model, stop, ignore_eos)
+        ends.check(self.tokenizer, stream)
+        if temperature > 0 and generator is None:
+            generator = torch.Generator(device=model.device)
+            generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
+        self._reserve(len(ids) + max_new_tokens)
+        self.cache.lens[len(self.seqs)] = 0
+        seq = _Sequence(index, len(ids), max_new_tokens, ends, self.tokenizer, stream, on_finish, None, 0.0)
+        self.seqs.append(seq)
+        self.logits.append(None)  # after the prefill
+        self.sampling.append((temperature, top_k, top_p, generator))
+        self._new.append(ids)
+
+    def _prefill(self):
+        """The prompts added since the last step, in one batched step (they sit in the last rows)."""
+        ids, self._new = self._new, []
+        start, dev = len(self.seqs) - len(ids), self.model.device
+        lens = torch.tensor([len(p) for p in ids], dtype=torch.int32, device=dev)
+        batch = torch.zeros(len(ids), int(lens.max()), dtype=torch.long, device=dev)
+        for i, p in enumerate(ids):
+            batch[i, : len(p)] = torch.tensor(p)
+        t0 = time.perf_counter()
+        logits = self.model.step(batch, self._rows(start, len(self.seqs)), lens)
+        t_prefill = time.perf_counter() - t0
+        for row, lg in zip(range(start, len(self.seqs)), logits.unbind(0)):
+            self.seqs[row].t0, self.seqs[row].t_prefill = t0, t_prefill
+            self.logits[row] = lg
+
+    @torch.no_grad()
+    def step(self) -> list[_Sequence]:
+        """Sample one token for every running sequence, then decode the ones that go on. Returns the sequences
+        that ended in this step (their `result` set, `on_finish` called)."""
+        if not self.seqs:
+            return []
+        if self._new:
+            self._prefill()
+        tokens = [0] * len(self.seqs)
+        groups: dict[tuple, list[int]] = {}
+        for i, (temperature, top_k, top_p, gen) in enumerate(self.sampling):
+            groups.setdefault((temperature, top_k, top_p, id(gen) if temperature > 0 else None), []).append(i)
+        for rows in groups.values():
+            temperature, top_k, top_p, gen = self.sampling[rows[0]]
+            picked = sample(torch.stack([self.logits[i] for i in rows]), temperature, top_k, top_p, gen)
+            for i, t in zip(rows, picked.tolist()):
+                tokens[i] = t
+        ended = []
+        for seq, t in zip(self.seqs, tokens):
+            seq.take(t)
+            if seq.result is not None:
+                ended.append(seq)
+        for row in sorted((self.seqs.index(seq) for seq in ended), reverse=True):
+            self._drop(row, tokens)
+        if self.seqs:
+            n = len(self.seqs)
+            ids = torch.tensor(tokens, device=self.model.device)[:, None]
+            logits = self.model.step(ids, self._rows(0, n), torch.ones(n, dtype=torch.int32, device=ids.device))
+            self.logits = list(logits.unbind(0))
+            self.steps += 1
+        return ended
+
+    def _drop(self, row: int, tokens: list[int]):
+        """Remove the sequence in `row`; the last running sequence moves into it (its cached keys and values,
+        fill level, logits, sampling settings and pending token)."""
+        last = len(self.seqs) - 1
+        if row != last:
+            cache, n = self.cache, int(self.cache.lens[last])
+            for k, v in zip(cache.k, cache.v):
+                k[row, :, :n] = k[last, :, :n]
+                v[row, :, :n] = v[last, :, :n]
+            cache.lens[row] = cache.lens[last]
+            for lst in (self.seqs, self.logits, self.sampling, tokens):
+                lst[row] = lst[last]
+        for lst in (self.seqs, self.logits, self.sampling, tokens):
+            del lst[last]
+
+    def _reserve(self, positions: int):
+        """A cache of `max_batch` rows with at least `positions` positions, keeping the running sequences."""
+        cache = self.cache
+        if cache is not None and cache.capacity >= positions:
+            return
+        ctx = self.model.config.max_position_embeddings
+        capacity = min(ctx, max(positions, self.min_capacity, 2 * cache.capacity if cache else 0))
+        new = self.model.new_cache(self.max_batch, capacity)
+        if cache is not None:
+            n = len(self.seqs)
+            filled = int(cache.lens[:n].max()) if n else 0
+            for (k, v), (k2, v2) in zip(zip(cache.k, cache.v), zip(new.k, new.v)):
+                k2[:n, :, :filled] = k[:n, :, :filled]
+                v2[:n, :, :filled] = v[:n, :, :filled]
+            new.lens[:n] = cache.lens[:n]
+        self.cache, self._views = new, {}
+        self.allocations += 1
+
+    def _rows(self, start: int, stop: int):
+        """A KVCache over rows start..stop-1 of the shared cache (views: what a step writes lands there)."""
+        key = (start, stop)
+        view = self._views.get(key)
+        if view is None:
+            c = self.cache
+            view = type(c)(
+                [k[start:stop] for k in c.k],
+                [v[start:stop] for v in c.v],
+                c.lens[start:stop],
+                layers=c.layers,
+            )
+            if start == 0:  # the decode views are reused every step (and keep their C++ plan)
+                self._views[key] = view
+        return view

@@ -3,11 +3,14 @@
     modegpt serve out/smollm2-0.3 --port 8000
     curl -s localhost:8000/v1/completions -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}'
 
-One worker thread owns the model. Requests that arrive within `batch_wait` seconds of each other and share
-their sampling settings run as one `generate` batch (each with its own `max_tokens`; each answer is sent the
-moment its sequence ends); a request with a `seed` and temperature > 0 runs alone, so its sample is the one
-`generate(..., seed=...)` gives. Streaming (`"stream": true`) sends server-sent events, one per token.
-Only the standard library is used (`http.server`), so this serves a few clients well, not a fleet.
+One worker thread owns the model. With continuous batching (the default on CPU) a request joins the running
+batch at the next decode step, whatever the others' sampling settings, and leaves it the moment its sequence
+ends (`ContinuousBatch`); with static batching (the default on a GPU, where `generate` replays its decode step
+from a CUDA graph) requests that arrive within `batch_wait` seconds of each other and share their sampling
+settings run as one `generate` batch. Either way at most `max_batch` sequences run at once, and a request with a
+`seed` and temperature > 0 runs alone, so its sample is the one `generate(..., seed=...)` gives. Streaming
+(`"stream": true`) sends server-sent events, one per token. Only the standard library is used (`http.server`),
+so this serves a few clients well, not a fleet.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from modegpt_rt.generate import _check_args, _is_int, encode_prompts, generate
+import torch
+
+from modegpt_rt.generate import ContinuousBatch, _check_args, _is_int, encode_prompts, generate
 
 MAX_BODY = 8 << 20  # bytes of JSON accepted per request
 UNSUPPORTED = ("logprobs", "echo", "best_of", "suffix", "logit_bias", "frequency_penalty", "presence_penalty")
@@ -55,10 +61,14 @@ class Request:
     # ("token", j, delta) | ("done", j, GenerationResult) | ("error", message), j = the prompt's index
     events: queue.Queue = field(default_factory=queue.Queue)
 
+    @property
+    def alone(self) -> bool:
+        """A seeded sample runs alone: in a batch its logits could differ from `generate`'s in the last bits."""
+        return self.sampling["temperature"] > 0 and self.sampling["seed"] is not None
+
     def batch_key(self):
         s = self.sampling
-        alone = s["temperature"] > 0 and s["seed"] is not None
-        return (id(self) if alone else None, s["temperature"], s["top_k"], s["top_p"], s["stop"], s["ignore_eos"])
+        return (id(self) if self.alone else None, s["temperature"], s["top_k"], s["top_p"], s["stop"], s["ignore_eos"])
 
 
 def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int) -> Request:
@@ -116,8 +126,11 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
     return Request(ids, [max_tokens] * len(ids), sampling, stream=body.get("stream", False))
 
 
+BATCHING = ("auto", "continuous", "static")
+
+
 class Scheduler:
-    """Owns the model: runs queued requests in batches on one worker thread."""
+    """Owns the model: runs queued requests in batches on one worker thread (module docstring)."""
 
     def __init__(
         self,
@@ -127,17 +140,23 @@ class Scheduler:
         batch_wait: float = 0.005,
         max_queue: int = 256,
         worker_thread: bool = True,
+        batching: str = "auto",
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if batch_wait < 0:
             raise ValueError(f"batch_wait must be >= 0, got {batch_wait}")
-        self.model, self.tokenizer = model, tokenizer
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+        if batching == "auto":
+            batching = "static" if model.device.type == "cuda" else "continuous"
+        self.model, self.tokenizer, self.batching = model, tokenizer, batching
         self.max_batch, self.batch_wait, self.max_queue = max_batch, batch_wait, max_queue
         self.ctx = model.config.max_position_embeddings
         self.pending: list[Request] = []
         self.cond = threading.Condition()
-        self.batch_sizes: list[int] = []  # sequences per generate call, for tests and /health
+        # sequences per generate call (static) or per decode step (continuous): for tests and benchmarks
+        self.batch_sizes: deque[int] = deque(maxlen=100_000)
         self.closed = False
         self.worker = None
         if worker_thread:  # else the caller runs `run()` (on the main thread: see `modegpt serve`)
@@ -195,8 +214,84 @@ class Scheduler:
         16.7–20.5 ms on the main thread: `python -m modegpt_rt.bench.decode_thread`; `--probe` shows why: a
         second thread's libgomp pool is throttled and wakes its worker through the kernel for every region),
         so `modegpt serve` runs this on the main thread."""
+        if self.batching == "continuous":
+            return self._run_continuous()
         while group := self._take_batch():
             self._run(group)
+
+    def _admit(self, running: int) -> tuple[list[Request], Request | None]:
+        """Continuous batching: the queued requests that fit beside `running` sequences, in arrival order (a
+        request that does not fit yet holds back the ones behind it), or a seeded request to run alone once
+        nothing runs. Waits while there is nothing to do; returns ([], None) once closed and idle."""
+        with self.cond:
+            while not self.pending and not running and not self.closed:
+                self.cond.wait()
+            if not running and self.pending and self.batch_wait and not self.pending[0].alone:
+                deadline = time.monotonic() + self.batch_wait  # idle: let requests sent together start together
+                while (left := deadline - time.monotonic()) > 0 and not self.closed:
+                    self.cond.wait(left)
+            take = []
+            while self.pending and not self.closed:
+                r = self.pending[0]
+                if r.alone:
+                    if running or take:
+                        break
+                    return [], self.pending.pop(0)
+                if running + len(r.prompts) > self.max_batch:
+                    break
+                take.append(self.pending.pop(0))
+                running += len(r.prompts)
+            return take, None
+
+    def _run_continuous(self):
+        batch = ContinuousBatch(self.model, self.tokenizer, self.max_batch)
+        generator = torch.Generator(device=self.model.device)  # unseeded sampling shares one stream
+        generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
+        while True:
+            take, alone = self._admit(len(batch))
+            if alone is not None:
+                self._run([alone])
+                continue
+            if not take and not len(batch):
+                return  # closed and idle
+            for r in take:
+                s = r.sampling
+                stream = self._on_token if r.stream and self.tokenizer is not None else None
+                try:
+                    for j, prompt in enumerate(r.prompts):
+                        batch.add(
+                            prompt,
+                            r.limits[j],
+                            s["temperature"],
+                            s["top_k"],
+                            s["top_p"],
+                            generator,
+                            list(s["stop"]),
+                            s["ignore_eos"],
+                            stream=stream,
+                            on_finish=self._on_finish,
+                            index=(r, j),
+                        )
+                except Exception as e:  # noqa: BLE001 — the client gets the reason; the batch runs on
+                    r.events.put(("error", f"{type(e).__name__}: {e}"))
+            try:
+                self.batch_sizes.append(len(batch))
+                batch.step()
+            except Exception as e:  # noqa: BLE001 — every running request gets the reason
+                for r in {seq.index[0] for seq in batch.seqs}:
+                    r.events.put(("error", f"{type(e).__name__}: {e}"))
+                batch = ContinuousBatch(self.model, self.tokenizer, self.max_batch)
+
+    @staticmethod
+    def _on_token(index, token, delta):
+        r, j = index
+        if delta:  # a token whose text is held back (a possible stop string) sends nothing yet
+            r.events.put(("token", j, delta))
+
+    @staticmethod
+    def _on_finish(index, result):
+        r, j = index
+        r.events.put(("done", j, result))
 
     def _run(self, group: list[Request]):
         owners = [(r, j) for r in group for j in range(len(r.prompts))]

@@ -1052,3 +1052,52 @@ def test_cli_info_shows_the_compression_and_join_needs_wikitext(tiny_hf_dir, tmp
     (tmp_path / "t.txt").write_text("some text")
     assert cli.main(["eval", "ppl", "--data", str(tmp_path / "t.txt"), "--wikitext-join", "rows"]) == 2
     assert "--wikitext-join applies to --data wikitext2 only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_continuous_batch_sequences_join_and_leave_with_the_tokens_they_get_alone(tiny_hf_dir, tmp_path, backend):
+    """Sequences added to a running ContinuousBatch at different steps, more of them than it has rows, with
+    their own limits, stop tokens and sampling settings, get the tokens they get from generate alone; rows
+    are reused as sequences end, and the cache grows when a longer sequence arrives."""
+    from modegpt_rt.generate import ContinuousBatch
+
+    model = modegpt_rt.load(_compressed_ckpt(tiny_hf_dir, tmp_path), backend=backend)  # uneven widths per layer
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], list(range(20, 60)), [30, 31], [40, 41, 42, 43]]
+    limits = [9, 4, 12, 70, 3, 5]
+    alone = [model.generate([p], max_new_tokens=m, temperature=0, ignore_eos=True)[0] for p, m in zip(prompts, limits)]
+    stop_tok = alone[5].token_ids[2]
+    alone[5] = model.generate([prompts[5]], max_new_tokens=5, temperature=0, stop=[stop_tok], ignore_eos=True)[0]
+    assert alone[5].finish_reason == "stop"
+
+    batch = ContinuousBatch(model, max_batch=3, min_capacity=8)  # 8 positions first, then it must grow
+    done, order, nxt = {}, [], 0
+    gen = torch.Generator().manual_seed(0)
+    batch.add([50, 51], 6, temperature=1.0, top_k=5, generator=gen, ignore_eos=True, index="sampled")
+    for _ in range(200):
+        if len(batch) < 3 and nxt < len(prompts):  # at most one joins per step
+            batch.add(
+                prompts[nxt],
+                limits[nxt],
+                temperature=0,
+                stop=[stop_tok] if nxt == 5 else None,
+                ignore_eos=True,
+                index=nxt,
+                on_finish=lambda i, r: (done.__setitem__(i, r), order.append(i)),
+            )
+            nxt += 1
+        for seq in batch.step():
+            done.setdefault(seq.index, seq.result)
+        if not len(batch) and nxt == len(prompts):
+            break
+    assert set(done) == set(range(len(prompts))) | {"sampled"}
+    for i, want in enumerate(alone):
+        assert done[i].token_ids == want.token_ids and done[i].finish_reason == want.finish_reason
+    assert len(done["sampled"].token_ids) == 6 and all(0 <= t < 97 for t in done["sampled"].token_ids)
+    assert order.index(4) < order.index(3)  # a short sequence that came later left before the long one
+    assert batch.cache.capacity >= len(prompts[3]) + limits[3] and batch.allocations >= 2
+    with pytest.raises(ValueError, match="context"):
+        batch.add([1] * 120, 20, temperature=0)
+    for _ in range(3):
+        batch.add([1, 2], 50, temperature=0)
+    with pytest.raises(RuntimeError, match="full"):
+        batch.add([1, 2], 5, temperature=0)

@@ -167,3 +167,46 @@ def test_server_batches_concurrent_requests_and_streams(smollm2, serve):
     chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
     assert "".join(c["text"] for c in chunks) == stopped["choices"][0]["text"]
     assert all(c["text"] for c in chunks[:-1])  # no empty events while a possible stop string is held back
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_server_continuous_batching_lets_a_short_request_finish_first(tiny_hf_dir, batching):
+    """With continuous batching a short request sent while a long one runs joins it at the next step and is
+    answered long before it; with static batching it waits for the long one. Both get generate's tokens."""
+    import time
+
+    from modegpt_rt.server import Request, Scheduler
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
+    want_long = model.generate([[5, 6, 7]], max_new_tokens=100, temperature=0, ignore_eos=True)[0].token_ids
+    want_short = model.generate([[8, 9]], max_new_tokens=3, temperature=0, ignore_eos=True)[0].token_ids
+    slow_step = model.step
+
+    def step(*a, **kw):  # 100 steps take over a second: the short request surely arrives meanwhile
+        time.sleep(0.01)
+        return slow_step(*a, **kw)
+
+    model.step = step
+    sampling = dict(temperature=0.0, top_k=None, top_p=None, seed=None, stop=(), ignore_eos=True)
+    sched = Scheduler(model, max_batch=4, batch_wait=0, batching=batching)
+    try:
+        long = Request([[5, 6, 7]], [100], dict(sampling))
+        short = Request([[8, 9]], [3], dict(sampling))
+        sched.submit(long)
+        time.sleep(0.2)
+        sched.submit(short)
+        finished = []
+        while len(finished) < 2:
+            for name, r in (("long", long), ("short", short)):
+                while not r.events.empty():
+                    ev = r.events.get()
+                    assert ev[0] == "done", ev
+                    finished.append((name, ev[2].token_ids))
+            time.sleep(0.005)
+    finally:
+        sched.close()
+    assert dict(finished) == {"long": want_long, "short": want_short}
+    first = "short" if batching == "continuous" else "long"
+    assert finished[0][0] == first
+    if batching == "continuous":
+        assert max(sched.batch_sizes) == 2  # they shared decode steps
