@@ -400,6 +400,17 @@ class ContinuousBatch:
             self.steps += 1
         return ended
 
+    def cancel(self, which: Callable) -> int:
+        """Remove the running sequences whose `index` satisfies `which(index)` (their `on_finish` is not
+        called): a client that left. Returns how many were removed."""
+        rows = [row for row, seq in enumerate(self.seqs) if which(seq.index)]
+        if rows and self._new:  # the unprefilled rows must stay last: prefill them first
+            self._prefill()
+        tokens = [0] * len(self.seqs)
+        for row in reversed(rows):
+            self._drop(row, tokens)
+        return len(rows)
+
     def _drop(self, row: int, tokens: list[int]):
         """Remove the sequence in `row`; the last running sequence moves into it (its cached keys and values,
         fill level, logits, sampling settings and pending token)."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -35,6 +37,10 @@ UNSUPPORTED = ("logprobs", "echo", "best_of", "suffix", "logit_bias", "frequency
 
 class RequestError(ValueError):
     """A bad request: answered with HTTP 400 and this message."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete."""
 
 
 class LockedTokenizer:
@@ -60,6 +66,7 @@ class Request:
     stream: bool = False
     # ("token", j, delta) | ("done", j, GenerationResult) | ("error", message), j = the prompt's index
     events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: bool = False  # the client left: continuous batching drops its sequences at the next step
 
     @property
     def alone(self) -> bool:
@@ -158,6 +165,7 @@ class Scheduler:
         # sequences per generate call (static) or per decode step (continuous): for tests and benchmarks
         self.batch_sizes: deque[int] = deque(maxlen=100_000)
         self.closed = False
+        self.batch: ContinuousBatch | None = None  # the running batch (continuous batching)
         self.worker = None
         if worker_thread:  # else the caller runs `run()` (on the main thread: see `modegpt serve`)
             self.worker = threading.Thread(target=self.run, name="modegpt-scheduler", daemon=True)
@@ -194,7 +202,7 @@ class Scheduler:
                 self.cond.wait()
             if self.closed:
                 return []
-            first = self.pending[0]
+            first = self.pending[0]  # static batching runs a request whose client left all the same
         if self.batch_wait and len(first.prompts) < self.max_batch:  # room left: give others a moment to join
             time.sleep(self.batch_wait)
         with self.cond:
@@ -231,6 +239,7 @@ class Scheduler:
                 while (left := deadline - time.monotonic()) > 0 and not self.closed:
                     self.cond.wait(left)
             take = []
+            self.pending = [r for r in self.pending if not r.cancelled]
             while self.pending and not self.closed:
                 r = self.pending[0]
                 if r.alone:
@@ -244,7 +253,7 @@ class Scheduler:
             return take, None
 
     def _run_continuous(self):
-        batch = ContinuousBatch(self.model, self.tokenizer, self.max_batch)
+        batch = self.batch = ContinuousBatch(self.model, self.tokenizer, self.max_batch)
         generator = torch.Generator(device=self.model.device)  # unseeded sampling shares one stream
         generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
         while True:
@@ -274,13 +283,16 @@ class Scheduler:
                         )
                 except Exception as e:  # noqa: BLE001 — the client gets the reason; the batch runs on
                     r.events.put(("error", f"{type(e).__name__}: {e}"))
+            if batch.cancel(lambda index: index[0].cancelled):
+                if not len(batch):
+                    continue
             try:
                 self.batch_sizes.append(len(batch))
                 batch.step()
             except Exception as e:  # noqa: BLE001 — every running request gets the reason
                 for r in {seq.index[0] for seq in batch.seqs}:
                     r.events.put(("error", f"{type(e).__name__}: {e}"))
-                batch = ContinuousBatch(self.model, self.tokenizer, self.max_batch)
+                batch = self.batch = ContinuousBatch(self.model, self.tokenizer, self.max_batch)
 
     @staticmethod
     def _on_token(index, token, delta):
@@ -391,14 +403,28 @@ class Handler(BaseHTTPRequestHandler):
                 self._stream(req, head)
             else:
                 self._complete(req, head)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left; its sequence still runs to the end of its batch
+        except (BrokenPipeError, ConnectionResetError, ClientGone):
+            req.cancelled = True  # the client left: continuous batching stops its sequences
+
+    def _client_gone(self) -> bool:
+        """The client closed its end (the socket reads as end-of-file) while its answer is being made."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _wait(self, req: Request):
-        """Yields ("token", j, delta) and ("done", j, result) events until every prompt is done."""
+        """Yields ("token", j, delta) and ("done", j, result) events until every prompt is done; raises
+        ClientGone when the client disconnects meanwhile."""
         left = len(req.prompts)
         while left:
-            ev = req.events.get()
+            try:
+                ev = req.events.get(timeout=0.25)
+            except queue.Empty:
+                if self._client_gone():
+                    raise ClientGone from None
+                continue
             if ev[0] == "error":
                 raise RuntimeError(ev[1])
             left -= ev[0] == "done"

@@ -1101,3 +1101,27 @@ def test_continuous_batch_sequences_join_and_leave_with_the_tokens_they_get_alon
         batch.add([1, 2], 50, temperature=0)
     with pytest.raises(RuntimeError, match="full"):
         batch.add([1, 2], 5, temperature=0)
+
+
+def test_continuous_batch_cancel_keeps_the_others_exact(tiny_hf_dir):
+    """Cancelling running sequences (one added but not yet prefilled among them) leaves the others with the
+    tokens they get alone; on_finish is not called for the cancelled ones."""
+    from modegpt_rt.generate import ContinuousBatch
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="cpu")
+    prompts = {"a": [5, 6, 7], "b": [8, 9, 10, 11], "c": [12], "d": [13, 14]}
+    alone = {
+        k: model.generate([p], max_new_tokens=6, temperature=0, ignore_eos=True)[0].token_ids
+        for k, p in prompts.items()
+    }
+    batch, done = ContinuousBatch(model, max_batch=4), {}
+    finish = done.__setitem__
+    for k in "abc":
+        batch.add(prompts[k], 6, temperature=0, ignore_eos=True, index=k, on_finish=lambda i, r: finish(i, r))
+    batch.step()
+    batch.add(prompts["d"], 6, temperature=0, ignore_eos=True, index="d", on_finish=lambda i, r: finish(i, r))
+    assert batch.cancel(lambda i: i in ("a", "c")) == 2 and len(batch) == 2  # "d" is not prefilled yet
+    while len(batch):
+        batch.step()
+    assert set(done) == {"b", "d"}
+    assert done["b"].token_ids == alone["b"] and done["d"].token_ids == alone["d"]

@@ -210,3 +210,40 @@ def test_server_continuous_batching_lets_a_short_request_finish_first(tiny_hf_di
     assert finished[0][0] == first
     if batching == "continuous":
         assert max(sched.batch_sizes) == 2  # they shared decode steps
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_server_continuous_batching_stops_the_sequences_of_a_client_that_left(tiny_hf_dir, request, serve, stream):
+    """A client that disconnects while its request runs (waiting for the whole answer, or streaming it) has its
+    sequence dropped from the running batch at once, instead of decoding to max_tokens."""
+    import socket
+    import time
+
+    if stream:  # streaming needs a tokenizer
+        model = request.getfixturevalue("smollm2")
+    else:
+        model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
+        slow_step = model.step
+
+        def step(*a, **kw):  # 100 tokens would take over 2 s
+            time.sleep(0.02)
+            return slow_step(*a, **kw)
+
+        model.step = step
+    srv = serve(model, batching="continuous", batch_wait=0)
+    host, port = srv.server_address[:2]
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 100, "ignore_eos": True, "stream": stream}).encode()
+    with socket.create_connection((host, port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 10
+        while (srv.scheduler.batch is None or not len(srv.scheduler.batch)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(srv.scheduler.batch) == 1
+        steps = srv.scheduler.batch.steps
+    left = time.monotonic()  # the socket is closed
+    while len(srv.scheduler.batch) and time.monotonic() - left < 10:
+        time.sleep(0.01)
+    assert len(srv.scheduler.batch) == 0 and time.monotonic() - left < 1.5
+    assert srv.scheduler.batch.steps - steps < 90  # it did not run on to its 100 tokens
+    out = _complete(srv, {"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "ignore_eos": True})
+    assert len(out["choices"][0]["token_ids"]) == 3  # the server serves on

@@ -568,3 +568,34 @@ def test_triton_decode_sweep_checks_and_orders_every_config():
     assert [r["median_ms"] for r in ok] == [1.0, 2.0, 3.0, 4.0]
     assert all(r["max_abs_err_vs_reference"] < 1e-4 for r in ok)
     assert all(r["BLOCK_N"] == 3 and "error" in r and "median_ms" not in r for r in failed)
+
+
+def test_triton_continuous_batch_matches_generate_alone(tiny_hf_dir, tmp_path):
+    """ContinuousBatch (the server's continuous batching) on the Triton backend, sequences joining a running
+    batch and leaving it, a row refilled: each gets the greedy tokens the torch reference generates alone
+    (float64; on a GPU with the padded widths of `load`'s default)."""
+    from modegpt_rt.compressor.compress import CompressOptions, compress
+
+    import modegpt_rt
+    from modegpt_rt.checkpoint import save_checkpoint
+    from modegpt_rt.generate import ContinuousBatch
+
+    small = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    compress(small, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
+    path = save_checkpoint(small, tmp_path / "c")
+    ref = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
+    ours = modegpt_rt.load(path, device=DEVICE, backend="triton", dtype=torch.float64)
+    prompts, limits = [[5, 6, 7], [8, 9, 10, 11, 12], [14], [20, 21]], [5, 2, 4, 3]
+    want = [
+        ref.generate([p], max_new_tokens=m, temperature=0, ignore_eos=True)[0].token_ids
+        for p, m in zip(prompts, limits)
+    ]
+    batch = ContinuousBatch(ours, max_batch=2, min_capacity=8)
+    got, nxt = {}, 0
+    while nxt < len(prompts) or len(batch):
+        if len(batch) < 2 and nxt < len(prompts):
+            batch.add(prompts[nxt], limits[nxt], temperature=0, ignore_eos=True, index=nxt)
+            nxt += 1
+        for seq in batch.step():
+            got[seq.index] = seq.result.token_ids
+    assert [got[i] for i in range(len(prompts))] == want
