@@ -36,26 +36,15 @@ def _post(url, body):
         return json.loads(r.read())
 
 
-def run_load(
-    model, prompts, requests: int, new: list[int], max_batch: int, batch_wait: float, batching: str = "auto"
-) -> dict:
-    """As `modegpt serve` runs: HTTP on a thread, the model on this (main) thread until the clients finish.
-    Client i asks for new[i] tokens per request."""
-    srv = make_server(model, port=0, max_batch=max_batch, batch_wait=batch_wait, worker_thread=False, batching=batching)
+def _serve(model, clients, **server_kw):
+    """As `modegpt serve` runs: HTTP on a thread, the model on this (main) thread until every client function
+    (each on its own thread) has returned. Returns the server (its scheduler's counters) and the wall time."""
+    srv = make_server(model, port=0, worker_thread=False, **server_kw)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    latencies, tokens, wall = [], [], []
-    lock = threading.Lock()
-
-    def client(prompt, n):
-        for _ in range(requests):
-            t = time.perf_counter()
-            out = _post(srv.url, {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True})
-            with lock:
-                latencies.append(time.perf_counter() - t)
-                tokens.append(out["usage"]["completion_tokens"])
+    wall = []
 
     def drive():
-        threads = [threading.Thread(target=client, args=(p, n)) for p, n in zip(prompts, new)]
+        threads = [threading.Thread(target=c, args=(srv.url,)) for c in clients]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
@@ -70,10 +59,33 @@ def run_load(
     finally:
         srv.shutdown()
         srv.server_close()
+    return srv, wall[0]
+
+
+def run_load(
+    model, prompts, requests: int, new: list[int], max_batch: int, batch_wait: float, batching: str = "auto"
+) -> dict:
+    """The clients' load against a fresh server; client i asks for new[i] tokens per request."""
+    latencies, tokens = [], []
+    lock = threading.Lock()
+
+    def client(prompt, n):
+        def run(url):
+            for _ in range(requests):
+                t = time.perf_counter()
+                out = _post(url, {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True})
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+                    tokens.append(out["usage"]["completion_tokens"])
+
+        return run
+
+    clients = [client(p, n) for p, n in zip(prompts, new)]
+    srv, wall = _serve(model, clients, max_batch=max_batch, batch_wait=batch_wait, batching=batching)
     return {
-        "tok_per_s": sum(tokens) / wall[0],
+        "tok_per_s": sum(tokens) / wall,
         "latency_median_s": statistics.median(latencies),
-        "wall_s": wall[0],
+        "wall_s": wall,
         "new_tokens": sum(tokens),
         "mean_batch": statistics.mean(srv.scheduler.batch_sizes),
     }
@@ -81,30 +93,20 @@ def run_load(
 
 def run_late(model, prompt, long: int, delay: float, batching: str, batch_wait: float) -> dict:
     """A request for `long` new tokens, then `delay` seconds later one for 2: both latencies."""
-    srv = make_server(model, port=0, max_batch=8, batch_wait=batch_wait, worker_thread=False, batching=batching)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
     out = {}
 
     def ask(name, n, wait):
-        time.sleep(wait)
-        t = time.perf_counter()
-        _post(srv.url, {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True})
-        out[name] = time.perf_counter() - t
+        def run(url):
+            time.sleep(wait)
+            t = time.perf_counter()
+            _post(url, {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True})
+            out[name] = time.perf_counter() - t
 
-    def drive():
-        threads = [threading.Thread(target=ask, args=a) for a in (("long", long, 0.0), ("short", 2, delay))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        srv.scheduler.close()
+        return run
 
-    threading.Thread(target=drive, daemon=True).start()
-    try:
-        srv.scheduler.run()
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    _serve(
+        model, [ask("long", long, 0.0), ask("short", 2, delay)], max_batch=8, batch_wait=batch_wait, batching=batching
+    )
     return {"long_latency_s": out["long"], "short_latency_s": out["short"]}
 
 
