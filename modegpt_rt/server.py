@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import queue
-import select
 import socket
 import threading
 import time
@@ -58,7 +57,7 @@ class LockedTokenizer:
             return self._tok.decode(*args, **kwargs)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the scheduler keeps sets of requests
 class Request:
     prompts: list[list[int]]
     limits: list[int]
@@ -262,7 +261,9 @@ class Scheduler:
                 self._run([alone])
                 continue
             if not take and not len(batch):
-                return  # closed and idle
+                if self.closed:
+                    return
+                continue  # every queued request was cancelled: wait again
             for r in take:
                 s = r.sampling
                 stream = self._on_token if r.stream and self.tokenizer is not None else None
@@ -282,14 +283,14 @@ class Scheduler:
                             index=(r, j),
                         )
                 except Exception as e:  # noqa: BLE001 — the client gets the reason; the batch runs on
+                    r.cancelled = True  # its prompts added before the failure stop at the next step
                     r.events.put(("error", f"{type(e).__name__}: {e}"))
-            if batch.cancel(lambda index: index[0].cancelled):
-                if not len(batch):
-                    continue
             try:
-                self.batch_sizes.append(len(batch))
-                batch.step()
-            except Exception as e:  # noqa: BLE001 — every running request gets the reason
+                batch.cancel(lambda index: index[0].cancelled)  # may prefill: inside the try
+                if len(batch):
+                    self.batch_sizes.append(len(batch))
+                    batch.step()
+            except Exception as e:  # noqa: BLE001 — every running request gets the reason; the server runs on
                 for r in {seq.index[0] for seq in batch.seqs}:
                     r.events.put(("error", f"{type(e).__name__}: {e}"))
                 batch = self.batch = ContinuousBatch(self.model, self.tokenizer, self.max_batch)
@@ -407,10 +408,13 @@ class Handler(BaseHTTPRequestHandler):
             req.cancelled = True  # the client left: continuous batching stops its sequences
 
     def _client_gone(self) -> bool:
-        """The client closed its end (the socket reads as end-of-file) while its answer is being made."""
+        """The client closed its end (the socket reads as end-of-file) while its answer is being made. A client
+        that only half-closes (shuts down its sending side and waits to read) looks the same and is taken as
+        gone too, as ASGI servers do; only continuous batching asks (static batching cannot stop a sequence)."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False  # nothing to read: still connected
         except OSError:
             return True
 
@@ -422,7 +426,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 ev = req.events.get(timeout=0.25)
             except queue.Empty:
-                if self._client_gone():
+                if self.server.scheduler.batching == "continuous" and self._client_gone():
                     raise ClientGone from None
                 continue
             if ev[0] == "error":

@@ -247,3 +247,81 @@ def test_server_continuous_batching_stops_the_sequences_of_a_client_that_left(ti
     assert srv.scheduler.batch.steps - steps < 90  # it did not run on to its 100 tokens
     out = _complete(srv, {"prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0, "ignore_eos": True})
     assert len(out["choices"][0]["token_ids"]) == 3  # the server serves on
+
+
+def test_server_continuous_batching_survives_a_failed_step_and_a_cancelled_queue(tiny_hf_dir):
+    """A step that raises answers the running requests with the error and the server serves on; a queued
+    request whose client left while a seeded request ran alone does not stop the worker either."""
+    import time
+
+    from modegpt_rt.server import Request, Scheduler
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
+    real_step, fail = model.step, {"now": False}
+
+    def step(*a, **kw):
+        time.sleep(0.005)
+        if fail["now"]:
+            fail["now"] = False
+            raise RuntimeError("injected fault")
+        return real_step(*a, **kw)
+
+    model.step = step
+    greedy = dict(temperature=0.0, top_k=None, top_p=None, seed=None, stop=(), ignore_eos=True)
+    sched = Scheduler(model, max_batch=4, batch_wait=0, batching="continuous")
+
+    def answer(r, timeout=20):
+        ev = r.events.get(timeout=timeout)
+        return ev[0], ev[1] if ev[0] == "error" else ev[2].token_ids
+
+    try:
+        fail["now"] = True
+        a = Request([[5, 6, 7], [8, 9]], [4, 4], dict(greedy))
+        sched.submit(a)
+        assert answer(a) == ("error", "RuntimeError: injected fault")
+        b = Request([[5, 6, 7]], [4], dict(greedy))
+        sched.submit(b)
+        want = model.generate([[5, 6, 7]], max_new_tokens=4, temperature=0, ignore_eos=True)[0].token_ids
+        assert answer(b) == ("done", want)
+
+        seeded = Request([[5, 6]], [60], dict(greedy, temperature=0.9, seed=1))
+        queued = Request([[8, 9]], [3], dict(greedy))
+        sched.submit(seeded)
+        time.sleep(0.05)
+        sched.submit(queued)  # waits for the seeded request, which runs alone
+        queued.cancelled = True
+        assert answer(seeded)[0] == "done"
+        time.sleep(0.3)  # the worker finds only the cancelled request queued
+        later = Request([[5, 6, 7]], [4], dict(greedy))
+        sched.submit(later)
+        assert answer(later, timeout=5) == ("done", want)
+        assert sched.worker.is_alive() and queued.events.empty()
+    finally:
+        sched.close()
+
+
+def test_server_static_batching_answers_a_client_that_half_closed(tiny_hf_dir, serve):
+    """Static batching cannot stop a sequence, so it does not look for departed clients: one that shut down its
+    sending side after the request still gets the answer."""
+    import socket
+
+    import time
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
+    real_step = model.step
+
+    def step(*a, **kw):  # 30 tokens take well over the 0.25 s between checks for departed clients
+        time.sleep(0.02)
+        return real_step(*a, **kw)
+
+    model.step = step
+    srv = serve(model, batching="static", batch_wait=0)
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 30, "temperature": 0, "ignore_eos": True}).encode()
+    with socket.create_connection(srv.server_address[:2]) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and len(json.loads(payload)["choices"][0]["token_ids"]) == 30
