@@ -174,10 +174,7 @@ def generate(
     ends.check(tokenizer, stream)
 
     B, dev = len(ids), model.device
-    lens = torch.tensor([len(p) for p in ids], dtype=torch.int32, device=dev)
-    batch = torch.zeros(B, int(lens.max()), dtype=torch.long, device=dev)
-    for i, p in enumerate(ids):
-        batch[i, : len(p)] = torch.tensor(p)
+    batch, lens = _right_padded(ids, dev)
     cache = model.new_cache(B, longest + most)
     generator = None
     if temperature > 0:
@@ -214,6 +211,15 @@ def generate(
         else:
             logits = model.step(tokens[:, None], cache, ones)
     return [seq.result for seq in seqs]
+
+
+def _right_padded(ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> a right-padded batch [B, T] and the lengths [B] (int32), as `Model.step` takes them."""
+    lens = torch.tensor([len(p) for p in ids], dtype=torch.int32, device=device)
+    batch = torch.zeros(len(ids), int(lens.max()), dtype=torch.long, device=device)
+    for i, p in enumerate(ids):
+        batch[i, : len(p)] = torch.tensor(p)
+    return batch, lens
 
 
 class _Ends:
@@ -356,11 +362,8 @@ class ContinuousBatch:
     def _prefill(self):
         """The prompts added since the last step, in one batched step (they sit in the last rows)."""
         ids, self._new = self._new, []
-        start, dev = len(self.seqs) - len(ids), self.model.device
-        lens = torch.tensor([len(p) for p in ids], dtype=torch.int32, device=dev)
-        batch = torch.zeros(len(ids), int(lens.max()), dtype=torch.long, device=dev)
-        for i, p in enumerate(ids):
-            batch[i, : len(p)] = torch.tensor(p)
+        start = len(self.seqs) - len(ids)
+        batch, lens = _right_padded(ids, self.model.device)
         t0 = time.perf_counter()
         logits = self.model.step(batch, self._rows(start, len(self.seqs)), lens)
         t_prefill = time.perf_counter() - t0
@@ -385,12 +388,11 @@ class ContinuousBatch:
             picked = sample(torch.stack([self.logits[i] for i in rows]), temperature, top_k, top_p, gen)
             for i, t in zip(rows, picked.tolist()):
                 tokens[i] = t
-        ended = []
         for seq, t in zip(self.seqs, tokens):
             seq.take(t)
-            if seq.result is not None:
-                ended.append(seq)
-        for row in sorted((self.seqs.index(seq) for seq in ended), reverse=True):
+        ended = [row for row, seq in enumerate(self.seqs) if seq.result is not None]
+        ended_seqs = [self.seqs[row] for row in ended]
+        for row in reversed(ended):
             self._drop(row, tokens)
         if self.seqs:
             n = len(self.seqs)
@@ -398,7 +400,7 @@ class ContinuousBatch:
             logits = self.model.step(ids, self._rows(0, n), torch.ones(n, dtype=torch.int32, device=ids.device))
             self.logits = list(logits.unbind(0))
             self.steps += 1
-        return ended
+        return ended_seqs
 
     def cancel(self, which: Callable) -> int:
         """Remove the running sequences whose `index` satisfies `which(index)` (their `on_finish` is not
@@ -406,24 +408,23 @@ class ContinuousBatch:
         rows = [row for row, seq in enumerate(self.seqs) if which(seq.index)]
         if rows and self._new:  # the unprefilled rows must stay last: prefill them first
             self._prefill()
-        tokens = [0] * len(self.seqs)
         for row in reversed(rows):
-            self._drop(row, tokens)
+            self._drop(row)
         return len(rows)
 
-    def _drop(self, row: int, tokens: list[int]):
+    def _drop(self, row: int, *more: list):
         """Remove the sequence in `row`; the last running sequence moves into it (its cached keys and values,
-        fill level, logits, sampling settings and pending token)."""
+        fill level, logits, sampling settings, and its entry of each list in `more`)."""
         last = len(self.seqs) - 1
+        lists = (self.seqs, self.logits, self.sampling, *more)
         if row != last:
             cache, n = self.cache, int(self.cache.lens[last])
-            for k, v in zip(cache.k, cache.v):
-                k[row, :, :n] = k[last, :, :n]
-                v[row, :, :n] = v[last, :, :n]
+            for t in cache.k + cache.v:
+                t[row, :, :n] = t[last, :, :n]
             cache.lens[row] = cache.lens[last]
-            for lst in (self.seqs, self.logits, self.sampling, tokens):
+            for lst in lists:
                 lst[row] = lst[last]
-        for lst in (self.seqs, self.logits, self.sampling, tokens):
+        for lst in lists:
             del lst[last]
 
     def _reserve(self, positions: int):
@@ -437,9 +438,8 @@ class ContinuousBatch:
         if cache is not None:
             n = len(self.seqs)
             filled = int(cache.lens[:n].max()) if n else 0
-            for (k, v), (k2, v2) in zip(zip(cache.k, cache.v), zip(new.k, new.v)):
-                k2[:n, :, :filled] = k[:n, :, :filled]
-                v2[:n, :, :filled] = v[:n, :, :filled]
+            for old, fresh in zip(cache.k + cache.v, new.k + new.v):
+                fresh[:n, :, :filled] = old[:n, :, :filled]
             new.lens[:n] = cache.lens[:n]
         self.cache, self._views = new, {}
         self.allocations += 1

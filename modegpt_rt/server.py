@@ -297,8 +297,8 @@ class Scheduler:
 
     @staticmethod
     def _on_token(index, token, delta):
-        r, j = index
-        if delta:  # a token whose text is held back (a possible stop string) sends nothing yet
+        r, j = index  # the request and its prompt's position in it
+        if r.stream and delta:  # a token whose text is held back (a possible stop string) sends nothing yet
             r.events.put(("token", j, delta))
 
     @staticmethod
@@ -309,24 +309,14 @@ class Scheduler:
     def _run(self, group: list[Request]):
         owners = [(r, j) for r in group for j in range(len(r.prompts))]
         self.batch_sizes.append(len(owners))
-
-        def on_token(i, token, delta):
-            r, j = owners[i]
-            if r.stream and delta:  # a token whose text is held back (a possible stop string) sends nothing yet
-                r.events.put(("token", j, delta))
-
-        def on_finish(i, result):
-            r, j = owners[i]
-            r.events.put(("done", j, result))
-
         try:
             generate(
                 self.model,
                 [p for r in group for p in r.prompts],
                 max_new_tokens=[m for r in group for m in r.limits],
                 tokenizer=self.tokenizer,
-                stream=on_token if self.tokenizer is not None else None,
-                on_finish=on_finish,
+                stream=(lambda i, t, d: self._on_token(owners[i], t, d)) if self.tokenizer is not None else None,
+                on_finish=lambda i, result: self._on_finish(owners[i], result),
                 **{k: (list(v) if k == "stop" else v) for k, v in group[0].sampling.items()},
             )
         except Exception as e:  # noqa: BLE001 — every waiting client gets the reason
