@@ -304,7 +304,6 @@ def test_server_static_batching_answers_a_client_that_half_closed(tiny_hf_dir, s
     """Static batching cannot stop a sequence, so it does not look for departed clients: one that shut down its
     sending side after the request still gets the answer."""
     import socket
-
     import time
 
     model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
