@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -41,6 +42,18 @@ def _complete(srv, body):
     status, text = _post(srv, body)
     assert status == 200, text
     return json.loads(text)
+
+
+def _slow(model, seconds: float):
+    """Make every `model.step` take `seconds` longer, so a test can act while a request runs."""
+    step = model.step
+
+    def slowed(*a, **kw):
+        time.sleep(seconds)
+        return step(*a, **kw)
+
+    model.step = slowed
+    return model
 
 
 def test_server_token_ids_match_generate_and_reject_bad_requests(tiny_hf_dir, serve):
@@ -173,20 +186,13 @@ def test_server_batches_concurrent_requests_and_streams(smollm2, serve):
 def test_server_continuous_batching_lets_a_short_request_finish_first(tiny_hf_dir, batching):
     """With continuous batching a short request sent while a long one runs joins it at the next step and is
     answered long before it; with static batching it waits for the long one. Both get generate's tokens."""
-    import time
 
     from modegpt_rt.server import Request, Scheduler
 
     model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
     want_long = model.generate([[5, 6, 7]], max_new_tokens=100, temperature=0, ignore_eos=True)[0].token_ids
     want_short = model.generate([[8, 9]], max_new_tokens=3, temperature=0, ignore_eos=True)[0].token_ids
-    slow_step = model.step
-
-    def step(*a, **kw):  # 100 steps take over a second: the short request surely arrives meanwhile
-        time.sleep(0.01)
-        return slow_step(*a, **kw)
-
-    model.step = step
+    _slow(model, 0.01)  # 100 steps take over a second: the short request surely arrives meanwhile
     sampling = dict(temperature=0.0, top_k=None, top_p=None, seed=None, stop=(), ignore_eos=True)
     sched = Scheduler(model, max_batch=4, batch_wait=0, batching=batching)
     try:
@@ -217,19 +223,11 @@ def test_server_continuous_batching_stops_the_sequences_of_a_client_that_left(ti
     """A client that disconnects while its request runs (waiting for the whole answer, or streaming it) has its
     sequence dropped from the running batch at once, instead of decoding to max_tokens."""
     import socket
-    import time
 
     if stream:  # streaming needs a tokenizer
         model = request.getfixturevalue("smollm2")
     else:
-        model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
-        slow_step = model.step
-
-        def step(*a, **kw):  # 100 tokens would take over 2 s
-            time.sleep(0.02)
-            return slow_step(*a, **kw)
-
-        model.step = step
+        model = _slow(modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False), 0.02)  # 100 tokens: over 2 s
     srv = serve(model, batching="continuous", batch_wait=0)
     host, port = srv.server_address[:2]
     body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 100, "ignore_eos": True, "stream": stream}).encode()
@@ -252,7 +250,6 @@ def test_server_continuous_batching_stops_the_sequences_of_a_client_that_left(ti
 def test_server_continuous_batching_survives_a_failed_step_and_a_cancelled_queue(tiny_hf_dir):
     """A step that raises answers the running requests with the error and the server serves on; a queued
     request whose client left while a seeded request ran alone does not stop the worker either."""
-    import time
 
     from modegpt_rt.server import Request, Scheduler
 
@@ -304,16 +301,9 @@ def test_server_static_batching_answers_a_client_that_half_closed(tiny_hf_dir, s
     """Static batching cannot stop a sequence, so it does not look for departed clients: one that shut down its
     sending side after the request still gets the answer."""
     import socket
-    import time
 
     model = modegpt_rt.load(tiny_hf_dir, backend="torch", tokenizer=False)
-    real_step = model.step
-
-    def step(*a, **kw):  # 30 tokens take well over the 0.25 s between checks for departed clients
-        time.sleep(0.02)
-        return real_step(*a, **kw)
-
-    model.step = step
+    _slow(model, 0.02)  # 30 tokens take well over the 0.25 s between checks for departed clients
     srv = serve(model, batching="static", batch_wait=0)
     body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 30, "temperature": 0, "ignore_eos": True}).encode()
     with socket.create_connection(srv.server_address[:2]) as s:
