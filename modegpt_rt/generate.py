@@ -146,6 +146,10 @@ def generate(
     `on_finish(index, result)` is called with a sequence's `GenerationResult` as soon as it ends (the
     batch may run on); the list returned at the end holds the same results.
     `cuda_graph`: replay the decode step from a CUDA graph (`decode_graph.py`); default: on a CUDA device.
+    A graph replays a fixed batch: every row steps until the last sequence ends, and the longest prompt plus
+    the largest limit must fit the context. Without one, the prompts run as a `ContinuousBatch`: a sequence
+    that ends leaves the batch, the later steps compute only the rows still running, and each prompt needs
+    only its own length plus its own limit to fit.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p, seed)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -163,23 +167,54 @@ def generate(
             raise ValueError(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} it exceeds the context of {ctx} tokens"
             )
-    # the batch steps together: a sequence that ended keeps taking (ignored) tokens while others run
-    longest, most = max(map(len, ids)), max(limits)
-    if longest + most > ctx:
-        raise ValueError(
-            f"the longest prompt ({longest} tokens) plus the largest max_new_tokens ({most}) exceeds the context "
-            f"of {ctx} tokens; generate these prompts in separate calls"
-        )
-    ends = _Ends(model, stop, ignore_eos)
-    ends.check(tokenizer, stream)
-
-    B, dev = len(ids), model.device
-    batch, lens = _right_padded(ids, dev)
-    cache = model.new_cache(B, longest + most)
+    _Ends(model, stop, ignore_eos).check(tokenizer, stream)
+    dev = model.device
+    if cuda_graph is None:
+        cuda_graph = dev.type == "cuda" and not model._fused
+    elif cuda_graph and dev.type != "cuda":
+        raise ValueError("cuda_graph=True needs a model on a CUDA device")
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=dev)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+    run = _generate_static if cuda_graph else _generate_compacting
+    return run(
+        model, ids, limits, (temperature, top_k, top_p, generator), (stop, ignore_eos), tokenizer, stream, on_finish
+    )
+
+
+def _generate_compacting(model, ids, limits, sampling, ends, tokenizer, stream, on_finish):
+    """`generate` without a CUDA graph: the prompts run as one `ContinuousBatch` that nobody joins, so a
+    sequence that ended leaves the batch and the decode steps after it compute only the rows still running."""
+    stop, ignore_eos = ends
+    need = max(len(p) + m for p, m in zip(ids, limits))
+    run = ContinuousBatch(model, tokenizer, max_batch=len(ids), min_capacity=need)
+    for i, (p, m) in enumerate(zip(ids, limits)):
+        run.add(p, m, *sampling, stop=stop, ignore_eos=ignore_eos, stream=stream, on_finish=on_finish, index=i)
+    results = [None] * len(ids)
+    while len(run):
+        for seq in run.step():
+            results[seq.index] = seq.result
+    return results
+
+
+def _generate_static(model, ids, limits, sampling, ends, tokenizer, stream, on_finish, cuda_graph: bool = True):
+    """`generate` as one fixed batch: every row steps until the last sequence ends (a sequence that ended
+    takes ignored tokens), the shape a CUDA graph replays. `cuda_graph=False` runs the same loop with plain
+    steps (bench/generate_ragged.py compares it with `_generate_compacting`)."""
+    # the batch steps together, so the longest prompt and the largest limit must fit the context together
+    ctx = model.config.max_position_embeddings
+    longest, most = max(map(len, ids)), max(limits)
+    if longest + most > ctx:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) plus the largest max_new_tokens ({most}) exceeds the context "
+            f"of {ctx} tokens; generate these prompts in separate calls, or without a CUDA graph"
+        )
+    temperature, top_k, top_p, generator = sampling
+    ends = _Ends(model, *ends)
+    B, dev = len(ids), model.device
+    batch, lens = _right_padded(ids, dev)
+    cache = model.new_cache(B, longest + most)
 
     t0 = time.perf_counter()
     logits = model.step(batch, cache, lens)
@@ -190,10 +225,6 @@ def generate(
     ]
 
     ones = torch.ones(B, dtype=torch.int32, device=dev)
-    if cuda_graph is None:
-        cuda_graph = dev.type == "cuda" and not model._fused
-    elif cuda_graph and dev.type != "cuda":
-        raise ValueError("cuda_graph=True needs a model on a CUDA device")
     decode = None
     while True:
         tokens = sample(logits, temperature, top_k, top_p, generator)
@@ -308,7 +339,7 @@ class ContinuousBatch:
         self.model, self.max_batch, self.min_capacity = model, max_batch, min_capacity
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.seqs: list[_Sequence] = []  # running, in cache-row order
-        self.logits: list[torch.Tensor] = []  # each running sequence's next-token logits [V]
+        self.logits: torch.Tensor | None = None  # next-token logits [rows prefilled, V], in cache-row order
         self.sampling: list[tuple] = []  # (temperature, top_k, top_p, generator) per running sequence
         self.cache = None
         self._views: dict[tuple, object] = {}  # (0, n) -> KVCache over the first n rows (keeps its C++ plan)
@@ -355,7 +386,6 @@ class ContinuousBatch:
         self.cache.lens[len(self.seqs)] = 0
         seq = _Sequence(index, len(ids), max_new_tokens, ends, self.tokenizer, stream, on_finish, None, 0.0)
         self.seqs.append(seq)
-        self.logits.append(None)  # after the prefill
         self.sampling.append((temperature, top_k, top_p, generator))
         self._new.append(ids)
 
@@ -367,9 +397,9 @@ class ContinuousBatch:
         t0 = time.perf_counter()
         logits = self.model.step(batch, self._rows(start, len(self.seqs)), lens)
         t_prefill = time.perf_counter() - t0
-        for row, lg in zip(range(start, len(self.seqs)), logits.unbind(0)):
-            self.seqs[row].t0, self.seqs[row].t_prefill = t0, t_prefill
-            self.logits[row] = lg
+        for seq in self.seqs[start:]:
+            seq.t0, seq.t_prefill = t0, t_prefill
+        self.logits = torch.cat([self.logits[:start], logits]) if start else logits
 
     @torch.no_grad()
     def step(self) -> list[_Sequence]:
@@ -385,20 +415,22 @@ class ContinuousBatch:
             groups.setdefault((temperature, top_k, top_p, id(gen) if temperature > 0 else None), []).append(i)
         for rows in groups.values():
             temperature, top_k, top_p, gen = self.sampling[rows[0]]
-            picked = sample(torch.stack([self.logits[i] for i in rows]), temperature, top_k, top_p, gen)
+            logits = self.logits if len(rows) == len(tokens) else self.logits[rows]  # one group: all, in order
+            picked = sample(logits, temperature, top_k, top_p, gen)
             for i, t in zip(rows, picked.tolist()):
                 tokens[i] = t
         for seq, t in zip(self.seqs, tokens):
             seq.take(t)
         ended = [row for row, seq in enumerate(self.seqs) if seq.result is not None]
         ended_seqs = [self.seqs[row] for row in ended]
+        self.logits = None  # used; the decode step below gives the next ones
         for row in reversed(ended):
             self._drop(row, tokens)
         if self.seqs:
             n = len(self.seqs)
             ids = torch.tensor(tokens, device=self.model.device)[:, None]
             logits = self.model.step(ids, self._rows(0, n), torch.ones(n, dtype=torch.int32, device=ids.device))
-            self.logits = list(logits.unbind(0))
+            self.logits = logits
             self.steps += 1
         return ended_seqs
 
@@ -416,7 +448,7 @@ class ContinuousBatch:
         """Remove the sequence in `row`; the last running sequence moves into it (its cached keys and values,
         fill level, logits, sampling settings, and its entry of each list in `more`)."""
         last = len(self.seqs) - 1
-        lists = (self.seqs, self.logits, self.sampling, *more)
+        lists = (self.seqs, self.sampling, *more)
         if row != last:
             cache, n = self.cache, int(self.cache.lens[last])
             for t in cache.k + cache.v:
@@ -424,8 +456,12 @@ class ContinuousBatch:
             cache.lens[row] = cache.lens[last]
             for lst in lists:
                 lst[row] = lst[last]
+            if self.logits is not None:
+                self.logits[row] = self.logits[last]
         for lst in lists:
             del lst[last]
+        if self.logits is not None:
+            self.logits = self.logits[:last]
 
     def _reserve(self, positions: int):
         """A cache of `max_batch` rows with at least `positions` positions, keeping the running sequences."""

@@ -12,6 +12,7 @@ from modegpt_rt.compressor.compress import CompressOptions, compress
 import modegpt_rt
 from modegpt_rt.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from modegpt_rt.config import ConfigError
+from modegpt_rt.generate import _generate_static
 
 
 def _hf_logits(path, ids):
@@ -495,8 +496,28 @@ def test_generate_per_prompt_limits_and_on_finish(tiny_hf_dir):
         model.generate(prompts, [2, 3], temperature=0)
     with pytest.raises(ValueError, match="positive integer"):
         model.generate(prompts, [2, 0, 1], temperature=0)
-    with pytest.raises(ValueError, match="separate calls"):  # each fits the context of 128 alone, not together
-        model.generate([[1] * 120, [1]], [2, 100], temperature=0)
+    # each fits the context of 128 alone, not together: fine when ended rows leave the batch (no CUDA graph),
+    # and a clear error for the fixed batch a CUDA graph replays
+    apart = [[1] * 120, [1]]
+    both = model.generate(apart, [2, 100], temperature=0, ignore_eos=True)
+    for p, m, r in zip(apart, [2, 100], both):
+        assert r.token_ids == model.generate([p], max_new_tokens=m, temperature=0, ignore_eos=True)[0].token_ids
+    with pytest.raises(ValueError, match="separate calls"):
+        _generate_static(model, apart, [2, 100], (0, None, None, None), (None, True), None, None, None, False)
+
+
+def test_generate_steps_only_the_rows_still_running(tiny_hf_dir):
+    """Without a CUDA graph a sequence that ended leaves generate's batch: each decode step computes only the
+    rows still running (limits 2, 7, 4: three rows, then two, then one), with the tokens of the fixed batch."""
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    prompts, limits = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]], [2, 7, 4]
+    rows, step = [], model.step
+    model.step = lambda ids, cache, lens: rows.append(ids.shape[0]) or step(ids, cache, lens)
+    res = model.generate(prompts, limits, temperature=0, ignore_eos=True)
+    assert rows == [3] + [3] + [2] * 2 + [1] * 3  # prefill, then decode steps (none after the last token)
+    rows.clear()
+    fixed = _generate_static(model, prompts, limits, (0, None, None, None), (None, True), None, None, None, False)
+    assert rows == [3] * 7 and [r.token_ids for r in fixed] == [r.token_ids for r in res]
 
 
 def test_model_to_another_dtype_chooses_its_backend_again(tiny_hf_dir):

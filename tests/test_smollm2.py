@@ -120,15 +120,15 @@ def test_smollm2_streaming_and_stop_string(smollm2):
 class _Forced:
     """A stand-in model whose logits force a fixed token sequence (then EOS), to test streaming text."""
 
-    def __init__(self, tokens, vocab, eos):
+    def __init__(self, model, tokens, eos):
         from types import SimpleNamespace
 
-        self.tokens, self.vocab, self.i = tokens + [eos], vocab, 0
-        self.config = SimpleNamespace(max_position_embeddings=4096, eos_ids=[eos])
+        self.model, self.tokens, self.vocab, self.i = model, tokens + [eos], model.config.vocab_size, 0
+        self.config = SimpleNamespace(max_position_embeddings=4096, eos_ids=[eos], vocab_size=self.vocab)
         self.device, self._fused = torch.device("cpu"), False
 
-    def new_cache(self, batch_size, capacity):
-        return None
+    def new_cache(self, batch_size, capacity):  # a real (unused) cache: generate's batch moves rows in it
+        return self.model.new_cache(batch_size, capacity)
 
     def step(self, ids, cache, lens):
         logits = torch.full((ids.shape[0], self.vocab), -1e9)
@@ -150,7 +150,7 @@ def test_streaming_never_shows_broken_characters_or_stop_string_starts(smollm2):
     for stop, want in ((None, text), ("o w", "a😀b 你好 Hell"), ("xyz", text)):
         pieces = []
         res = generate(
-            _Forced(ids, smollm2.config.vocab_size, eos),
+            _Forced(smollm2, ids, eos),
             [[1]],
             40,
             temperature=0,

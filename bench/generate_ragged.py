@@ -1,0 +1,103 @@
+"""`generate` on a batch whose sequences end at different steps: ended rows leaving the batch against the
+fixed batch that steps every row to the end.
+
+    python -m modegpt_rt.bench.generate_ragged [PATH] [--batch 8] [--prompt 128] [--new 16:128]
+        [--rounds 5] [--json OUT]
+
+Every prompt gets its own `max_new_tokens`, spread evenly over `--new LO:HI` (EOS ignored, greedy), the way
+stop tokens end the sequences of a real batch at different steps. Each round runs `generate` (on CPU: the
+prompts as a `ContinuousBatch`, an ended sequence leaves the batch) and the fixed-batch loop
+(`_generate_static` without a CUDA graph: every row steps until the longest sequence ends), one after the
+other; medians over rounds. tok/s = new tokens of all sequences / wall time including prefill. Both must
+give the same tokens; the run stops with an error if they do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from modegpt_rt.bench.machine import describe
+
+import modegpt_rt
+from modegpt_rt.generate import _generate_static, generate
+
+
+def _limits(batch: int, spec: str) -> list[int]:
+    lo, _, hi = spec.partition(":")
+    lo, hi = int(lo), int(hi or lo)
+    if not 0 < lo <= hi:
+        raise SystemExit(f"--new wants LO:HI with 0 < LO <= HI, got {spec!r}")
+    if batch == 1:
+        return [hi]
+    return [round(lo + (hi - lo) * i / (batch - 1)) for i in range(batch)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("path", nargs="?", default=None, help="checkpoint, HF folder or .gguf (default: SmolLM2 GGUF)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", default="16:128", help="per-prompt limits spread over LO:HI")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = modegpt_rt.load(args.path) if args.path else modegpt_rt.load()
+    limits = _limits(args.batch, args.new)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=g).tolist()
+    sampling, ends = (0.0, None, None, None), (None, True)
+
+    def compacting():
+        return generate(model, prompts, limits, temperature=0, ignore_eos=True)
+
+    def static():
+        return _generate_static(model, prompts, limits, sampling, ends, None, None, None, cuda_graph=False)
+
+    runs = {"compacting": compacting, "static": static}
+    for fn in runs.values():  # warm-up (C++ plans, allocator)
+        fn()
+    total = sum(limits)
+    times = {name: [] for name in runs}
+    tokens = {}
+    for _ in range(args.rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            out = fn()
+            times[name].append(total / (time.perf_counter() - t0))
+            tokens[name] = [r.token_ids for r in out]
+    if tokens["compacting"] != tokens["static"]:
+        raise SystemExit("the two paths gave different tokens")
+    med = {name: statistics.median(v) for name, v in times.items()}
+    for name in runs:
+        print(
+            f"{name:<11} batch {args.batch} new {args.new:<8} {med[name]:7.1f} tok/s  {med[name] / med['static']:5.2f}x"
+        )
+    if args.json:
+        out = {
+            "kind": "generate_ragged",
+            "command": "python -m modegpt_rt.bench.generate_ragged " + " ".join(argv or sys.argv[1:]),
+            "machine": describe(),
+            "model": args.path or "SmolLM2-135M-Instruct GGUF (default)",
+            "backend": model.backend,
+            "threads": args.threads,
+            "batch": args.batch,
+            "prompt": args.prompt,
+            "limits": limits,
+            "rounds": args.rounds,
+            "tok_s": med,
+            "speedup": med["compacting"] / med["static"],
+            "runs": times,
+        }
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
