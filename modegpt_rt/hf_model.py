@@ -7,25 +7,97 @@ transformers' own weight loader cannot map our per-layer widths onto its modules
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from modegpt_rt.hf import ModegptConfig
+
+CACHE_ROOM = 256  # positions after the prompt in the first cache `generate` gets (it doubles when full)
+
+
+def _state_is_a_cache() -> bool:
+    """Whether this transformers' `generate` carries a model output's `state` from step to step and hands it to
+    `_reorder_cache` in beam search (the `ALL_CACHE_NAMES` of transformers 5, where RWKV's state lives)."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES
+    except ImportError:
+        return False
+    return "state" in ALL_CACHE_NAMES
+
+
+@dataclass
+class ModegptCausalLMOutput(ModelOutput):
+    """`logits` [B, T, vocab], `loss` with `labels`, and with `use_cache=True` the runtime's KV cache (`state`)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    state: RuntimeState | None = None
+
+
+class RuntimeState:
+    """modegpt_rt's own KV cache carried through transformers' `generate` (its `state`, as RWKV's): `cache`
+    holds every sequence's keys and values, `seen` how many of the ids `generate` holds went through it."""
+
+    def __init__(self, cache, seen: int):
+        self.cache, self.seen = cache, seen
+
+
+def _packed_step(rt, ids: torch.Tensor, mask: torch.Tensor | None, cache, last: bool = False) -> torch.Tensor:
+    """Append the tokens of `ids` [B, T] that `mask` marks valid (left or right padding; None: all) to each
+    sequence in `cache`; logits [B, T, vocab] at the ids' own positions (zeros at the padded ones), or with
+    `last` only those of position T-1 [B, 1, vocab]."""
+    if mask is None or bool(mask.all()):
+        return (
+            rt.step(ids, cache, None, last_only=True)[:, None] if last else rt.step(ids, cache, None, last_only=False)
+        )
+    lens = mask.sum(1).to(torch.int32)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # valid tokens first, in order
+    packed = torch.gather(ids, 1, order) * torch.gather(mask, 1, order)
+    if last and bool(mask[:, -1].all()):  # left padding: position T-1 is each row's last valid token
+        return rt.step(packed, cache, lens, last_only=True)[:, None]
+    packed_logits = rt.step(packed, cache, lens, last_only=False)
+    logits = torch.zeros_like(packed_logits).scatter_(1, order[:, :, None].expand_as(packed_logits), packed_logits)
+    return logits[:, -1:] if last else logits
+
+
+def _grown(rt, cache, need: int):
+    """`cache`, or a copy with room for `need` positions (capacity doubled at least, up to the context)."""
+    if need <= cache.capacity:
+        return cache
+    ctx = rt.config.max_position_embeddings
+    if need > ctx:
+        raise ValueError(f"the sequences reach {need} tokens, beyond the model's context of {ctx}")
+    new = rt.new_cache(cache.lens.shape[0], min(ctx, max(need, 2 * cache.capacity)))
+    filled = int(cache.lens.max())
+    for old, fresh in zip(cache.k + cache.v, new.k + new.v):
+        fresh[:, :, :filled] = old[:, :, :filled]
+    new.lens.copy_(cache.lens)
+    return new
 
 
 class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
     """A transformers-facing wrapper of `modegpt_rt.model.Model`.
 
-    Each forward recomputes the whole (left-padded) sequence through the runtime's
-    cached step with per-sequence lengths; for fast generation use `modegpt_rt`'s own
-    `model.generate`, which keeps a KV cache.
+    A forward runs the (left- or right-padded) sequences through the runtime's step with per-sequence
+    lengths. With `use_cache=True`, which `generate` passes, it also returns the runtime's KV cache as
+    `state`, and a later forward given that `state` runs only the ids not seen yet: `generate` (greedy,
+    sampling, beam search) decodes one token per step instead of recomputing the sequence. transformers
+    releases without a `state` cache name (before 5) keep recomputing. `modegpt_rt`'s own
+    `model.generate` (stop strings, streaming, rows that end leave the batch) remains the faster path.
     """
 
     config_class = ModegptConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _supports_cache_class = False
+    _is_stateful = True  # the cache cannot be rolled back (assisted generation needs that)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the runtime keeps its own cache (`state`), at each layer's widths
 
     def __init__(self, config: ModegptConfig, runtime_model=None):
         super().__init__(config)
@@ -63,29 +135,34 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
         return self.runtime.dtype
 
     @torch.no_grad()
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, labels=None, state=None, use_cache=None, logits_to_keep=0, **kwargs
+    ):
+        """Logits [B, T, vocab] (`logits_to_keep=k` > 0: those of the last k positions; `generate` asks for 1,
+        so a prompt's other positions skip the LM head)."""
         rt = self.runtime
         input_ids = input_ids.to(rt.device)
         B, T = input_ids.shape
-        if attention_mask is None or bool(attention_mask.all()):
+        mask = None if attention_mask is None else attention_mask[:, -T:].to(rt.device).bool()
+        last = logits_to_keep == 1 and labels is None
+        if state is not None or (use_cache and _state_is_a_cache()):
+            if state is None:  # prefill: a cache with room for CACHE_ROOM new tokens; it grows when they are not enough
+                state = RuntimeState(rt.new_cache(B, min(rt.config.max_position_embeddings, T + CACHE_ROOM)), 0)
+            cache = _grown(rt, state.cache, int(state.cache.lens.max()) + T)
+            logits = _packed_step(rt, input_ids, mask, cache, last)
+            state = RuntimeState(cache, state.seen + T)
+        elif not last and (mask is None or bool(mask.all())):
             logits = rt(input_ids).logits
         else:
-            # left or right padding -> each sequence's tokens packed at positions 0..n-1
-            mask = attention_mask.to(rt.device).bool()
-            lens = mask.sum(1).to(torch.int32)
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # valid tokens first
-            packed = torch.gather(input_ids, 1, order) * torch.gather(mask, 1, order)
-            cache = rt.new_cache(B, T)
-            packed_logits = rt.step(packed, cache, lens, last_only=False)
-            logits = torch.zeros_like(packed_logits).scatter_(
-                1, order[:, :, None].expand_as(packed_logits), packed_logits
-            )
+            logits = _packed_step(rt, input_ids, mask, rt.new_cache(B, T), last)
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        if logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        return ModegptCausalLMOutput(loss=loss, logits=logits, state=state)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write the runtime model as a modegpt checkpoint (transformers' writer would name the wrapped
@@ -96,5 +173,19 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
 
         save_checkpoint(self.runtime, save_directory, tokenizer=kwargs.get("tokenizer"), update=True)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, state=None, use_cache=None, **kwargs):
+        if state is not None:
+            input_ids = input_ids[:, state.seen :]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "state": state, "use_cache": use_cache}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        if outputs.get("state") is not None:
+            model_kwargs["state"] = outputs["state"]
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+
+    def _reorder_cache(self, state: RuntimeState, beam_idx: torch.Tensor) -> RuntimeState:
+        """Beam search: row i of the cache becomes row beam_idx[i]."""
+        c, idx = state.cache, beam_idx.to(state.cache.lens.device)
+        c.k, c.v = [k[idx] for k in c.k], [v[idx] for v in c.v]
+        c.lens, c.plan = c.lens[idx], None
+        return state

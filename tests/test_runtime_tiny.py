@@ -696,6 +696,44 @@ def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "resaved")(ids).logits, hf(ids).logits)
 
 
+def test_transformers_generate_keeps_the_runtime_cache(tiny_hf_dir, tmp_path, monkeypatch):
+    """transformers' generate carries the runtime's KV cache (`state`): after the prompt each step runs one new
+    token per sequence, the cache grows when full, and greedy and beam search give the tokens of a run that
+    recomputes every sequence (use_cache=False) and of modegpt_rt's own generate."""
+    from transformers import AutoModelForCausalLM
+
+    import modegpt_rt.hf_model as hf_model
+
+    if not hf_model._state_is_a_cache():
+        pytest.skip("this transformers release has no `state` cache name: generate recomputes")
+    hf = AutoModelForCausalLM.from_pretrained(_compressed_ckpt(tiny_hf_dir, tmp_path))
+    monkeypatch.setattr(hf_model, "CACHE_ROOM", 3)  # 3 free positions at first: the cache must grow
+    shapes, step = [], hf.runtime.step
+    hf.runtime.step = lambda ids, cache, *a, **k: (
+        shapes.append((*ids.shape, cache.capacity)) or step(ids, cache, *a, **k)
+    )
+    ids = torch.randint(3, 97, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, :1] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+    greedy = hf.generate(**kw, do_sample=False)
+    assert shapes == [(3, 9, 12)] + [(3, 1, c) for c in [12] * 3 + [24] * 8]  # prompt, then one token a step
+    shapes.clear()
+    assert torch.equal(hf.generate(**kw, do_sample=False, use_cache=False), greedy)
+    assert [s[:2] for s in shapes] == [(3, 9 + j) for j in range(12)]  # without the cache: every sequence again
+    prompts = [ids[i][mask[i].bool()].tolist() for i in range(3)]
+    own = hf.runtime.generate(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in own] == greedy[:, 9:].tolist()
+    beams = dict(kw, do_sample=False, num_beams=3, num_return_sequences=2)
+    assert torch.equal(hf.generate(**beams), hf.generate(**beams, use_cache=False))
+    right = mask.flip(1)  # right padding: position T-1 is a pad in rows 1 and 2
+    for m in (None, mask, right):
+        full = hf(ids, attention_mask=m).logits
+        for keep in (1, 3):
+            assert torch.allclose(hf(ids, attention_mask=m, logits_to_keep=keep).logits, full[:, -keep:], atol=1e-5)
+
+
 def test_import_registers_the_auto_classes_without_loading_transformers_models():
     """`import modegpt_rt` registers the config and a stand-in model class; transformers' PreTrainedModel (about
     2.4 s to import) is loaded only when the Auto class is used, and the stand-in is then replaced by the real
