@@ -19,7 +19,6 @@ class ModegptConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("use_cache", True)  # generate then keeps the runtime's KV cache (hf_model.RuntimeState)
         # our RoPE fields are read by modegpt_rt.load from config.json; keep them out of
         # transformers' RoPE standardisation, which warns about the unknown layout
         self.modegpt_rope_scaling = kwargs.pop("rope_scaling", None)

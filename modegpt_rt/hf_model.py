@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from modegpt_rt.hf import ModegptConfig
 
@@ -20,20 +21,20 @@ CACHE_ROOM = 256  # positions after the prompt in the first cache `generate` get
 
 def _state_is_a_cache() -> bool:
     """Whether this transformers' `generate` carries a model output's `state` from step to step and hands it to
-    `_reorder_cache` in beam search (the `ALL_CACHE_NAMES` of transformers 5, where RWKV's state lives)."""
+    `_reorder_cache` in beam search: transformers 5, whose `ALL_CACHE_NAMES` hold RWKV's `state`. (4.57 has the
+    name too, but its beam search reorders only `past_key_values`: beams would read each other's rows.)"""
     try:
         from transformers.generation.utils import ALL_CACHE_NAMES
     except ImportError:
         return False
-    return "state" in ALL_CACHE_NAMES
+    return int(transformers.__version__.split(".")[0]) >= 5 and "state" in ALL_CACHE_NAMES
 
 
 @dataclass
-class ModegptCausalLMOutput(ModelOutput):
-    """`logits` [B, T, vocab], `loss` with `labels`, and with `use_cache=True` the runtime's KV cache (`state`)."""
+class ModegptCausalLMOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output (`logits`, `loss` with `labels`; no hidden states, attentions or
+    transformers cache) plus, with `use_cache=True`, the runtime's KV cache (`state`)."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
     state: RuntimeState | None = None
 
 
@@ -83,9 +84,11 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
 
     A forward runs the (left- or right-padded) sequences through the runtime's step with per-sequence
     lengths. With `use_cache=True`, which `generate` passes, it also returns the runtime's KV cache as
-    `state`, and a later forward given that `state` runs only the ids not seen yet: `generate` (greedy,
-    sampling, beam search) decodes one token per step instead of recomputing the sequence. transformers
-    releases without a `state` cache name (before 5) keep recomputing. `modegpt_rt`'s own
+    `state`; a forward given that `state` appends its ids to it, and `generate`'s
+    `prepare_inputs_for_generation` passes only the ids the cache has not seen, so `generate` (greedy,
+    sampling, beam search) decodes one token per step instead of recomputing the sequence. Turn it off with
+    `generate(..., use_cache=False)` or `model.config.use_cache = False`. transformers before 5 keeps
+    recomputing (its beam search would not reorder the cache). `modegpt_rt`'s own
     `model.generate` (stop strings, streaming, rows that end leave the batch) remains the faster path.
     """
 
@@ -144,7 +147,8 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids = input_ids.to(rt.device)
         B, T = input_ids.shape
         mask = None if attention_mask is None else attention_mask[:, -T:].to(rt.device).bool()
-        last = logits_to_keep == 1 and labels is None
+        last = isinstance(logits_to_keep, int) and logits_to_keep == 1 and labels is None
+        use_cache = use_cache and getattr(self.config, "use_cache", True) is not False
         if state is not None or (use_cache and _state_is_a_cache()):
             if state is None:  # prefill: a cache with room for CACHE_ROOM new tokens; it grows when they are not enough
                 state = RuntimeState(rt.new_cache(B, min(rt.config.max_position_embeddings, T + CACHE_ROOM)), 0)
@@ -160,7 +164,9 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        if logits_to_keep > 0:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions to keep, as transformers allows
+            logits = logits[:, logits_to_keep.to(logits.device)]
+        elif logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
         return ModegptCausalLMOutput(loss=loss, logits=logits, state=state)
 
@@ -173,10 +179,18 @@ class ModegptForCausalLM(PreTrainedModel, GenerationMixin):
 
         save_checkpoint(self.runtime, save_directory, tokenizer=kwargs.get("tokenizer"), update=True)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, state=None, use_cache=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, attention_mask=None, state=None, use_cache=None, logits_to_keep=0, **kwargs
+    ):
         if state is not None:
             input_ids = input_ids[:, state.seen :]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "state": state, "use_cache": use_cache}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "state": state,
+            "use_cache": use_cache,
+            "logits_to_keep": logits_to_keep,
+        }
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         if outputs.get("state") is not None:

@@ -705,20 +705,24 @@ def test_transformers_generate_keeps_the_runtime_cache(tiny_hf_dir, tmp_path, mo
     import modegpt_rt.hf_model as hf_model
 
     if not hf_model._state_is_a_cache():
-        pytest.skip("this transformers release has no `state` cache name: generate recomputes")
+        pytest.skip("transformers before 5: generate recomputes the sequences (no runtime cache)")
     hf = AutoModelForCausalLM.from_pretrained(_compressed_ckpt(tiny_hf_dir, tmp_path))
     monkeypatch.setattr(hf_model, "CACHE_ROOM", 3)  # 3 free positions at first: the cache must grow
     shapes, step = [], hf.runtime.step
-    hf.runtime.step = lambda ids, cache, *a, **k: (
-        shapes.append((*ids.shape, cache.capacity)) or step(ids, cache, *a, **k)
-    )
+
+    def spy(ids, cache, lens=None, last_only=True):
+        shapes.append((*ids.shape, cache.capacity, last_only))
+        return step(ids, cache, lens, last_only)
+
+    hf.runtime.step = spy
     ids = torch.randint(3, 97, (3, 9))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding
     mask[2, :1] = 0
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
     greedy = hf.generate(**kw, do_sample=False)
-    assert shapes == [(3, 9, 12)] + [(3, 1, c) for c in [12] * 3 + [24] * 8]  # prompt, then one token a step
+    # the prompt (the LM head on its last position only), then one token a step
+    assert shapes == [(3, 9, 12, True)] + [(3, 1, c, True) for c in [12] * 3 + [24] * 8]
     shapes.clear()
     assert torch.equal(hf.generate(**kw, do_sample=False, use_cache=False), greedy)
     assert [s[:2] for s in shapes] == [(3, 9 + j) for j in range(12)]  # without the cache: every sequence again
@@ -727,6 +731,11 @@ def test_transformers_generate_keeps_the_runtime_cache(tiny_hf_dir, tmp_path, mo
     assert [r.token_ids for r in own] == greedy[:, 9:].tolist()
     beams = dict(kw, do_sample=False, num_beams=3, num_return_sequences=2)
     assert torch.equal(hf.generate(**beams), hf.generate(**beams, use_cache=False))
+    hf.config.use_cache = False  # the model's config turns it off too
+    shapes.clear()
+    assert torch.equal(hf.generate(**kw, do_sample=False), greedy) and len(shapes) == 12
+    out = hf(ids, attention_mask=mask)
+    assert out.state is None and out.hidden_states is None and out.attentions is None  # transformers' fields
     right = mask.flip(1)  # right padding: position T-1 is a pad in rows 1 and 2
     for m in (None, mask, right):
         full = hf(ids, attention_mask=m).logits
