@@ -15,13 +15,11 @@ give the same tokens; the run stops with an error if they do not.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 
 import torch
-from modegpt_rt.bench.machine import describe
+from modegpt_rt.bench.machine import add_run_args, write_run
 
 import modegpt_rt
 from modegpt_rt.generate import _generate_static, generate
@@ -40,13 +38,9 @@ def _limits(batch: int, spec: str) -> list[int]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path", nargs="?", default=None, help="checkpoint, HF folder or .gguf (default: SmolLM2 GGUF)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--new", default="16:128", help="per-prompt limits spread over LO:HI")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None)
+    add_run_args(p, batch="8", new="16:128")
     args = p.parse_args(argv)
+    args.batch = int(args.batch)
     torch.set_num_threads(args.threads)
     model = modegpt_rt.load(args.path) if args.path else modegpt_rt.load()
     limits = _limits(args.batch, args.new)
@@ -79,24 +73,21 @@ def main(argv=None):
         print(
             f"{name:<11} batch {args.batch} new {args.new:<8} {med[name]:7.1f} tok/s  {med[name] / med['static']:5.2f}x"
         )
-    if args.json:
-        out = {
-            "kind": "generate_ragged",
-            "command": "python -m modegpt_rt.bench.generate_ragged " + " ".join(argv or sys.argv[1:]),
-            "machine": describe(),
-            "model": args.path or "SmolLM2-135M-Instruct GGUF (default)",
-            "backend": model.backend,
-            "threads": args.threads,
-            "batch": args.batch,
-            "prompt": args.prompt,
-            "limits": limits,
-            "rounds": args.rounds,
-            "tok_s": med,
-            "speedup": med["compacting"] / med["static"],
-            "runs": times,
-        }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    model_name = args.path or "SmolLM2-135M-Instruct GGUF (default)"
+    speedup = med["compacting"] / med["static"]
+    write_run(
+        args,
+        argv,
+        "generate_ragged",
+        "generate_ragged",
+        model=model_name,
+        backend=model.backend,
+        batch=args.batch,
+        limits=limits,
+        tok_s=med,
+        speedup=speedup,
+        runs=times,
+    )
 
 
 if __name__ == "__main__":

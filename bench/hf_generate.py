@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
-from modegpt_rt.bench.machine import describe
+from modegpt_rt.bench.machine import add_run_args, write_run
 
 import modegpt_rt  # noqa: F401  (registers the Auto classes)
 
@@ -40,13 +39,8 @@ def _paths(hf, ids, n):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a modegpt checkpoint folder")
-    p.add_argument("--batch", default="1,8")
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--new", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    add_run_args(p, rounds=3)
     p.add_argument("--no-recompute", action="store_true", help="skip the use_cache=False path (slow at large batch)")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -75,21 +69,7 @@ def main(argv=None):
             med = statistics.median(ts)
             rows.append({"batch": b, "path": name, "tok_s": med, "runs": ts})
             print(f"batch {b:<3} {name:<40} {med:8.1f} tok/s")
-    if args.json:
-        out = {
-            "kind": "hf_generate",
-            "command": "python -m modegpt_rt.bench.hf_generate " + " ".join(argv or sys.argv[1:]),
-            "machine": describe(),
-            "model": args.path,
-            "backend": rt.backend,
-            "threads": args.threads,
-            "prompt": args.prompt,
-            "new": n,
-            "rounds": args.rounds,
-            "results": rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_run(args, argv, "hf_generate", "hf_generate", model=args.path, backend=rt.backend, results=rows)
 
 
 if __name__ == "__main__":

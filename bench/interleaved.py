@@ -13,12 +13,11 @@ float32 matrices and with bfloat16 ones (`load(weight_dtype=...)`, computing in 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from modegpt_rt.bench.machine import describe
+from modegpt_rt.bench.machine import add_run_args, write_run
 
 import modegpt_rt
 
@@ -26,13 +25,8 @@ import modegpt_rt
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("paths", nargs="+")
-    p.add_argument("--batch", default="1,8")
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--new", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    add_run_args(p)
     p.add_argument("--weights", default="float32", help="comma-separated weight dtypes to run each path with")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     weights = [getattr(torch, w) for w in args.weights.split(",")]
@@ -71,19 +65,7 @@ def main(argv=None):
                 }
             )
             print(f"{path:<58} rate {rate:<5} batch {b:<3} {med:7.1f} tok/s  {med / base:5.2f}x first")
-    if args.json:
-        out = {
-            "kind": "interleaved_throughput",
-            "command": "python -m modegpt_rt.bench.interleaved " + " ".join(argv or __import__("sys").argv[1:]),
-            "machine": describe(),
-            "threads": args.threads,
-            "prompt": args.prompt,
-            "new": args.new,
-            "rounds": args.rounds,
-            "results": rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_run(args, argv, "interleaved_throughput", "interleaved", results=rows)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
 
 import torch
+
+
+def add_run_args(p, batch: str = "1,8", rounds: int = 5, new: str | None = None):
+    """The options the CPU generation benches share: --batch (comma list), --prompt, --new (an int, or the
+    `new` spec string given), --rounds, --threads, --json."""
+    p.add_argument("--batch", default=batch)
+    p.add_argument("--prompt", type=int, default=128)
+    if new is None:
+        p.add_argument("--new", type=int, default=128)
+    else:
+        p.add_argument("--new", default=new, help="per-prompt limits spread over LO:HI")
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+
+
+def write_run(args, argv, kind: str, module: str, **fields) -> None:
+    """Write a bench's result JSON to `args.json` (if given): what ran (`kind`, the command line of `module`),
+    the machine, the options of `add_run_args`, then `fields`."""
+    if not args.json:
+        return
+    out = {
+        "kind": kind,
+        "command": f"python -m modegpt_rt.bench.{module} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": describe(),
+        **{k: getattr(args, k) for k in ("threads", "prompt", "new", "rounds")},
+        **fields,
+    }
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1)
 
 
 def describe() -> dict:
