@@ -472,11 +472,7 @@ class ContinuousBatch:
         capacity = min(ctx, max(positions, self.min_capacity, 2 * cache.capacity if cache else 0))
         new = self.model.new_cache(self.max_batch, capacity)
         if cache is not None:
-            n = len(self.seqs)
-            filled = int(cache.lens[:n].max()) if n else 0
-            for old, fresh in zip(cache.k + cache.v, new.k + new.v):
-                fresh[:n, :, :filled] = old[:n, :, :filled]
-            new.lens[:n] = cache.lens[:n]
+            cache.copy_rows(new, len(self.seqs))
         self.cache, self._views = new, {}
         self.allocations += 1
 

@@ -51,9 +51,8 @@ def _packed_step(rt, ids: torch.Tensor, mask: torch.Tensor | None, cache, last: 
     sequence in `cache`; logits [B, T, vocab] at the ids' own positions (zeros at the padded ones), or with
     `last` only those of position T-1 [B, 1, vocab]."""
     if mask is None or bool(mask.all()):
-        return (
-            rt.step(ids, cache, None, last_only=True)[:, None] if last else rt.step(ids, cache, None, last_only=False)
-        )
+        logits = rt.step(ids, cache, None, last_only=last)
+        return logits[:, None] if last else logits
     lens = mask.sum(1).to(torch.int32)
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # valid tokens first, in order
     packed = torch.gather(ids, 1, order) * torch.gather(mask, 1, order)
@@ -71,12 +70,8 @@ def _grown(rt, cache, need: int):
     ctx = rt.config.max_position_embeddings
     if need > ctx:
         raise ValueError(f"the sequences reach {need} tokens, beyond the model's context of {ctx}")
-    new = rt.new_cache(cache.lens.shape[0], min(ctx, max(need, 2 * cache.capacity)))
-    filled = int(cache.lens.max())
-    for old, fresh in zip(cache.k + cache.v, new.k + new.v):
-        fresh[:, :, :filled] = old[:, :, :filled]
-    new.lens.copy_(cache.lens)
-    return new
+    rows = cache.lens.shape[0]
+    return cache.copy_rows(rt.new_cache(rows, min(ctx, max(need, 2 * cache.capacity))), rows)
 
 
 class ModegptForCausalLM(PreTrainedModel, GenerationMixin):

@@ -199,6 +199,15 @@ class KVCache:
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
+    def copy_rows(self, other: KVCache, rows: int) -> KVCache:
+        """Copy the first `rows` sequences (their cached positions and fill levels) into `other`, a cache of
+        the same layers with room for them (a larger one, when a cache grows); returns `other`."""
+        filled = int(self.lens[:rows].max()) if rows else 0
+        for old, new in zip(self.k + self.v, other.k + other.v):
+            new[:rows, :, :filled] = old[:rows, :, :filled]
+        other.lens[:rows] = self.lens[:rows]
+        return other
+
 
 @dataclass
 class Output:
