@@ -157,3 +157,42 @@ def test_decode_thread_probe_runs(capsys):
     res = json.loads(capsys.readouterr().out)
     assert set(res) == {"thread_before_main_us", "main_us", "thread_after_main_us"}
     assert all(v > 0 for v in res.values())
+
+
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_cpu_linear_prefetch_changes_no_result(weights):
+    """The next-row prefetch (products of at least `get_prefetch_from()` rows) is a hint: with it on for
+    every row count, or off, each row count's outputs are bit for bit the same."""
+    from modegpt_rt.kernels import _cpu_linear
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(8, 577, generator=g), torch.randn(301, 577, generator=g).to(weights)
+    default = _cpu_linear.get_prefetch_from()
+    assert 1 < default <= 8
+    try:
+        outs = {}
+        for setting in (1, 9):
+            _cpu_linear.set_prefetch_from(setting)
+            outs[setting] = [cpu_linear.linear(x[:m], w) for m in range(1, 9)]
+    finally:
+        _cpu_linear.set_prefetch_from(default)
+    ref = (x.double() @ w.double().T).float()
+    for m, (a, b) in enumerate(zip(outs[1], outs[9]), start=1):
+        assert torch.equal(a, b) and torch.allclose(a, ref[:m], rtol=1e-5, atol=1e-4)
+
+
+def test_prefetch_ab_bench_runs(tiny_hf_dir, tmp_path):
+    import json
+
+    from modegpt_rt.bench import prefetch_ab
+
+    out = tmp_path / "p.json"
+    prefetch_ab.main(
+        [str(tiny_hf_dir), "--batch", "1,5", "--prompt", "4", "--new", "3", "--rounds", "1"]
+        + ["--weights", "float32,bfloat16", "--threads", "1", "--json", str(out)]
+    )
+    res = json.loads(out.read_text())
+    assert {(r["weights"], r["batch"]) for r in res["results"]} == {
+        (w, b) for w in ("float32", "bfloat16") for b in (1, 5)
+    }
+    assert all(r["tok_s_off"] > 0 and r["tok_s_on"] > 0 for r in res["results"]) and res["prefetch_from"] == 4

@@ -29,6 +29,13 @@ namespace py = pybind11;
 namespace {
 
 constexpr int kMaxRows = 8;  // inputs handled per pass over W
+// With this many inputs or more, each row of W prefetches the next one into L1 as it goes (a line per 16
+// float32 / 32 bfloat16 weights). At 8 inputs a row takes long enough in the FMAs that the hardware prefetcher
+// alone leaves the next row's lines late; at 1-2 the stream runs at DRAM speed without help and the extra
+// instruction only costs. Two threads, weights from DRAM, C++ microbenchmark of this loop, (no prefetch) /
+// (prefetch) time: 3072x576 1.30 at 8 inputs, 0.99 at 4; 576x1536 1.25 and 1.17; 49152x576 1.39 and 1.04; 0.92-1.07
+// at 1-2. Settable at run time (`set_prefetch_from`) so a benchmark can compare both in one process.
+int g_prefetch_from = 4;
 
 // Weights are float32, or bfloat16 (the upper half of a float32: a 16-bit shift widens it exactly).
 // bfloat16 weights halve the bytes a decode step reads; inputs, accumulators and outputs stay float32.
@@ -66,7 +73,7 @@ inline __m512 load16_masked(const float* w, __mmask16 m) { return _mm512_maskz_l
 // sequential stream per thread is what lets the hardware prefetcher run at full DRAM speed:
 // interleaving two or four rows (short streams 4*K bytes apart) measured ~12 GB/s per core on
 // the CI machine, one row at a time ~30 GB/s. U accumulators per input hide the FMA latency.
-template <int M, typename Wt>
+template <int M, typename Wt, bool prefetch>
 void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int U = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
   constexpr int64_t step = 16 * U;
@@ -80,6 +87,7 @@ void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, i
       for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kmain; k += step) {
       for (int u = 0; u < U; ++u) {
+        if constexpr (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + K + k + 16 * u), _MM_HINT_T0);
         const __m512 wv = load16(w + k + 16 * u);
         for (int m = 0; m < M; ++m) acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + 16 * u), acc[m][u]);
       }
@@ -108,7 +116,7 @@ void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, i
 // streamed bfloat16 rows at 16.6 GB/s against 23.9 for float32 rows (LM-head shape, in cache); in pairs it
 // keeps up with memory: `python -m modegpt_rt.bench.skinny_linear --shape 49152x576 --rows 1` gave 24.9 GB/s
 // against 21.0 on one thread, 30.4 against 28.1 on two (bench/results/skinny_linear_bf16_lmhead.json).
-template <int M>
+template <int M, bool prefetch>
 void rows_block_bf16(const float* xe, int64_t Kp, int64_t K, const bf16* W, float* y, int64_t ldy, int64_t n0,
                      int64_t n1) {
   constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);
@@ -130,7 +138,10 @@ void rows_block_bf16(const float* xe, int64_t Kp, int64_t K, const bf16* W, floa
     };
     int64_t k = 0;
     for (; k < kmain; k += 32 * U)
-      for (int u = 0; u < U; ++u) block(w + k + 32 * u, k + 32 * u, u);
+      for (int u = 0; u < U; ++u) {
+        if constexpr (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + K + k + 32 * u), _MM_HINT_T0);
+        block(w + k + 32 * u, k + 32 * u, u);
+      }
     for (; k < kfull; k += 32) block(w + k, k, 0);
     if (k < K) {
       alignas(64) bf16 tail[32] = {};
@@ -146,9 +157,11 @@ void rows_block_bf16(const float* xe, int64_t Kp, int64_t K, const bf16* W, floa
 }
 
 using BlockBf16Fn = void (*)(const float*, int64_t, int64_t, const bf16*, float*, int64_t, int64_t, int64_t);
+template <bool PF>
 constexpr BlockBf16Fn kBlocksBf16[kMaxRows + 1] = {
-    nullptr, rows_block_bf16<1>, rows_block_bf16<2>, rows_block_bf16<3>, rows_block_bf16<4>,
-    rows_block_bf16<5>, rows_block_bf16<6>, rows_block_bf16<7>, rows_block_bf16<8>};
+    nullptr,                   rows_block_bf16<1, PF>, rows_block_bf16<2, PF>, rows_block_bf16<3, PF>,
+    rows_block_bf16<4, PF>, rows_block_bf16<5, PF>, rows_block_bf16<6, PF>, rows_block_bf16<7, PF>,
+    rows_block_bf16<8, PF>};
 
 // y[M, N] = x[M, K] W[N, K]^T for bfloat16 W (see rows_block_bf16).
 void gemv_bf16(const float* x, const bf16* W, float* y, int64_t M, int64_t K, int64_t N) {
@@ -159,14 +172,14 @@ void gemv_bf16(const float* x, const bf16* W, float* y, int64_t M, int64_t K, in
     const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
     for (int64_t m = 0; m < mb; ++m)
       for (int64_t k = 0; k < K; ++k) xe[m * Kp + (k & ~int64_t(31)) + (k & 1) * 16 + (k & 31) / 2] = x[(m0 + m) * K + k];
-    const BlockBf16Fn fn = kBlocksBf16[mb];
+    const BlockBf16Fn fn = mb >= g_prefetch_from ? kBlocksBf16<true>[mb] : kBlocksBf16<false>[mb];
     const float* xb = xe.data();
     float* yb = y + m0 * N;
     over_row_chunks(N, K, [&](int64_t n0, int64_t n1) { fn(xb, Kp, K, W, yb, N, n0, n1); });
   }
 }
 #else
-template <int M, typename Wt>
+template <int M, typename Wt, bool prefetch>
 void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const Wt* w = W + n * K;
@@ -185,10 +198,11 @@ void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, i
 
 template <typename Wt>
 using BlockFn = void (*)(const float*, int64_t, const Wt*, float*, int64_t, int64_t, int64_t);
-template <typename Wt>
-constexpr BlockFn<Wt> kBlocks[kMaxRows + 1] = {nullptr,           rows_block<1, Wt>, rows_block<2, Wt>,
-                                               rows_block<3, Wt>, rows_block<4, Wt>, rows_block<5, Wt>,
-                                               rows_block<6, Wt>, rows_block<7, Wt>, rows_block<8, Wt>};
+template <typename Wt, bool PF>
+constexpr BlockFn<Wt> kBlocks[kMaxRows + 1] = {
+    nullptr,                   rows_block<1, Wt, PF>, rows_block<2, Wt, PF>, rows_block<3, Wt, PF>,
+    rows_block<4, Wt, PF>, rows_block<5, Wt, PF>, rows_block<6, Wt, PF>, rows_block<7, Wt, PF>,
+    rows_block<8, Wt, PF>};
 
 // y[M, N] = x[M, K] W[N, K]^T (all contiguous).
 template <typename Wt>
@@ -201,7 +215,7 @@ void gemv(const float* x, const Wt* W, float* y, int64_t M, int64_t K, int64_t N
   {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
-      const BlockFn<Wt> fn = kBlocks<Wt>[mb];
+      const BlockFn<Wt> fn = mb >= g_prefetch_from ? kBlocks<Wt, true>[mb] : kBlocks<Wt, false>[mb];
       const float* xb = x + m0 * K;
       float* yb = y + m0 * N;
       over_row_chunks(N, K, [&](int64_t n0, int64_t n1) { fn(xb, K, W, yb, N, n0, n1); });
@@ -410,6 +424,11 @@ PYBIND11_MODULE(_cpu_linear, m) {
         "y[M, N] = x[M, K] @ W[N, K]^T; contiguous float32 x and y, W float32 or (bf16_weights) bfloat16",
         py::arg("x_ptr"), py::arg("w_ptr"), py::arg("y_ptr"), py::arg("M"), py::arg("K"), py::arg("N"),
         py::arg("bf16_weights") = false);
+  m.def(
+      "set_prefetch_from", [](int rows) { g_prefetch_from = rows; },
+      "products with at least this many input rows prefetch the next weight row (default 4; 9 = never)",
+      py::arg("rows"));
+  m.def("get_prefetch_from", [] { return g_prefetch_from; });
   m.def("add_rms_norm", &add_rms_norm, "h += delta (if delta_ptr != 0); out = RMSNorm(h) * w (float32 rows)");
   m.def("silu_mul", &silu_mul, "out = silu(gu[:, :k]) * gu[:, k:] (float32 rows)");
   py::class_<DecodePlan>(m, "DecodePlan", "all layers of a float32 decode step in one call (raw pointers; weights float32 or bfloat16)")
