@@ -32,9 +32,10 @@ constexpr int kMaxRows = 8;  // inputs handled per pass over W
 // With this many inputs or more, each row of W prefetches the next one into L1 as it goes (a line per 16
 // float32 / 32 bfloat16 weights). At 8 inputs a row takes long enough in the FMAs that the hardware prefetcher
 // alone leaves the next row's lines late; at 1-2 the stream runs at DRAM speed without help and the extra
-// instruction only costs. Two threads, weights from DRAM, C++ microbenchmark of this loop, (no prefetch) /
-// (prefetch) time: 3072x576 1.30 at 8 inputs, 0.99 at 4; 576x1536 1.25 and 1.17; 49152x576 1.39 and 1.04; 0.92-1.07
-// at 1-2. Settable at run time (`set_prefetch_from`) so a benchmark can compare both in one process.
+// instruction only costs (a standalone copy of this loop, two threads, weights from DRAM, time without / with:
+// 3072x576 1.30 at 8 inputs, 0.99 at 4; 576x1536 1.25 and 1.17; 49152x576 1.39 and 1.04; 0.92-1.07 at 1-2).
+// SmolLM2 decoding, `python -m modegpt_rt.bench.prefetch_ab` (bench/results/prefetch_ab_dense.json): float32
+// batch 8 1.17x, batch 4 1.05x, batch 1 1.00x. Settable at run time (`set_prefetch_from`) for that A/B.
 int g_prefetch_from = 4;
 
 // Weights are float32, or bfloat16 (the upper half of a float32: a 16-bit shift widens it exactly).
