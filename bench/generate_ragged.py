@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from modegpt_rt.bench.machine import add_run_args, write_run
+from modegpt_rt.bench.machine import add_run_args, interleaved_rounds, write_run
 
 import modegpt_rt
 from modegpt_rt.generate import _generate_static, generate
@@ -49,25 +48,14 @@ def main(argv=None):
     sampling, ends = (0.0, None, None, None), (None, True)
 
     def compacting():
-        return generate(model, prompts, limits, temperature=0, ignore_eos=True)
+        return [r.token_ids for r in generate(model, prompts, limits, temperature=0, ignore_eos=True)]
 
     def static():
-        return _generate_static(model, prompts, limits, sampling, ends, None, None, None, cuda_graph=False)
+        out = _generate_static(model, prompts, limits, sampling, ends, None, None, None, cuda_graph=False)
+        return [r.token_ids for r in out]
 
     runs = {"compacting": compacting, "static": static}
-    for fn in runs.values():  # warm-up (C++ plans, allocator)
-        fn()
-    total = sum(limits)
-    times = {name: [] for name in runs}
-    tokens = {}
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            out = fn()
-            times[name].append(total / (time.perf_counter() - t0))
-            tokens[name] = [r.token_ids for r in out]
-    if tokens["compacting"] != tokens["static"]:
-        raise SystemExit("the two paths gave different tokens")
+    times = interleaved_rounds(runs, sum(limits), args.rounds, f"batch {args.batch}")
     med = {name: statistics.median(v) for name, v in times.items()}
     for name in runs:
         print(

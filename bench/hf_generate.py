@@ -12,12 +12,10 @@ time including prefill. All paths must give the same tokens; the run stops with 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 
 import torch
-from modegpt_rt.bench.machine import add_run_args, write_run
+from modegpt_rt.bench.machine import add_run_args, interleaved_rounds, write_run
 
 import modegpt_rt  # noqa: F401  (registers the Auto classes)
 
@@ -54,17 +52,7 @@ def main(argv=None):
         runs = _paths(hf, ids, n)
         if args.no_recompute:
             del runs["transformers generate, use_cache=False"]
-        for fn in runs.values():  # warm-up
-            fn()
-        times = {name: [] for name in runs}
-        tokens = {}
-        for _ in range(args.rounds):
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                tokens[name] = fn()
-                times[name].append(b * n / (time.perf_counter() - t0))
-        if len({json.dumps(t) for t in tokens.values()}) != 1:
-            raise SystemExit(f"batch {b}: the paths gave different tokens")
+        times = interleaved_rounds(runs, b * n, args.rounds, f"batch {b}")
         for name, ts in times.items():
             med = statistics.median(ts)
             rows.append({"batch": b, "path": name, "tok_s": med, "runs": ts})

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -23,6 +24,24 @@ def add_run_args(p, batch: str = "1,8", rounds: int = 5, new: str | None = None)
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+
+
+def interleaved_rounds(runs: dict, new_tokens: int, rounds: int, what: str = "") -> dict:
+    """Side-by-side timing: each of `runs` (name -> a call that generates and returns its token-id lists) once
+    as warm-up, then every run once per round, so slow phases of a shared machine hit all alike. Returns
+    name -> tok/s of each round (`new_tokens` per call / wall time); stops with an error if the runs' tokens
+    differ (`what` names the case in the message)."""
+    for fn in runs.values():  # warm-up: C++ plans, the allocator
+        fn()
+    times, tokens = {name: [] for name in runs}, {}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            tokens[name] = fn()
+            times[name].append(new_tokens / (time.perf_counter() - t0))
+    if any(t != next(iter(tokens.values())) for t in tokens.values()):
+        raise SystemExit(f"{what}: {', '.join(runs)} gave different tokens")
+    return times
 
 
 def write_run(args, argv, kind: str, module: str, **fields) -> None:

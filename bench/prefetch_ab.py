@@ -14,15 +14,25 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from modegpt_rt.bench.machine import add_run_args, write_run
+from modegpt_rt.bench.machine import add_run_args, interleaved_rounds, write_run
 from modegpt_rt.kernels import _cpu_linear
 
 import modegpt_rt
 
 OFF = 9  # more input rows than a product ever has
+
+
+def _run(model, prompts, new, prefetch_from):
+    """A call that generates with products of at least `prefetch_from` rows prefetching."""
+
+    def run():
+        _cpu_linear.set_prefetch_from(prefetch_from)
+        out = model.generate(prompts, max_new_tokens=new, temperature=0, ignore_eos=True)
+        return [r.token_ids for r in out]
+
+    return run
 
 
 def main(argv=None):
@@ -39,21 +49,12 @@ def main(argv=None):
         for b in [int(x) for x in args.batch.split(",")]:
             g = torch.Generator().manual_seed(b)
             prompts = torch.randint(0, model.config.vocab_size, (b, args.prompt), generator=g).tolist()
-            times, tokens = {OFF: [], default: []}, {}
-            for setting in times:  # warm-up
-                _cpu_linear.set_prefetch_from(setting)
-                model.generate(prompts, max_new_tokens=4, temperature=0, ignore_eos=True)
-            for _ in range(args.rounds):
-                for setting in times:
-                    _cpu_linear.set_prefetch_from(setting)
-                    t0 = time.perf_counter()
-                    out = model.generate(prompts, max_new_tokens=args.new, temperature=0, ignore_eos=True)
-                    times[setting].append(b * args.new / (time.perf_counter() - t0))
-                    tokens[setting] = [r.token_ids for r in out]
-            _cpu_linear.set_prefetch_from(default)
-            if tokens[OFF] != tokens[default]:
-                raise SystemExit(f"{wname} batch {b}: prefetch changed the tokens")
-            off, on = statistics.median(times[OFF]), statistics.median(times[default])
+            runs = {"off": _run(model, prompts, args.new, OFF), "on": _run(model, prompts, args.new, default)}
+            try:
+                times = interleaved_rounds(runs, b * args.new, args.rounds, f"{wname} batch {b}")
+            finally:
+                _cpu_linear.set_prefetch_from(default)
+            off, on = statistics.median(times["off"]), statistics.median(times["on"])
             rows.append(
                 {
                     "weights": wname,
@@ -61,7 +62,7 @@ def main(argv=None):
                     "tok_s_off": off,
                     "tok_s_on": on,
                     "ratio": on / off,
-                    "runs": {"off": times[OFF], "on": times[default]},
+                    "runs": times,
                 }
             )
             print(f"{wname:<9} batch {b:<3} prefetch off {off:7.1f}  on {on:7.1f} tok/s  {on / off:5.2f}x")
