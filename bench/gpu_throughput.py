@@ -3,7 +3,7 @@
     python -m modegpt_rt.bench.gpu_throughput --json bench/results/gpu_throughput.json
         [--batch 1,16,64,256] [--prompt 256] [--new 256] [--models dense,paper30,5,10,20,40] [--hf-baseline]
         [--cuda-graph on|off|both] [--align auto|on|off|both] [--glue triton|torch|both] [--multiples M,P,V]
-        [--ranks FILE] [--hf-compile]
+        [--ranks FILE] [--hf-compile] [--decode-tiles default,BLOCK_N:WARPS:STAGES,sweep:FILE]
 
 LLaMA-2-7B shape, fp16. Models: dense; the paper's 30% layer ranks
 (shared/bench/llama2-ranks-30pct.json: φ_l = 1 − rank_l / hidden applied to every module of
@@ -17,6 +17,7 @@ the order given, and the JSON is rewritten after every row, so a run cut short k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
@@ -87,6 +88,55 @@ def random_model(cfg: ModelConfig, device, dtype, align: bool = False) -> Model:
     if align:  # as modegpt_rt.load does on a GPU
         model.align_widths()
     return model
+
+
+def parse_tiles(spec: str) -> list[dict | None]:
+    """--decode-tiles: `default` (decode_config's choice, None), `BLOCK_N:WARPS:STAGES`, or `sweep:FILE`, the
+    configuration of a `bench.triton_kernels --sweep` JSON with the least total time over its swept shapes
+    (among those that ran on every shape)."""
+    tiles = []
+    for item in spec.split(","):
+        if item == "default":
+            tiles.append(None)
+        elif item.startswith("sweep:"):
+            sweeps = json.loads(Path(item[len("sweep:") :]).read_text()).get("decode_sweep") or {}
+            total: dict[tuple, list[float]] = {}
+            for rows in sweeps.values():
+                for r in rows:
+                    if "median_ms" in r:
+                        total.setdefault((r["BLOCK_N"], r["num_warps"], r["num_stages"]), []).append(r["median_ms"])
+            complete = {k: sum(v) for k, v in total.items() if len(v) == len(sweeps)}
+            if not complete:
+                raise ValueError(f"--decode-tiles {item}: no configuration ran on every swept shape")
+            tiles.append(dict(zip(("BLOCK_N", "num_warps", "num_stages"), min(complete, key=complete.get))))
+        else:
+            try:
+                block_n, warps, stages = (int(x) for x in item.split(":"))
+            except ValueError:
+                msg = f"--decode-tiles: {item!r} is not default, BLOCK_N:WARPS:STAGES or sweep:FILE"
+                raise ValueError(msg) from None
+            tiles.append({"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages})
+    return tiles
+
+
+@contextlib.contextmanager
+def decode_tiles(tiles: dict | None):
+    """Every Triton decode launch inside uses these tiles instead of decode_config's (None: unchanged)."""
+    if tiles is None:
+        yield
+        return
+    from modegpt_rt.kernels import triton_attention
+
+    chosen = triton_attention.decode_config
+
+    def forced(*a, **k):
+        return {**chosen(*a, **k), **tiles}
+
+    triton_attention.decode_config = forced
+    try:
+        yield
+    finally:
+        triton_attention.decode_config = chosen
 
 
 def _sync(device):
@@ -183,6 +233,12 @@ def main(argv=None):
     p.add_argument(
         "--hf-compile", action="store_true", help="let transformers compile its decode step (default: eager)"
     )
+    p.add_argument(
+        "--decode-tiles",
+        default="default",
+        help="Triton decode launch tiles to time, comma-separated: default (decode_config's), BLOCK_N:WARPS:STAGES,"
+        " or sweep:FILE (the fastest over the shapes a `bench.triton_kernels --sweep` JSON swept)",
+    )
     p.add_argument("--tiny", action="store_true", help="small config on CPU (checks the script, not a result)")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
@@ -194,6 +250,10 @@ def main(argv=None):
         shape, device, dtype = LLAMA2_7B, "cuda", torch.float16
     base = ModelConfig(**shape)
     multiples = Multiples.parse(args.multiples)
+    try:
+        tile_choices = parse_tiles(args.decode_tiles)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     rows = []
     batches = [int(b) for b in args.batch.split(",")]
 
@@ -255,11 +315,13 @@ def main(argv=None):
                 del model
                 continue
             glues = {"both": ["triton", "torch"]}.get(args.glue, [args.glue]) if model.backend == "triton" else [None]
-            for graph, glue in itertools.product(graphs, glues):
+            tile_runs = tile_choices if model.backend == "triton" else [None]
+            for graph, glue, tiles in itertools.product(graphs, glues, tile_runs):
                 if glue is not None:
                     model.glue = glue
                 try:
-                    walls = time_generate(model, b, args.prompt, args.new, args.repeats, graph)
+                    with decode_tiles(tiles):
+                        walls = time_generate(model, b, args.prompt, args.new, args.repeats, graph)
                 except torch.OutOfMemoryError:
                     print(f"{name} batch {b}: out of memory")
                     free()
@@ -268,8 +330,11 @@ def main(argv=None):
                 impl += ("+torchglue" if glue == "torch" else "") + (
                     f"+multiples{args.multiples}" if args.multiples else ""
                 )
+                if tiles is not None:
+                    impl += "+tiles{BLOCK_N}:{num_warps}:{num_stages}".format(**tiles)
                 record(name, impl, b, walls, cfg.total_params())
                 rows[-1]["params_run"] = model.config.total_params()  # with the zero padding
+                rows[-1]["decode_tiles"] = tiles
                 save()
             del model
             free()

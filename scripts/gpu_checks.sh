@@ -12,6 +12,8 @@
 #             ops), HF (1: transformers baseline)
 #             narrow the throughput run to fit a call; TAG names its files (gpu_throughput$TAG.*,
 #             triton_kernels$TAG.*)
+#   TILES     Triton decode tiles for the throughput run (gpu_throughput --decode-tiles), e.g.
+#             default,sweep:$OUT/triton_kernels.json (the fastest of a sweep this call made) or default,64:8:2
 #   SWEEP     decode shapes for bench.triton_kernels --sweep (every launch configuration timed), or 'all'
 #   RANKS     the paper's layer ranks JSON where ../shared is not beside the checkout
 #   T_TESTS, T_KERNELS, T_THROUGHPUT   per-step time limits in seconds
@@ -61,6 +63,7 @@ if step throughput; then
   [[ ${HF:-1} == 1 ]] && EXTRA+=(--hf-baseline)
   [[ -n ${RANKS:-} ]] && EXTRA+=(--ranks "$(realpath -m "$ROOT/$RANKS")")
   [[ -n ${MULTIPLES:-} ]] && EXTRA+=(--multiples "$MULTIPLES")
+  [[ -n ${TILES:-} ]] && EXTRA+=(--decode-tiles "$TILES")
   timeout ${T_THROUGHPUT:-240} $PY -m modegpt_rt.bench.gpu_throughput "${EXTRA[@]}" --cuda-graph ${CUDA_GRAPH:-on} --align ${ALIGN:-auto} --glue ${GLUE:-triton} \
     --batch ${BATCH:-256,1,16,64} --models ${MODELS:-dense,paper30,5,10,20,40} --repeats ${REPEATS:-2} \
     --prompt ${PROMPT:-256} --new ${NEW:-256} --json "$OUT/gpu_throughput$TAG.json" > "$OUT/gpu_throughput$TAG.log" 2>&1

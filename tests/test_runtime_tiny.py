@@ -947,6 +947,36 @@ def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path):
     assert rows[1]["params"] < rows[0]["params"] and rows[1]["rate"] == 0.3
 
 
+def test_gpu_throughput_decode_tiles(tmp_path):
+    """--decode-tiles: fixed tiles, and the configuration of a sweep JSON with the least total time over the
+    shapes where it ran on every one; the context forces them on decode_config and restores it."""
+    from modegpt_rt.bench import gpu_throughput
+    from modegpt_rt.kernels import triton_attention
+
+    def row(n, w, s, ms=None):
+        return {"BLOCK_N": n, "num_warps": w, "num_stages": s, **({"median_ms": ms} if ms else {"error": "x"})}
+
+    sweep = tmp_path / "sweep.json"  # 64:8:2 is fastest on shape a but failed on b; 32:4:2 wins on the sum
+    a = [row(64, 8, 2, 0.5), row(32, 4, 2, 1.0), row(16, 4, 1, 0.9)]
+    b = [row(64, 8, 2), row(32, 4, 2, 1.0), row(16, 4, 1, 1.2)]
+    sweep.write_text(json.dumps({"decode_sweep": {"a": a, "b": b}}))
+    got = gpu_throughput.parse_tiles(f"default,16:8:3,sweep:{sweep}")
+    fixed, best = {"BLOCK_N": 16, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    assert got == [None, fixed, best]
+    for bad in ("32:4", "fast"):
+        with pytest.raises(ValueError, match="--decode-tiles"):
+            gpu_throughput.parse_tiles(bad)
+    sweep.write_text(json.dumps({"decode_sweep": {"a": a[:1], "b": b[:1]}}))
+    with pytest.raises(ValueError, match="no configuration ran on every swept shape"):
+        gpu_throughput.parse_tiles(f"sweep:{sweep}")
+    args = (256, 32, 32, 96, 96, 512, torch.float16, "cpu")
+    before = triton_attention.decode_config(*args)
+    with gpu_throughput.decode_tiles({"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}):
+        forced = triton_attention.decode_config(*args)
+    assert forced == {**before, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3} and forced != before
+    assert triton_attention.decode_config(*args) == before
+
+
 def test_align_widths_pads_exactly(tiny_hf_dir, tmp_path):
     """Zero-padding to hardware-friendly widths (what `load` does on a GPU) keeps the model's function:
     full-sequence logits, cached ragged steps and a saved-and-reloaded copy all match float64."""

@@ -599,3 +599,52 @@ def test_triton_continuous_batch_matches_generate_alone(tiny_hf_dir, tmp_path):
         for seq in batch.step():
             got[seq.index] = seq.result.token_ids
     assert [got[i] for i in range(len(prompts))] == want
+
+
+def test_triton_generate_ragged_limits_match_the_reference(tiny_hf_dir, tmp_path):
+    """`generate` on the Triton backend with one limit per prompt: without a CUDA graph the prompts run as a
+    ContinuousBatch whose ended rows leave (on a GPU too since the seventeenth session), with one the fixed
+    batch is replayed (GPU only); both give each prompt the greedy tokens the float64 torch reference
+    generates alone, on the compressed model (padded widths on a GPU, as `load` defaults)."""
+    from modegpt_rt.compressor.compress import CompressOptions, compress
+
+    import modegpt_rt
+    from modegpt_rt.checkpoint import save_checkpoint
+
+    small = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    compress(small, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
+    path = save_checkpoint(small, tmp_path / "c")
+    ref = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
+    ours = modegpt_rt.load(path, device=DEVICE, backend="triton", dtype=torch.float64)
+    prompts, limits = [[5, 6, 7], [8, 9, 10, 11, 12], [14], [20, 21]], [5, 2, 6, 3]
+    want = [
+        ref.generate([p], max_new_tokens=m, temperature=0, ignore_eos=True)[0].token_ids
+        for p, m in zip(prompts, limits)
+    ]
+    for graph in (False, True) if DEVICE == "cuda" else (False,):
+        got = ours.generate(prompts, limits, temperature=0, ignore_eos=True, cuda_graph=graph)
+        assert [r.token_ids for r in got] == want, f"cuda_graph={graph}"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="moves a model onto a CUDA device")
+def test_triton_model_moved_to_cuda_chooses_triton(tiny_hf_dir, tmp_path):
+    """A model loaded on the CPU and moved with `.to("cuda")` (as users and transformers' `.to()` do) runs the
+    Triton backend with its fused glue there, gives the float64 reference's tokens, and moved back chooses a
+    CPU backend again (`Model._apply`)."""
+    import modegpt_rt
+
+    cpu = modegpt_rt.load(tiny_hf_dir, dtype=torch.float64)
+    ref = modegpt_rt.load(tiny_hf_dir, backend="torch", dtype=torch.float64)
+    assert cpu.backend != "triton"
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    want = [r.token_ids for r in ref.generate(prompts, max_new_tokens=6, temperature=0, ignore_eos=True)]
+    moved = cpu.to("cuda")
+    assert moved is cpu and cpu.device.type == "cuda" and cpu.backend == "triton" and cpu.glue == "triton"
+    assert cpu.cos.device.type == "cuda" and cpu.cos.dtype == torch.float64
+    for graph in (False, True):
+        got = cpu.generate(prompts, max_new_tokens=6, temperature=0, ignore_eos=True, cuda_graph=graph)
+        assert [r.token_ids for r in got] == want, f"cuda_graph={graph}"
+    cpu.to("cpu")
+    assert cpu.backend != "triton" and cpu.device.type == "cpu"
+    got = cpu.generate(prompts, max_new_tokens=6, temperature=0, ignore_eos=True)
+    assert [r.token_ids for r in got] == want
