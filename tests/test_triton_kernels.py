@@ -570,26 +570,34 @@ def test_triton_decode_sweep_checks_and_orders_every_config():
     assert all(r["BLOCK_N"] == 3 and "error" in r and "median_ms" not in r for r in failed)
 
 
-def test_triton_continuous_batch_matches_generate_alone(tiny_hf_dir, tmp_path):
-    """ContinuousBatch (the server's continuous batching) on the Triton backend, sequences joining a running
-    batch and leaving it, a row refilled: each gets the greedy tokens the torch reference generates alone
-    (float64; on a GPU with the padded widths of `load`'s default)."""
+def _triton_model_and_greedy_alone(tiny_hf_dir, tmp_path, prompts, limits):
+    """A tiny model compressed by 30% and loaded on the Triton backend in float64 (padded widths on a GPU, as
+    `load` defaults), and the greedy tokens the float64 torch reference generates for each prompt alone."""
     from modegpt_rt.compressor.compress import CompressOptions, compress
 
     import modegpt_rt
     from modegpt_rt.checkpoint import save_checkpoint
-    from modegpt_rt.generate import ContinuousBatch
 
     small = modegpt_rt.load(tiny_hf_dir, backend="torch")
     compress(small, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
     path = save_checkpoint(small, tmp_path / "c")
     ref = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
     ours = modegpt_rt.load(path, device=DEVICE, backend="triton", dtype=torch.float64)
-    prompts, limits = [[5, 6, 7], [8, 9, 10, 11, 12], [14], [20, 21]], [5, 2, 4, 3]
     want = [
         ref.generate([p], max_new_tokens=m, temperature=0, ignore_eos=True)[0].token_ids
         for p, m in zip(prompts, limits)
     ]
+    return ours, want
+
+
+def test_triton_continuous_batch_matches_generate_alone(tiny_hf_dir, tmp_path):
+    """ContinuousBatch (the server's continuous batching) on the Triton backend, sequences joining a running
+    batch and leaving it, a row refilled: each gets the greedy tokens the torch reference generates alone
+    (float64; on a GPU with the padded widths of `load`'s default)."""
+    from modegpt_rt.generate import ContinuousBatch
+
+    prompts, limits = [[5, 6, 7], [8, 9, 10, 11, 12], [14], [20, 21]], [5, 2, 4, 3]
+    ours, want = _triton_model_and_greedy_alone(tiny_hf_dir, tmp_path, prompts, limits)
     batch = ContinuousBatch(ours, max_batch=2, min_capacity=8)
     got, nxt = {}, 0
     while nxt < len(prompts) or len(batch):
@@ -606,21 +614,8 @@ def test_triton_generate_ragged_limits_match_the_reference(tiny_hf_dir, tmp_path
     ContinuousBatch whose ended rows leave (on a GPU too since the seventeenth session), with one the fixed
     batch is replayed (GPU only); both give each prompt the greedy tokens the float64 torch reference
     generates alone, on the compressed model (padded widths on a GPU, as `load` defaults)."""
-    from modegpt_rt.compressor.compress import CompressOptions, compress
-
-    import modegpt_rt
-    from modegpt_rt.checkpoint import save_checkpoint
-
-    small = modegpt_rt.load(tiny_hf_dir, backend="torch")
-    compress(small, torch.randint(0, 97, (4, 16)), CompressOptions(rate=0.3, bi_samples=2), progress=False)
-    path = save_checkpoint(small, tmp_path / "c")
-    ref = modegpt_rt.load(path, backend="torch", dtype=torch.float64)
-    ours = modegpt_rt.load(path, device=DEVICE, backend="triton", dtype=torch.float64)
     prompts, limits = [[5, 6, 7], [8, 9, 10, 11, 12], [14], [20, 21]], [5, 2, 6, 3]
-    want = [
-        ref.generate([p], max_new_tokens=m, temperature=0, ignore_eos=True)[0].token_ids
-        for p, m in zip(prompts, limits)
-    ]
+    ours, want = _triton_model_and_greedy_alone(tiny_hf_dir, tmp_path, prompts, limits)
     for graph in (False, True) if DEVICE == "cuda" else (False,):
         got = ours.generate(prompts, limits, temperature=0, ignore_eos=True, cuda_graph=graph)
         assert [r.token_ids for r in got] == want, f"cuda_graph={graph}"
