@@ -84,7 +84,10 @@ def plot_throughput(res: dict, out_dir: Path, stem: str) -> list[Path]:
         if relative:
             ax.axhline(1.0, ls="--", lw=0.8, color="gray")
             ax.set_ylabel("throughput / dense at the same batch")
-            ax.set_title("modegpt_rt speed-up vs compression rate (star: paper's 30% ranks)", fontsize=9)
+            star = any(p[2] == "paper30" for pts in by_batch.values() for p in pts)
+            ax.set_title(
+                "modegpt_rt speed-up vs compression rate" + (" (star: paper's 30% ranks)" if star else ""), fontsize=9
+            )
         else:
             hf = [r for r in rows if r["impl"] == "transformers"]
             for r in hf:
@@ -172,6 +175,22 @@ def plot_widths(cfg: dict, out_dir: Path, stem: str) -> list[Path]:
     return [out]
 
 
+def interleaved_as_throughput(res: dict) -> dict:
+    """An interleaved run (`bench.interleaved`: every model once per round, medians over rounds) as a
+    throughput result: one modegpt_rt row per model, weight dtype and batch, labelled by its rate."""
+    rows = []
+    for r in res["results"]:
+        label = "dense" if not r["rate"] else f"{100 * r['rate']:g}%"
+        weights = "" if r["weight_dtype"] == "float32" else f", {r['weight_dtype']} weights"
+        impl = "modegpt_rt/cpu, interleaved" + weights
+        rows.append({"label": label, "impl": impl, "batch": r["batch"], "tok_s": r["tok_s"], "rate": r["rate"]})
+    return {"kind": "throughput", "device": "cpu", "dtype": "float32", "results": rows}
+
+
+def plot_interleaved(res: dict, out_dir: Path, stem: str) -> list[Path]:
+    return plot_throughput(interleaved_as_throughput(res), out_dir, stem)
+
+
 def plot_files(paths, out_dir="bench/results") -> list[Path]:
     out_dir = Path(out_dir)
     jobs = []
@@ -187,6 +206,8 @@ def plot_files(paths, out_dir="bench/results") -> list[Path]:
             kind = None
         elif res.get("kind") == "throughput" and isinstance(res.get("results"), list):
             kind = plot_throughput
+        elif res.get("kind") == "interleaved_throughput" and isinstance(res.get("results"), list):
+            kind = plot_interleaved
         elif res.get("kind") == "quality" and isinstance(res.get("rows"), list):
             kind = plot_quality
         elif "layers" in res and "intermediate_size" in res:

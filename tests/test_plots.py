@@ -135,3 +135,30 @@ def test_plot_refuses_wrong_inputs_before_writing_anything(tmp_path):
         with pytest.raises(ValueError, match=name):
             plots.plot_files([p], tmp_path / "out")
         assert name == "broken.json" or not (tmp_path / "out").exists()
+
+
+def test_interleaved_run_plots_as_throughput(tmp_path):
+    """An interleaved run (`bench.interleaved`) plots like a throughput result: one series per weight dtype,
+    rows labelled by rate, the speed-up taken against its dense row."""
+    from modegpt_rt.bench.plots import interleaved_as_throughput
+
+    rows = [
+        {"rate": rate, "weight_dtype": w, "batch": b, "tok_s": 10.0 * b * (1 + rate) * (2 if w == "bfloat16" else 1)}
+        for rate in (0.0, 0.3)
+        for w in ("float32", "bfloat16")
+        for b in (1, 8)
+    ]
+    res = {"kind": "interleaved_throughput", "results": rows}
+    conv = interleaved_as_throughput(res)["results"]
+    assert {(r["label"], r["impl"]) for r in conv} == {
+        (lab, impl)
+        for lab in ("dense", "30%")
+        for impl in ("modegpt_rt/cpu, interleaved", "modegpt_rt/cpu, interleaved, bfloat16 weights")
+    }
+    by_batch, dense = _rate_series(conv)
+    assert dense[(8, "modegpt_rt/cpu, interleaved, bfloat16 weights")] == 160.0
+    assert sorted(by_batch[(1, "modegpt_rt/cpu, interleaved")]) == [(0.0, 10.0, "dense"), (0.3, 13.0, "30%")]
+    outs = plot_files([_write(tmp_path / "il.json", res)], tmp_path / "plots")
+    assert sorted(p.name for p in outs) == ["il_vs_batch.png", "il_vs_rate.png"]
+    with pytest.raises(ValueError, match="malformed"):
+        plot_files([_write(tmp_path / "bad.json", {"kind": "interleaved_throughput", "results": [{"rate": 0}]})], tmp_path)
