@@ -99,7 +99,8 @@ def parse_tiles(spec: str) -> list[dict | None]:
         if item == "default":
             tiles.append(None)
         elif item.startswith("sweep:"):
-            sweeps = json.loads(Path(item[len("sweep:") :]).read_text()).get("decode_sweep") or {}
+            doc = json.loads(Path(item[len("sweep:") :]).read_text())
+            sweeps = (doc.get("decode_sweep") if isinstance(doc, dict) else None) or {}
             total: dict[tuple, list[float]] = {}
             for rows in sweeps.values():
                 for r in rows:

@@ -177,12 +177,19 @@ def plot_widths(cfg: dict, out_dir: Path, stem: str) -> list[Path]:
 
 def interleaved_as_throughput(res: dict) -> dict:
     """An interleaved run (`bench.interleaved`: every model once per round, medians over rounds) as a
-    throughput result: one modegpt_rt row per model, weight dtype and batch, labelled by its rate."""
+    throughput result: one modegpt_rt row per model, weight dtype and batch, labelled by its rate, or by its
+    checkpoint's folder name where two models share a rate. Runs from before `--weights` are float32."""
+    paths_at = defaultdict(set)
+    for r in res["results"]:
+        paths_at[r["rate"]].add(r["path"])
     rows = []
     for r in res["results"]:
-        label = "dense" if not r["rate"] else f"{100 * r['rate']:g}%"
-        weights = "" if r["weight_dtype"] == "float32" else f", {r['weight_dtype']} weights"
-        impl = "modegpt_rt/cpu, interleaved" + weights
+        if len(paths_at[r["rate"]]) > 1:
+            label = Path(r["path"]).name
+        else:
+            label = "dense" if not r["rate"] else f"{100 * r['rate']:g}%"
+        dtype = r.get("weight_dtype", "float32")
+        impl = "modegpt_rt/cpu, interleaved" + ("" if dtype == "float32" else f", {dtype} weights")
         rows.append({"label": label, "impl": impl, "batch": r["batch"], "tok_s": r["tok_s"], "rate": r["rate"]})
     return {"kind": "throughput", "device": "cpu", "dtype": "float32", "results": rows}
 

@@ -803,12 +803,15 @@ def decode_config(
     # 32 keys x 4 warps: no register spills on sm_90 for fp16/bf16 at d_qk = d_v = 128 or 256,
     # in both the dot and the multiply-sum variant
     wide = 2 * block_p + block_dv > 384
+    unsplit = _on_gpu(device) and choose_num_splits(batch, h_kv, capacity, 64, _num_sms(device)) == 1
     if not _on_gpu(device):
         block_n, num_stages = 16, 1
-    elif dtype.itemsize <= 2 and h == h_kv and 2 * block_p + block_dv <= 128:
-        # narrow heads without GQA (a 30% model's 48/40 layers): 64 keys a tile keep each tile at the 8K
-        # elements of the 128/128 default; H200 sweep, batch 256, cache 512: 0.317 -> 0.291 ms
-        # (bench/results/gpu_h200_s18/triton_kernels.json; 112/112, 128/120, 128/128 stay best at 32)
+    elif dtype.itemsize <= 2 and h == h_kv and 2 * block_p + block_dv <= 128 and unsplit:
+        # narrow heads without GQA (a 30% model's 48/40 layers), enough (sequence, head) programs to fill the
+        # GPU without splitting the cache: 64 keys a tile keep each tile at the 8K elements of the 128/128
+        # default; H200 sweep, batch 256, cache 512: 0.317 -> 0.291 ms (bench/results/gpu_h200_s18/
+        # triton_kernels.json; 112/112, 128/120, 128/128 stay best at 32). Not measured where the cache is
+        # split (small batches), where 64-key tiles would halve the splits: those keep 32.
         block_n, num_stages = 64, 2
     elif dtype.itemsize <= 2 or (dtype.itemsize == 4 and not wide):
         block_n, num_stages = 32, 2

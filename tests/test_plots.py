@@ -143,7 +143,13 @@ def test_interleaved_run_plots_as_throughput(tmp_path):
     from modegpt_rt.bench.plots import interleaved_as_throughput
 
     rows = [
-        {"rate": rate, "weight_dtype": w, "batch": b, "tok_s": 10.0 * b * (1 + rate) * (2 if w == "bfloat16" else 1)}
+        {
+            "path": f"out/m{rate}",
+            "rate": rate,
+            "weight_dtype": w,
+            "batch": b,
+            "tok_s": 10.0 * b * (1 + rate) * (2 if w == "bfloat16" else 1),
+        }
         for rate in (0.0, 0.3)
         for w in ("float32", "bfloat16")
         for b in (1, 8)
@@ -160,5 +166,15 @@ def test_interleaved_run_plots_as_throughput(tmp_path):
     assert sorted(by_batch[(1, "modegpt_rt/cpu, interleaved")]) == [(0.0, 10.0, "dense"), (0.3, 13.0, "30%")]
     outs = plot_files([_write(tmp_path / "il.json", res)], tmp_path / "plots")
     assert sorted(p.name for p in outs) == ["il_vs_batch.png", "il_vs_rate.png"]
+    # a run from before --weights (no weight_dtype: float32) with two models at one rate, told apart by folder
+    old = [{"path": p, "rate": r, "batch": 1, "tok_s": t} for p, r, t in (("g.gguf", 0.0, 10), ("out/a", 0.3, 13))]
+    old.append({"path": "out/b", "rate": 0.3, "batch": 1, "tok_s": 14})
+    conv = interleaved_as_throughput({"results": old})["results"]
+    assert [(r["label"], r["impl"]) for r in conv] == [
+        ("dense", "modegpt_rt/cpu, interleaved"),
+        ("a", "modegpt_rt/cpu, interleaved"),
+        ("b", "modegpt_rt/cpu, interleaved"),
+    ]
+    bad = {"kind": "interleaved_throughput", "results": [{"rate": 0}]}
     with pytest.raises(ValueError, match="malformed"):
-        plot_files([_write(tmp_path / "bad.json", {"kind": "interleaved_throughput", "results": [{"rate": 0}]})], tmp_path)
+        plot_files([_write(tmp_path / "bad.json", bad)], tmp_path)

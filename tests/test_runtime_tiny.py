@@ -966,9 +966,10 @@ def test_gpu_throughput_decode_tiles(tmp_path):
     for bad in ("32:4", "fast"):
         with pytest.raises(ValueError, match="--decode-tiles"):
             gpu_throughput.parse_tiles(bad)
-    sweep.write_text(json.dumps({"decode_sweep": {"a": a[:1], "b": b[:1]}}))
-    with pytest.raises(ValueError, match="no configuration ran on every swept shape"):
-        gpu_throughput.parse_tiles(f"sweep:{sweep}")
+    for doc in ({"decode_sweep": {"a": a[:1], "b": b[:1]}}, [1, 2], {}):  # nothing usable: a clear error
+        sweep.write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match="no configuration ran on every swept shape"):
+            gpu_throughput.parse_tiles(f"sweep:{sweep}")
     args = (256, 32, 32, 96, 96, 512, torch.float16, "cpu")
     before = triton_attention.decode_config(*args)
     with gpu_throughput.decode_tiles({"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}):

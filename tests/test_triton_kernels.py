@@ -648,15 +648,18 @@ def test_triton_model_moved_to_cuda_chooses_triton(tiny_hf_dir, tmp_path):
 def test_triton_decode_config_follows_the_gpu_sweep(monkeypatch):
     """The decode tiles a GPU gets (the interpreter's own small tiles aside), as the H200 sweep of
     bench/results/gpu_h200_s18 found them at batch 256, cache 512, fp16: 64 keys a tile for narrow heads
-    without GQA (48/40: 0.291 against 0.317 ms at 32), 32 keys and 4 warps for the wider ones."""
+    without GQA (48/40: 0.291 against 0.317 ms at 32) where the cache is not split, 32 keys and 4 warps
+    otherwise."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # decode_config reads it to tell the interpreter from a GPU
     monkeypatch.setattr(triton_attention, "_num_sms", lambda device: 132)
 
-    def tiles(h_kv, d_qk, d_v, dtype=torch.float16):
-        c = triton_attention.decode_config(256, 32, h_kv, d_qk, d_v, 512, dtype, "cuda")
-        return c["BLOCK_N"], c["num_warps"]
+    def tiles(h_kv, d_qk, d_v, dtype=torch.float16, batch=256):
+        c = triton_attention.decode_config(batch, 32, h_kv, d_qk, d_v, 512, dtype, "cuda")
+        return c["BLOCK_N"], c["num_warps"], c["num_splits"]
 
-    assert tiles(32, 48, 40) == tiles(32, 32, 24) == tiles(32, 48, 40, torch.bfloat16) == (64, 4)
-    assert tiles(32, 112, 112) == tiles(32, 128, 120) == tiles(32, 128, 128) == tiles(32, 96, 96) == (32, 4)
-    assert tiles(8, 48, 40) == (32, 4)  # GQA: the dot variant, not swept narrow
+    assert tiles(32, 48, 40) == tiles(32, 32, 24) == tiles(32, 48, 40, torch.bfloat16) == (64, 4, 1)
+    assert tiles(32, 112, 112) == tiles(32, 128, 120) == tiles(32, 128, 128) == tiles(32, 96, 96) == (32, 4, 1)
+    assert tiles(8, 48, 40) == (32, 4, 1)  # GQA: the dot variant, not swept narrow
     assert tiles(32, 48, 40, torch.float32)[0] == 32
+    # a batch too small to fill 132 SMs splits the cache; 64-key tiles were not measured there: 32 keys
+    assert tiles(32, 48, 40, batch=16) == (32, 4, 2) and tiles(32, 48, 40, batch=1) == (32, 4, 8)
