@@ -1,18 +1,21 @@
 """Side-by-side decode throughput with the models interleaved round by round.
 
     python -m modegpt_rt.bench.interleaved PATH [PATH...] [--batch 1,8] [--rounds 5]
-        [--weights float32,bfloat16] [--json OUT]
+        [--weights float32,bfloat16] [--huge-pages on,off] [--json OUT]
 
 `modegpt bench throughput` times one model after another, so a change in the machine's memory
 bandwidth between them (shared hosts) shows up as a speed difference. Here every round runs each
 model once (prompt 128 + 128 new greedy tokens, EOS ignored) and the medians over rounds are
 compared, so slow phases hit all models alike. `--weights float32,bfloat16` runs every path twice: with
-float32 matrices and with bfloat16 ones (`load(weight_dtype=...)`, computing in float32).
+float32 matrices and with bfloat16 ones (`load(weight_dtype=...)`, computing in float32). `--huge-pages on,off`
+runs every path with its weights on transparent huge pages (`load`'s default) and on ordinary 4 KB pages
+(`load(huge_pages=False)`).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -27,12 +30,23 @@ def main(argv=None):
     p.add_argument("paths", nargs="+")
     add_run_args(p)
     p.add_argument("--weights", default="float32", help="comma-separated weight dtypes to run each path with")
+    p.add_argument(
+        "--huge-pages", default="on", help="on, off or on,off: weights on transparent huge pages (load's default)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     weights = [getattr(torch, w) for w in args.weights.split(",")]
-    runs = [(path, w) for path in args.paths for w in weights]
-    models = [modegpt_rt.load(path, weight_dtype=w) for path, w in runs]
-    names = [path + ("" if w == torch.float32 else f" [{str(w).removeprefix('torch.')} weights]") for path, w in runs]
+    pages = [{"on": True, "off": False}.get(x) for x in args.huge_pages.split(",")]
+    if None in pages:
+        p.error(f"--huge-pages takes on, off or both comma-separated, got {args.huge_pages!r}")
+    runs = list(itertools.product(args.paths, weights, pages))
+    models = [modegpt_rt.load(path, weight_dtype=w, huge_pages=hp) for path, w, hp in runs]
+    names = [
+        path
+        + ("" if w == torch.float32 else f" [{str(w).removeprefix('torch.')} weights]")
+        + ("" if hp else " [4 KB pages]")
+        for path, w, hp in runs
+    ]
     batches = [int(b) for b in args.batch.split(",")]
     g = torch.Generator().manual_seed(0)
     vocab = models[0].config.vocab_size
@@ -57,6 +71,7 @@ def main(argv=None):
                     "path": runs[i][0],
                     "name": path,
                     "weight_dtype": str(runs[i][1]).removeprefix("torch."),
+                    "huge_pages": runs[i][2],
                     "rate": rate,
                     "batch": b,
                     "tok_s": med,

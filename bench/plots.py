@@ -190,6 +190,7 @@ def interleaved_as_throughput(res: dict) -> dict:
             label = "dense" if not r["rate"] else f"{100 * r['rate']:g}%"
         dtype = r.get("weight_dtype", "float32")
         impl = "modegpt_rt/cpu, interleaved" + ("" if dtype == "float32" else f", {dtype} weights")
+        impl += "" if r.get("huge_pages", True) else ", 4 KB pages"
         rows.append({"label": label, "impl": impl, "batch": r["batch"], "tok_s": r["tok_s"], "rate": r["rate"]})
     return {"kind": "throughput", "device": "cpu", "dtype": "float32", "results": rows}
 

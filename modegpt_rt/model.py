@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modegpt_rt import kernels
+from modegpt_rt import hugepages, kernels
 from modegpt_rt.config import LayerWidths, ModelConfig
 
 # Steps with at most this many new tokens in all run every layer in one C++ call (DecodePlan);
@@ -281,6 +281,33 @@ class Model(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of `input_ids` in the compute dtype."""
         return F.embedding(input_ids, self.embed).to(self.dtype)
+
+    @torch.no_grad()
+    def use_huge_pages(self) -> int:
+        """Move the weight matrices into CPU arenas on transparent huge pages (`modegpt_rt.hugepages`): one
+        arena per layer for its four matrices, one for the embedding, one for an untied LM head. The same
+        values, read faster by the decode step, which streams them all once per token. `load` does this on a
+        CPU. An arena lives as long as any of its matrices, so a layer whose weights are all replaced (as the
+        compressor does, layer by layer) frees its own. Returns the bytes placed, 0 where nothing was done
+        (not a CPU model; the system grants no huge pages). `.to()` and `store_weights` allocate ordinary
+        memory again."""
+        if self.device.type != "cpu" or not hugepages.supported():
+            return 0
+        groups = [[(layer, n) for n in ("wqkv", "wo", "w_gate_up", "w_down")] for layer in self.layers]
+        tied = self.lm_head is self.embed
+        groups += [[(self, "embed")]] + ([] if tied else [[(self, "lm_head")]])
+        placed = 0
+        for owners in groups:
+            tensors = [getattr(o, n).data.contiguous() for o, n in owners]
+
+            def replace(i, view, owners=owners):
+                owner, name = owners[i]
+                setattr(owner, name, nn.Parameter(view, requires_grad=False))
+
+            placed += hugepages.place(tensors, replace)
+        if tied:
+            self.lm_head = self.embed
+        return placed
 
     def set_backend(self, backend: str) -> str:
         """Choose the attention implementation (auto | torch | cpu | triton); returns the one in use.

@@ -1224,3 +1224,88 @@ def test_continuous_batch_cancel_keeps_the_others_exact(tiny_hf_dir):
         batch.step()
     assert set(done) == {"b", "d"}
     assert done["b"].token_ids == alone["b"] and done["d"].token_ids == alone["d"]
+
+
+def test_huge_pages_move_every_matrix_and_change_no_result(tiny_hf_dir, monkeypatch):
+    """`Model.use_huge_pages` (what `load` does on a CPU): each layer's matrices land in one arena that starts
+    on a 2 MB boundary, each on a 64-byte boundary, with its values, shape, dtype and the embedding tie kept;
+    replacing a layer's weights frees its arena (the compressor does so layer by layer). The
+    logits and tokens are those of the model on ordinary pages, also for a model whose C++ decode plan was
+    built before the move and for bfloat16 weights. Where the system grants no huge pages nothing moves."""
+    from modegpt_rt import hugepages
+
+    plain = modegpt_rt.load(tiny_hf_dir, huge_pages=False)
+    ids, x = [[5, 6, 7], [8, 9, 10, 11]], torch.tensor([[5, 6, 7, 8]])
+    want = [r.token_ids for r in plain.generate(ids, max_new_tokens=8, temperature=0, ignore_eos=True)]
+    want_logits = plain(x).logits
+
+    def matrices(m):
+        heads = [m.embed] if m.lm_head is m.embed else [m.embed, m.lm_head]
+        return [t for layer in m.layers for t in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)] + heads
+
+    model = modegpt_rt.load(tiny_hf_dir, huge_pages=False)
+    assert model.generate(ids, max_new_tokens=8, temperature=0, ignore_eos=True)[0].token_ids == want[0]
+    monkeypatch.setattr(hugepages, "supported", lambda: True)  # the layout is checked on any Linux
+    moved = model.use_huge_pages()
+    mats = matrices(model)
+    assert moved >= sum(t.numel() * t.element_size() for t in mats) and moved % 64 == 0
+    for layer in model.layers:
+        group = (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+        ptrs = sorted(t.data_ptr() for t in group)
+        assert ptrs[0] % hugepages.HUGE_PAGE == 0 and all(p % 64 == 0 for p in ptrs)
+        assert ptrs[-1] - ptrs[0] < sum(t.numel() * t.element_size() + 64 for t in group)  # one arena
+    assert model.embed.data_ptr() % hugepages.HUGE_PAGE == 0
+    assert model.lm_head is not model.embed and all(t.is_contiguous() for t in mats)  # an untied head moved too
+    for a, b in zip(matrices(plain), mats):
+        assert torch.equal(a, b) and a.dtype == b.dtype and a.data_ptr() != b.data_ptr()
+    got = [r.token_ids for r in model.generate(ids, max_new_tokens=8, temperature=0, ignore_eos=True)]
+    assert got == want and torch.equal(model(x).logits, want_logits)
+
+    narrow = modegpt_rt.load(tiny_hf_dir, weight_dtype=torch.bfloat16, huge_pages=False)
+    ref = [r.token_ids for r in narrow.generate(ids, max_new_tokens=8, temperature=0, ignore_eos=True)]
+    assert narrow.use_huge_pages() > 0 and all(t.dtype == torch.bfloat16 for t in matrices(narrow))
+    assert [r.token_ids for r in narrow.generate(ids, max_new_tokens=8, temperature=0, ignore_eos=True)] == ref
+
+    from modegpt_rt.config import from_hf_config
+    from modegpt_rt.model import Model
+
+    tied = Model(from_hf_config(tiny_hf_config(tie_word_embeddings=True)))
+    torch.nn.init.normal_(tied.embed)
+    emb = tied.embed.clone()
+    assert tied.use_huge_pages() > 0 and tied.lm_head is tied.embed and torch.equal(tied.embed, emb)
+
+    # replacing all of a layer's weights, as the compressor does, frees that layer's arena (its mapping goes)
+    import gc
+
+    def mapped(addr):
+        for line in open("/proc/self/maps"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+        return False
+
+    layer, addr = model.layers[0], model.layers[0].wqkv.data_ptr()
+    new = {n: t.clone() for n, t in layer.split_weights().items()}
+    del mats, group, a, b  # this test's own references to the old weights
+    layer.load_weights(model.config, model.config.layers[0], new, layer.freq_idx)
+    assert [r.token_ids for r in model.generate(ids, max_new_tokens=8, temperature=0, ignore_eos=True)] == want
+    gc.collect()
+    assert not mapped(addr) and mapped(model.layers[1].wqkv.data_ptr())
+
+    monkeypatch.setattr(hugepages, "supported", lambda: False)
+    untouched = modegpt_rt.load(tiny_hf_dir, huge_pages=False)
+    before = [t.data_ptr() for t in matrices(untouched)]
+    assert untouched.use_huge_pages() == 0 and [t.data_ptr() for t in matrices(untouched)] == before
+
+
+def test_huge_page_support_reads_the_system_setting(tmp_path, monkeypatch):
+    from modegpt_rt import hugepages
+
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(hugepages, "_THP_SETTING", setting)
+    cases = {"always [madvise] never": True, "[always] madvise never": True, "always madvise [never]": False}
+    for text, ok in cases.items():
+        setting.write_text(text + "\n")
+        assert hugepages.supported() == (ok and hasattr(__import__("mmap"), "MADV_HUGEPAGE"))
+    setting.unlink()
+    assert not hugepages.supported()  # no such file: not Linux, or no THP
