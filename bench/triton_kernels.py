@@ -287,34 +287,31 @@ def main(argv=None) -> int:
     mm_tflops = report["machine"]["fp16_matmul"]["TFLOPs"]
     print(f"{report['device']}: copy {copy_bw:.0f} GB/s, fp16 matmul {mm_tflops:.0f} TFLOP/s")
 
-    report["decode"] = {}
-    for name, shape in DECODE_SHAPES.items():
-        res = bench_decode(torch, reference, triton_attention, shape, args.warmup, args.iters, time_ref)
-        for key in ("decode_kernels", "attention_op"):
-            res[key]["fraction_of_copy_bw"] = res[key]["kv_bandwidth_GBps"] / copy_bw
-        report["decode"][name] = res
-        print(
-            f"decode {name}: kernels {res['decode_kernels']['median_ms']:.3f} ms "
-            f"({res['decode_kernels']['kv_bandwidth_GBps']:.0f} GB/s, "
-            f"{100 * res['decode_kernels']['fraction_of_copy_bw']:.0f}% of copy), "
-            f"op {res['attention_op']['median_ms']:.3f} ms, "
-            f"{_ref_ms(res)}max err {res['max_abs_err_vs_reference']:.1e}"
-        )
-        torch.cuda.empty_cache()
+    def run_shapes(shapes, bench, kernel, rate, ceiling, fraction, line):
+        """bench(shape) for every shape; the kernel's and the whole op's `rate` as a `fraction` of `ceiling`."""
+        out = {}
+        for name, shape in shapes.items():
+            res = bench(torch, reference, triton_attention, shape, args.warmup, args.iters, time_ref)
+            for key in (kernel, "attention_op"):
+                res[key][fraction] = res[key][rate] / ceiling
+            out[name] = res
+            print(
+                f"{name}: {line(res[kernel])}, op {res['attention_op']['median_ms']:.3f} ms, "
+                f"{_ref_ms(res)}max err {res['max_abs_err_vs_reference']:.1e}"
+            )
+            torch.cuda.empty_cache()
+        return out
 
+    report["decode"] = run_shapes(
+        DECODE_SHAPES, bench_decode, "decode_kernels", "kv_bandwidth_GBps", copy_bw, "fraction_of_copy_bw",
+        lambda k: f"decode kernels {k['median_ms']:.3f} ms ({k['kv_bandwidth_GBps']:.0f} GB/s, "
+        f"{100 * k['fraction_of_copy_bw']:.0f}% of copy)",
+    )  # fmt: skip
     save()
-    report["prefill"] = {}
-    for name, shape in PREFILL_SHAPES.items():
-        res = bench_prefill(torch, reference, triton_attention, shape, args.warmup, args.iters, time_ref)
-        for key in ("prefill_kernel", "attention_op"):
-            res[key]["fraction_of_matmul"] = res[key]["TFLOPs"] / mm_tflops
-        report["prefill"][name] = res
-        print(
-            f"prefill {name}: kernel {res['prefill_kernel']['median_ms']:.3f} ms "
-            f"({res['prefill_kernel']['TFLOPs']:.1f} TFLOP/s), op {res['attention_op']['median_ms']:.3f} ms, "
-            f"{_ref_ms(res)}max err {res['max_abs_err_vs_reference']:.1e}"
-        )
-        torch.cuda.empty_cache()
+    report["prefill"] = run_shapes(
+        PREFILL_SHAPES, bench_prefill, "prefill_kernel", "TFLOPs", mm_tflops, "fraction_of_matmul",
+        lambda k: f"prefill kernel {k['median_ms']:.3f} ms ({k['TFLOPs']:.1f} TFLOP/s)",
+    )  # fmt: skip
 
     if sweep:
         report["decode_sweep"] = {}
