@@ -11,6 +11,7 @@ Auto classes when transformers is installed (see modegpt_rt.hf).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -29,7 +30,7 @@ def load(
     tokenizer=True,
     align=None,
     weight_dtype=None,
-    huge_pages=True,
+    huge_pages=None,
 ):
     """Load a variable-rank checkpoint dir, a dense HF LLaMA folder, or a .gguf file.
 
@@ -40,8 +41,8 @@ def load(
     (`Model.align_widths`); the outputs are the same. `weight_dtype=torch.bfloat16` with float32 on a CPU
     stores the matrices in bfloat16 and computes in float32 (`Model.store_weights`): decoding reads half
     the bytes per token. On a CPU the weight matrices are placed on transparent huge pages where the system
-    grants them (`Model.use_huge_pages`; `huge_pages=False` keeps ordinary pages): same values, a faster
-    weight stream.
+    grants them (`Model.use_huge_pages`): same values, a faster weight stream. `huge_pages=False` keeps
+    ordinary pages; the default follows $MODEGPT_RT_HUGE_PAGES (`0` or `off`: ordinary pages; otherwise on).
     """
     from modegpt_rt.checkpoint import build_model
 
@@ -56,6 +57,8 @@ def load(
         model.align_widths()
     if weight_dtype is not None and weight_dtype != model.dtype:
         model.store_weights(weight_dtype)
+    if huge_pages is None:
+        huge_pages = os.environ.get("MODEGPT_RT_HUGE_PAGES", "on").strip().lower() not in ("0", "off", "false", "no")
     if huge_pages:
         model.use_huge_pages()
     model.source = str(path)

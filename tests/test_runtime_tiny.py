@@ -1292,6 +1292,12 @@ def test_huge_pages_move_every_matrix_and_change_no_result(tiny_hf_dir, monkeypa
     gc.collect()
     assert not mapped(addr) and mapped(model.layers[1].wqkv.data_ptr())
 
+    # load's default follows $MODEGPT_RT_HUGE_PAGES
+    monkeypatch.setenv("MODEGPT_RT_HUGE_PAGES", "off")
+    assert modegpt_rt.load(tiny_hf_dir).embed.data_ptr() % hugepages.HUGE_PAGE != 0  # not moved
+    monkeypatch.setenv("MODEGPT_RT_HUGE_PAGES", "1")
+    assert modegpt_rt.load(tiny_hf_dir).embed.data_ptr() % hugepages.HUGE_PAGE == 0
+
     monkeypatch.setattr(hugepages, "supported", lambda: False)
     untouched = modegpt_rt.load(tiny_hf_dir, huge_pages=False)
     before = [t.data_ptr() for t in matrices(untouched)]
