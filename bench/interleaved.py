@@ -1,7 +1,7 @@
 """Side-by-side decode throughput with the models interleaved round by round.
 
     python -m modegpt_rt.bench.interleaved PATH [PATH...] [--batch 1,8] [--rounds 5]
-        [--weights float32,bfloat16] [--huge-pages on,off] [--json OUT]
+        [--weights float32,bfloat16] [--huge-pages off,on] [--json OUT]
 
 `modegpt bench throughput` times one model after another, so a change in the machine's memory
 bandwidth between them (shared hosts) shows up as a speed difference. Here every round runs each
@@ -9,7 +9,7 @@ model once (prompt 128 + 128 new greedy tokens, EOS ignored) and the medians ove
 compared, so slow phases hit all models alike. `--weights float32,bfloat16` runs every path twice: with
 float32 matrices and with bfloat16 ones (`load(weight_dtype=...)`, computing in float32). `--huge-pages on,off`
 runs every path with its weights on transparent huge pages (`load`'s default) and on ordinary 4 KB pages
-(`load(huge_pages=False)`).
+(`load(huge_pages=False)`); without it `load`'s default applies ($MODEGPT_RT_HUGE_PAGES).
 """
 
 from __future__ import annotations
@@ -31,20 +31,24 @@ def main(argv=None):
     add_run_args(p)
     p.add_argument("--weights", default="float32", help="comma-separated weight dtypes to run each path with")
     p.add_argument(
-        "--huge-pages", default="on", help="on, off or on,off: weights on transparent huge pages (load's default)"
+        "--huge-pages",
+        default="auto",
+        help="on, off, or both comma-separated: weights on transparent huge pages or ordinary ones (auto: load's"
+        " default)",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     weights = [getattr(torch, w) for w in args.weights.split(",")]
-    pages = [{"on": True, "off": False}.get(x) for x in args.huge_pages.split(",")]
-    if None in pages:
-        p.error(f"--huge-pages takes on, off or both comma-separated, got {args.huge_pages!r}")
+    choices = {"on": True, "off": False, "auto": None}
+    if any(x not in choices for x in args.huge_pages.split(",")):
+        p.error(f"--huge-pages takes on, off (both comma-separated) or auto, got {args.huge_pages!r}")
+    pages = [choices[x] for x in args.huge_pages.split(",")]
     runs = list(itertools.product(args.paths, weights, pages))
     models = [modegpt_rt.load(path, weight_dtype=w, huge_pages=hp) for path, w, hp in runs]
     names = [
         path
         + ("" if w == torch.float32 else f" [{str(w).removeprefix('torch.')} weights]")
-        + ("" if hp else " [4 KB pages]")
+        + (" [4 KB pages]" if hp is False else "")
         for path, w, hp in runs
     ]
     batches = [int(b) for b in args.batch.split(",")]

@@ -1033,6 +1033,14 @@ def test_interleaved_bench_runs_both_weight_dtypes(tiny_hf_dir, tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [(r["batch"], r["weight_dtype"]) for r in rows] == [(b, w) for b in (1, 2) for w in ("float32", "bfloat16")]
     assert rows[0]["vs_first"] == 1.0 and all(r["tok_s"] > 0 for r in rows)
+    interleaved.main(
+        [str(tiny_hf_dir), "--huge-pages", "off,on", "--batch", "1", "--prompt", "4", "--new", "3"]
+        + ["--rounds", "1", "--threads", str(torch.get_num_threads()), "--json", str(out)]
+    )
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["huge_pages"], r["name"].endswith("[4 KB pages]")) for r in rows] == [(False, True), (True, False)]
+    with pytest.raises(SystemExit):
+        interleaved.main([str(tiny_hf_dir), "--huge-pages", "yes"])
 
 
 def test_output_checks_come_before_the_work_and_overwrite_replaces_checkpoints_only(
