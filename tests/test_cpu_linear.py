@@ -181,6 +181,30 @@ def test_cpu_linear_prefetch_changes_no_result(weights):
         assert torch.equal(a, b) and torch.allclose(a, ref[:m], rtol=1e-5, atol=1e-4)
 
 
+def test_cpu_linear_three_row_blocks_change_no_result():
+    """Products of 8 inputs with float32 weights and rows of at least 1024 read three weight rows at a time
+    (`set_rows3_min_k`): bit for bit the one-row kernel's outputs, for row counts that leave one or two
+    rows after the triples, widths with and without a masked tail, 16-row chunks split across threads, and
+    shorter rows (which keep the one-row kernel)."""
+    from modegpt_rt.kernels import _cpu_linear
+
+    default = _cpu_linear.get_rows3_min_k()
+    assert default == 1024
+    g = torch.Generator().manual_seed(6)
+    for n, k in ((301, 1537), (48, 1024), (95, 1536), (7, 1064), (64, 864), (7, 40)):
+        x, w = torch.randn(8, k, generator=g), torch.randn(n, k, generator=g)
+        try:
+            outs = []
+            for setting in (default, 0, 1 << 30):  # the default rule, always, never
+                _cpu_linear.set_rows3_min_k(setting)
+                outs.append(cpu_linear.linear(x, w))
+        finally:
+            _cpu_linear.set_rows3_min_k(default)
+        ref = (x.double() @ w.double().T).float()
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (n, k)
+        assert torch.allclose(outs[0], ref, rtol=1e-5, atol=1e-4), (n, k)
+
+
 def test_prefetch_ab_bench_runs(tiny_hf_dir, tmp_path):
     import json
 
@@ -196,3 +220,26 @@ def test_prefetch_ab_bench_runs(tiny_hf_dir, tmp_path):
         (w, b) for w in ("float32", "bfloat16") for b in (1, 5)
     }
     assert all(r["tok_s_off"] > 0 and r["tok_s_on"] > 0 for r in res["results"]) and res["prefetch_from"] == 4
+    prefetch_ab.main(
+        [str(tiny_hf_dir), "--switch", "rows3", "--batch", "8", "--prompt", "4", "--new", "3", "--rounds", "1"]
+        + ["--threads", "1", "--json", str(out)]
+    )
+    res = json.loads(out.read_text())
+    assert res["kind"] == "rows3_ab" and [r["batch"] for r in res["results"]] == [8]
+    from modegpt_rt.kernels import _cpu_linear
+
+    assert _cpu_linear.get_rows3_min_k() == 1024 and _cpu_linear.get_prefetch_from() == 4  # switches restored
+
+
+def test_rows3_shapes_bench_runs(tmp_path):
+    import json
+
+    from modegpt_rt.bench import rows3_shapes
+    from modegpt_rt.kernels import _cpu_linear
+
+    out = tmp_path / "r.json"
+    rows3_shapes.main(["--shapes", "48x1040,16x64", "--rounds", "1", "--mb", "1", "--threads", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert [(r["N"], r["K"]) for r in res["results"]] == [(48, 1040), (16, 64)]
+    assert all(r["gflops"]["one_row"] > 0 and r["gflops"]["three_rows"] > 0 for r in res["results"])
+    assert res["default_min_k"] == 1024 == _cpu_linear.get_rows3_min_k()  # restored

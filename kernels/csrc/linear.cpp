@@ -37,6 +37,13 @@ constexpr int kMaxRows = 8;  // inputs handled per pass over W
 // SmolLM2 decoding, `python -m modegpt_rt.bench.prefetch_ab` (bench/results/prefetch_ab_dense.json): float32
 // batch 8 1.17x, batch 4 1.05x, batch 1 1.00x. Settable at run time (`set_prefetch_from`) for that A/B.
 int g_prefetch_from = 4;
+// Products of 8 inputs with float32 weights and at least g_rows3_min_k inputs per row (8 input rows of 32 KB
+// or more: L1's size) use rows_block3, three weight rows at a time. Where it pays, one-row -> three-row
+// kernel through cpu_linear.linear, two threads, weights from DRAM (`python -m modegpt_rt.bench.rows3_shapes`,
+// bench/results/rows3_shapes.json): the down projections with long rows gain (576 x 1536 about 1.5x), rows of
+// 576, whose inputs stay in L1, do not. Settable at run time (`set_rows3_min_k`; 0 = always, 1 << 30 =
+// never) for the benches.
+int64_t g_rows3_min_k = 1024;
 
 // Weights are float32, or bfloat16 (the upper half of a float32: a 16-bit shift widens it exactly).
 // bfloat16 weights halve the bytes a decode step reads; inputs, accumulators and outputs stay float32.
@@ -108,6 +115,48 @@ void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, i
       y[m * ldy + n] = hsum(s);
     }
   }
+}
+
+// float32 weights, three rows of W at a time against M inputs: each input vector is loaded once for three
+// rows, not three times. At 8 inputs of a long row the one-row kernel is bound by those loads, not by memory
+// (the inputs of a K = 1536 down projection, 48 KB, do not fit L1): see g_rows3_min_k for where it pays. Per
+// output the sum runs in the same order as rows_block<M, float, true>
+// with U = 1 (16 at a time, then the masked tail), so the results are bit for bit the same. Rows left over
+// after the triples go through rows_block.
+template <int M>
+void rows_block3(const float* x, int64_t K, const float* W, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int R = 3;
+  const int64_t kfull = K & ~int64_t(15);
+  const __mmask16 tail = (__mmask16)((1u << (K - kfull)) - 1u);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    const float* w = W + n * K;
+    __m512 acc[M][R];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kfull; k += 16) {
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+        wv[r] = load16(w + r * K + k);
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+      }
+    }
+    if (tail) {
+      __m512 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load16_masked(w + r * K + kfull, tail);
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * K + kfull);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) y[m * ldy + n + r] = hsum(acc[m][r]);
+  }
+  if (n < n1) rows_block<M, float, true>(x, K, W, y, ldy, n, n1);
 }
 
 // bfloat16 weights, 32 at a time: one 64-byte load holds 16 (even, odd) pairs; a 16-bit shift widens the even
@@ -216,7 +265,12 @@ void gemv(const float* x, const Wt* W, float* y, int64_t M, int64_t K, int64_t N
   {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
-      const BlockFn<Wt> fn = mb >= g_prefetch_from ? kBlocks<Wt, true>[mb] : kBlocks<Wt, false>[mb];
+      BlockFn<Wt> fn = mb >= g_prefetch_from ? kBlocks<Wt, true>[mb] : kBlocks<Wt, false>[mb];
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<Wt, float>) {
+        if (mb == kMaxRows && K >= g_rows3_min_k) fn = rows_block3<kMaxRows>;
+      }
+#endif
       const float* xb = x + m0 * K;
       float* yb = y + m0 * N;
       over_row_chunks(N, K, [&](int64_t n0, int64_t n1) { fn(xb, K, W, yb, N, n0, n1); });
@@ -430,6 +484,12 @@ PYBIND11_MODULE(_cpu_linear, m) {
       "products with at least this many input rows prefetch the next weight row (default 4; 9 = never)",
       py::arg("rows"));
   m.def("get_prefetch_from", [] { return g_prefetch_from; });
+  m.def(
+      "set_rows3_min_k", [](int64_t k) { g_rows3_min_k = k; },
+      "products of 8 inputs with float32 weights and rows of at least k read three weight rows at a time "
+      "(default 1024; 0 = always, 1 << 30 = never)",
+      py::arg("k"));
+  m.def("get_rows3_min_k", [] { return g_rows3_min_k; });
   m.def("add_rms_norm", &add_rms_norm, "h += delta (if delta_ptr != 0); out = RMSNorm(h) * w (float32 rows)");
   m.def("silu_mul", &silu_mul, "out = silu(gu[:, :k]) * gu[:, k:] (float32 rows)");
   py::class_<DecodePlan>(m, "DecodePlan", "all layers of a float32 decode step in one call (raw pointers; weights float32 or bfloat16)")
