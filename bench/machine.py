@@ -47,16 +47,21 @@ def interleaved_rounds(runs: dict, new_tokens: int, rounds: int, what: str = "")
 def write_run(args, argv, kind: str, module: str, **fields) -> None:
     """Write a bench's result JSON to `args.json` (if given): what ran (`kind`, the command line of `module`),
     the machine, the options of `add_run_args`, then `fields`."""
-    if not args.json:
-        return
+    if args.json:
+        run = {k: getattr(args, k) for k in ("threads", "prompt", "new", "rounds")}
+        write_result(args.json, kind, module, argv, **run, **fields)
+
+
+def write_result(path, kind: str, module: str, argv, **fields) -> None:
+    """Write a result JSON: `kind`, the command line of `module` (`argv`, or the process's own), the machine,
+    then `fields`."""
     out = {
         "kind": kind,
         "command": f"python -m modegpt_rt.bench.{module} " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": describe(),
-        **{k: getattr(args, k) for k in ("threads", "prompt", "new", "rounds")},
         **fields,
     }
-    with open(args.json, "w") as f:
+    with open(path, "w") as f:
         json.dump(out, f, indent=1)
 
 

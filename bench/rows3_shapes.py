@@ -12,13 +12,11 @@ down projections of its compressed layers.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 
 import torch
-from modegpt_rt.bench.machine import describe
+from modegpt_rt.bench.machine import write_result
 from modegpt_rt.kernels import _cpu_linear, cpu_linear
 
 SHAPES = "3072x576,2128x576,960x576,576x576,576x1536,576x1064,576x864"
@@ -57,16 +55,8 @@ def main(argv=None):
     finally:
         _cpu_linear.set_rows3_min_k(default)
     if args.json:
-        out = {
-            "kind": "rows3_shapes",
-            "command": "python -m modegpt_rt.bench.rows3_shapes " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": describe(),
-            "threads": args.threads,
-            "default_min_k": default,
-            "results": rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        fields = dict(threads=args.threads, default_min_k=default, results=rows)
+        write_result(args.json, "rows3_shapes", "rows3_shapes", argv, **fields)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ count, the alternative those thresholds are set against.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from modegpt_rt.bench.machine import describe
+from modegpt_rt.bench.machine import write_result
 from modegpt_rt.kernels import cpu_linear
 
 
@@ -79,16 +78,7 @@ def main(argv=None):
                 )
     torch.set_num_threads(default_threads)
     if args.json:
-        out = {
-            "kind": "skinny_linear",
-            "command": "python -m modegpt_rt.bench.skinny_linear " + " ".join(argv or __import__("sys").argv[1:]),
-            "machine": describe(),
-            "shape": [N, K],
-            "copies": copies,
-            "results": rows,
-        }
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_result(args.json, "skinny_linear", "skinny_linear", argv, shape=[N, K], copies=copies, results=rows)
 
 
 if __name__ == "__main__":
