@@ -198,10 +198,14 @@ def test_cpu_linear_three_row_blocks_change_no_result():
             for setting in (default, 0, 1 << 30):  # the default rule, always, never
                 _cpu_linear.set_rows3_min_k(setting)
                 outs.append(cpu_linear.linear(x, w))
+            _cpu_linear.set_rows3_min_k(0)
+            _cpu_linear.set_prefetch_from(9)  # three-row blocks without the prefetch
+            outs.append(cpu_linear.linear(x, w))
         finally:
             _cpu_linear.set_rows3_min_k(default)
+            _cpu_linear.set_prefetch_from(4)
         ref = (x.double() @ w.double().T).float()
-        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), (n, k)
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), (n, k)
         assert torch.allclose(outs[0], ref, rtol=1e-5, atol=1e-4), (n, k)
 
 

@@ -120,10 +120,9 @@ void rows_block(const float* x, int64_t K, const Wt* W, float* y, int64_t ldy, i
 // float32 weights, three rows of W at a time against M inputs: each input vector is loaded once for three
 // rows, not three times. At 8 inputs of a long row the one-row kernel is bound by those loads, not by memory
 // (the inputs of a K = 1536 down projection, 48 KB, do not fit L1): see g_rows3_min_k for where it pays. Per
-// output the sum runs in the same order as rows_block<M, float, true>
-// with U = 1 (16 at a time, then the masked tail), so the results are bit for bit the same. Rows left over
-// after the triples go through rows_block.
-template <int M>
+// output the sum runs in the same order as rows_block<M, float, prefetch> with U = 1 (16 at a time, then the
+// masked tail), so the results are bit for bit the same. Rows left over after the triples go through rows_block.
+template <int M, bool prefetch>
 void rows_block3(const float* x, int64_t K, const float* W, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int R = 3;
   const int64_t kfull = K & ~int64_t(15);
@@ -137,7 +136,7 @@ void rows_block3(const float* x, int64_t K, const float* W, float* y, int64_t ld
     for (int64_t k = 0; k < kfull; k += 16) {
       __m512 wv[R];
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
+        if constexpr (prefetch) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * K + k), _MM_HINT_T0);
         wv[r] = load16(w + r * K + k);
       }
       for (int m = 0; m < M; ++m) {
@@ -156,7 +155,7 @@ void rows_block3(const float* x, int64_t K, const float* W, float* y, int64_t ld
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) y[m * ldy + n + r] = hsum(acc[m][r]);
   }
-  if (n < n1) rows_block<M, float, true>(x, K, W, y, ldy, n, n1);
+  if (n < n1) rows_block<M, float, prefetch>(x, K, W, y, ldy, n, n1);
 }
 
 // bfloat16 weights, 32 at a time: one 64-byte load holds 16 (even, odd) pairs; a 16-bit shift widens the even
@@ -265,10 +264,11 @@ void gemv(const float* x, const Wt* W, float* y, int64_t M, int64_t K, int64_t N
   {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int64_t mb = (M - m0 < kMaxRows) ? (M - m0) : kMaxRows;
-      BlockFn<Wt> fn = mb >= g_prefetch_from ? kBlocks<Wt, true>[mb] : kBlocks<Wt, false>[mb];
+      const bool pf = mb >= g_prefetch_from;
+      BlockFn<Wt> fn = pf ? kBlocks<Wt, true>[mb] : kBlocks<Wt, false>[mb];
 #if defined(__AVX512F__)
-      if constexpr (std::is_same_v<Wt, float>) {
-        if (mb == kMaxRows && K >= g_rows3_min_k) fn = rows_block3<kMaxRows>;
+      if constexpr (std::is_same_v<Wt, float>) {  // the prefetch switch holds for the three-row blocks too
+        if (mb == kMaxRows && K >= g_rows3_min_k) fn = pf ? rows_block3<kMaxRows, true> : rows_block3<kMaxRows, false>;
       }
 #endif
       const float* xb = x + m0 * K;
