@@ -42,6 +42,7 @@ def main(argv=None):
     p.add_argument("--refit", default="all")
     p.add_argument("--refit-samples", type=int, default=32)
     p.add_argument("--refit-prior", type=float, default=0.0)
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "auto"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib", default="wikitext2", help="wikitext2 | generated | a text file")
     p.add_argument("--zeroshot-limit", type=int, default=0, help="also score the five tasks on N items each")

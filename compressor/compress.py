@@ -7,6 +7,7 @@ CPU), summed across micro-batches in float64; all decompositions run in float64.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import resource
@@ -55,6 +56,7 @@ class CompressOptions:
     probe_tokens: int = 1024  # sensitivity allocation: tokens whose logits measure each trial compression
     sensitivity_from: str | None = None  # sensitivity allocation: reuse this earlier run's table
     micro_batch: int = 4
+    compute_dtype: str = "float32"  # float32 | bfloat16 | auto: the calibration passes' matrix products
 
     @classmethod
     def from_args(cls, args) -> CompressOptions:
@@ -76,6 +78,7 @@ class CompressOptions:
             refit_prior=getattr(args, "refit_prior", 0.0),
             probe_tokens=getattr(args, "probe_tokens", 1024),
             sensitivity_from=getattr(args, "sensitivity_from", None),
+            compute_dtype=getattr(args, "compute_dtype", "float32"),
         )
 
     def validate(self):
@@ -113,8 +116,29 @@ class CompressOptions:
             raise ValueError(f"ridge λ must be positive, got {self.ridge}")
         if not 0.0 <= self.attn_ratio <= 10.0:
             raise ValueError(f"attention ratio must be in [0, 10], got {self.attn_ratio}")
+        if self.compute_dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"compute dtype {self.compute_dtype!r}: choose float32, bfloat16 or auto")
         if self.split and self.attn_ratio != 1.0:
             raise ValueError("--split chooses the MLP/attention sparsities itself; drop --attn-ratio")
+
+
+def compute_dtype(opts: CompressOptions, device) -> torch.dtype:
+    """The dtype of the calibration passes' matrix products; `auto`: bfloat16 on a CPU that multiplies it
+    natively (AVX512-BF16 / AMX), else float32."""
+    if opts.compute_dtype == "auto":
+        from modegpt_rt.kernels import cpu_has_native_bfloat16
+
+        native = torch.device(device).type != "cpu" or cpu_has_native_bfloat16()
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, opts.compute_dtype)
+
+
+def _products_in(dtype: torch.dtype, device) -> contextlib.AbstractContextManager:
+    """Autocast the forward passes' linear layers and attention to `dtype` (weights and the residual streams
+    stay float32; the statistics are gathered in float32 and summed in float64, see `_Stats`)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def _batches(n: int, size: int):
@@ -128,8 +152,9 @@ def _check_float32(model: Model):
 
 
 @torch.no_grad()
-def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int):
-    """Per layer: BI of the whole layer, of its attention sub-block and of its MLP sub-block."""
+def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int, dtype=torch.float32):
+    """Per layer: BI of the whole layer, of its attention sub-block and of its MLP sub-block
+    (`dtype`: the products' dtype, see `_products_in`)."""
     _check_float32(model)
     L = len(model.layers)
     acc = torch.zeros(3, L, dtype=torch.float64)
@@ -138,8 +163,9 @@ def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int)
     for sl in _batches(tokens.shape[0], micro_batch):
         h = torch.nn.functional.embedding(tokens[sl], model.embed)
         for i, layer in enumerate(model.layers):
-            mid = h + model.attention_block(layer, h)
-            out = mid + layer.mlp(rms_norm(mid, layer.mlp_norm, eps))
+            with _products_in(dtype, h.device):
+                mid = h + model.attention_block(layer, h)
+                out = mid + layer.mlp(rms_norm(mid, layer.mlp_norm, eps))
             for j, (a, b) in enumerate(((h, out), (h, mid), (mid, out))):
                 acc[j, i] += block_influence(a, b)[0]
             h = out
@@ -181,7 +207,7 @@ def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions, pro
         attn, mlp, found = sensitivity_allocation(model, tokens, opts, progress)
         return attn, mlp, {**info, **found, "eps": None}
     bi = tokens[: opts.bi_samples]
-    layer_s, attn_s, mlp_s = block_influence_scores(model, bi, opts.micro_batch)
+    layer_s, attn_s, mlp_s = block_influence_scores(model, bi, opts.micro_batch, compute_dtype(opts, model.device))
     info.update(bi_samples=int(bi.shape[0]), bi_layer=layer_s.tolist(), bi_attn=attn_s.tolist(), bi_mlp=mlp_s.tolist())
     if not opts.split:
         phi, eps = allocate_sparsity(layer_s, opts.rate, opts.eps, opts.max_layer_sparsity)
@@ -195,7 +221,8 @@ def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions, pro
 
 
 class _Stats:
-    """Correlation Σ xᵀx accumulated in float64 from float32 micro-batch products.
+    """Correlation Σ xᵀx accumulated in float64 from float32 micro-batch products (bfloat16 inputs, from
+    passes computed in it, are widened first; autocast is off inside).
 
     Only the blocks on and above the diagonal are multiplied (the rest is their mirror):
     with 4 column blocks that is 10/16 of the full product's work.
@@ -208,24 +235,26 @@ class _Stats:
         self.cuts = [slice(s, min(dim, s + step)) for s in range(0, dim, step)]
 
     def add(self, x):
-        x = x.reshape(-1, x.shape[-1])
-        for i, a in enumerate(self.cuts):
-            for b in self.cuts[i:]:
-                blk = (x[:, a].T @ x[:, b]).double()
-                self.C[a, b] += blk
-                if b != a:
-                    self.C[b, a] += blk.T
+        x = x.reshape(-1, x.shape[-1]).float()
+        with torch.autocast(x.device.type, enabled=False):
+            for i, a in enumerate(self.cuts):
+                for b in self.cuts[i:]:
+                    blk = (x[:, a].T @ x[:, b]).double()
+                    self.C[a, b] += blk
+                    if b != a:
+                        self.C[b, a] += blk.T
         self.tokens += x.shape[0]
 
 
 class _Cross:
-    """Cross-correlation Σ aᵀb in float64 from float32 micro-batch products."""
+    """Cross-correlation Σ aᵀb in float64 from float32 micro-batch products (see `_Stats`)."""
 
     def __init__(self, m, n):
         self.C = torch.zeros(m, n, dtype=torch.float64)
 
     def add(self, a, b):
-        self.C += (a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])).double()
+        with torch.autocast(a.device.type, enabled=False):
+            self.C += (a.reshape(-1, a.shape[-1]).float().T @ b.reshape(-1, b.shape[-1]).float()).double()
 
 
 def refit_projection(
@@ -442,6 +471,7 @@ def compress(
     widths = widths_for_sparsity(cfg, attn_phi, mlp_phi, opts.multiples)
     t_alloc = time.time() - t0
 
+    dtype = compute_dtype(opts, model.device)
     h = torch.nn.functional.embedding(tokens, model.embed)  # [N, L, d] float32
     N = h.shape[0]
     # refit: the dense model's residual stream, advanced layer by layer with the dense weights, is the
@@ -464,7 +494,8 @@ def compress(
         for sl, f in zip(mb, fit):
             stats.add(rms_norm(h[sl], layer.attn_norm, eps))
             if f:
-                hd[sl] += model.attention_block(layer, hd[sl])  # dense weights still in place
+                with _products_in(dtype, h.device):
+                    hd[sl] += model.attention_block(layer, hd[sl])  # dense weights still in place
         if (w.d_qk, w.d_v) != (cfg.head_dim, cfg.head_dim):
             diverged = True
             new, freq_idx = compress_attention(layer, stats.C, w, cfg, opts.value_method)
@@ -477,7 +508,8 @@ def compress(
             gram, cross = _Stats(layer.n_head * layer.d_v), _Cross(layer.n_head * layer.d_v, cfg.hidden_size)
             heads = []
             for sl, f in zip(mb, fit):
-                z = model.attention_heads(layer, h[sl])
+                with _products_in(dtype, h.device):
+                    z = model.attention_heads(layer, h[sl])
                 if f:
                     gram.add(z)
                     cross.add(z, hd[sl] - h[sl])
@@ -498,20 +530,21 @@ def compress(
         cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if refit else None
         acts = []
         for j, (sl, f) in enumerate(zip(mb, fit)):
-            if heads is not None:
-                h[sl] += torch.nn.functional.linear(heads[j], layer.wo)
-                heads[j] = None
-            else:
-                h[sl] += model.attention_block(layer, h[sl])
-            gate_up = torch.nn.functional.linear(rms_norm(h[sl], layer.mlp_norm, eps), layer.w_gate_up)
-            act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
-            del gate_up
+            with _products_in(dtype, h.device):
+                if heads is not None:
+                    h[sl] += torch.nn.functional.linear(heads[j], layer.wo)
+                    heads[j] = None
+                else:
+                    h[sl] += model.attention_block(layer, h[sl])
+                gate_up = torch.nn.functional.linear(rms_norm(h[sl], layer.mlp_norm, eps), layer.w_gate_up)
+                act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
+                del gate_up
+                if f:
+                    hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
             if mstats is not None:
                 mstats.add(act)
-            if f:
-                hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
-                if refit:
-                    cross.add(act, hd[sl] - h[sl])
+            if f and refit:
+                cross.add(act, hd[sl] - h[sl])
             acts.append(act)
         idx = torch.arange(cfg.intermediate_size)
         if compress_k:
@@ -534,7 +567,8 @@ def compress(
             layer.load_weights(cfg, w, new, layer.freq_idx)
         del mstats, cross
         for sl, act in zip(mb, acts):
-            h[sl] += torch.nn.functional.linear(act[..., idx] if compress_k else act, layer.w_down)
+            with _products_in(dtype, h.device):
+                h[sl] += torch.nn.functional.linear(act[..., idx] if compress_k else act, layer.w_down)
         del acts
         bar.set_postfix(k_mlp=w.k_mlp, d_qk=w.d_qk, d_v=w.d_v)
 
@@ -558,6 +592,7 @@ def compress(
         "ridge_lambda": opts.ridge,
         "ridge_relative_to_mean_diag": opts.ridge_relative,
         "value_method": opts.value_method,
+        "compute_dtype": str(dtype).removeprefix("torch."),
         "refit": opts.refit,
         "refit_samples": R or None,
         "refit_prior": opts.refit_prior if R else None,

@@ -203,6 +203,44 @@ def test_refit_rate_zero_keeps_dense(tiny_hf_dir, refit):
     # not determine the weights: a refit from them moved the logits by 0.3)
 
 
+def test_compress_bfloat16_products_keep_statistics_in_float32(tiny_hf_dir, monkeypatch):
+    """--compute-dtype bfloat16: the passes' products run in bfloat16 (the model differs from the float32
+    run's, slightly), the statistics do not (a product under autocast is the float32 one, bit for bit), the
+    report says which dtype ran, and auto follows the CPU's bfloat16 support."""
+    from modegpt_rt.compressor import compress as comp
+
+    x = torch.randn(64, 40)
+    ref = comp._Stats(40)
+    ref.add(x)
+    cross = comp._Cross(40, 40)
+    cross.add(x, x)
+    with comp._products_in(torch.bfloat16, "cpu"):
+        st = comp._Stats(40)
+        st.add(x)
+        cr = comp._Cross(40, 40)
+        cr.add(x, x)
+    assert torch.equal(st.C, ref.C) and torch.equal(cr.C, cross.C)
+    assert torch.allclose(st.C, x.double().T @ x.double(), rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, 97, (2, 24))
+    calib = torch.randint(0, 97, (8, 32))
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+        opts = CompressOptions(rate=0.3, allocation="uniform", bi_samples=4, compute_dtype=dtype)
+        report = compress(model, calib, opts, progress=False)
+        assert report["compute_dtype"] == dtype
+        assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
+        out[dtype] = model(ids).logits
+    gap = (out["bfloat16"] - out["float32"]).abs().max().item()
+    assert 0 < gap < 0.05 * out["float32"].abs().max().item(), gap
+    monkeypatch.setattr("modegpt_rt.kernels.cpu_has_native_bfloat16", lambda: False)
+    assert comp.compute_dtype(CompressOptions(rate=0.3, compute_dtype="auto"), "cpu") == torch.float32
+    monkeypatch.setattr("modegpt_rt.kernels.cpu_has_native_bfloat16", lambda: True)
+    assert comp.compute_dtype(CompressOptions(rate=0.3, compute_dtype="auto"), "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="compute dtype"):
+        CompressOptions(rate=0.3, compute_dtype="float16").validate()
+
+
 def _mlp_input_and_kept_activations(m, calib):
     """One-layer model: the residual after the (compressed) attention, and the kept MLP channels' activations."""
     from modegpt_rt.model import rms_norm
