@@ -123,12 +123,13 @@ class CompressOptions:
 
 
 def compute_dtype(opts: CompressOptions, device) -> torch.dtype:
-    """The dtype of the calibration passes' matrix products; `auto`: bfloat16 on a CPU that multiplies it
-    natively (AVX512-BF16 / AMX), else float32."""
+    """The dtype of the calibration passes' matrix products; `auto`: bfloat16 on a CPU (AVX512-BF16 / AMX) or
+    GPU that multiplies it natively, else float32."""
     if opts.compute_dtype == "auto":
         from modegpt_rt.kernels import cpu_has_native_bfloat16
 
-        native = torch.device(device).type != "cpu" or cpu_has_native_bfloat16()
+        kind = torch.device(device).type
+        native = cpu_has_native_bfloat16() if kind == "cpu" else kind == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if native else torch.float32
     return getattr(torch, opts.compute_dtype)
 
@@ -226,16 +227,20 @@ class _Stats:
 
     Only the blocks on and above the diagonal are multiplied (the rest is their mirror):
     with 4 column blocks that is 10/16 of the full product's work.
+    `product_dtype=torch.bfloat16` multiplies in bfloat16 instead (inputs rounded to it, sums accumulated in
+    float32 inside each product, each micro-batch's block rounded to bfloat16 once): for statistics that only
+    rank and project (the Nyström selection's), never for a least-squares Gram.
     """
 
-    def __init__(self, dim, blocks: int = 4):
+    def __init__(self, dim, blocks: int = 4, product_dtype: torch.dtype = torch.float32):
         self.C = torch.zeros(dim, dim, dtype=torch.float64)
         self.tokens = 0
+        self.product_dtype = product_dtype
         step = -(-dim // blocks)
         self.cuts = [slice(s, min(dim, s + step)) for s in range(0, dim, step)]
 
     def add(self, x):
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).to(self.product_dtype)
         with torch.autocast(x.device.type, enabled=False):
             for i, a in enumerate(self.cuts):
                 for b in self.cuts[i:]:
@@ -526,7 +531,10 @@ def compress(
         compress_k = w.k_mlp != cfg.intermediate_size
         diverged = diverged or compress_k
         refit = bool(R) and diverged
-        mstats = _Stats(cfg.intermediate_size) if compress_k else None
+        # Nyström's statistics only rank channels and project, so bfloat16 passes multiply them in bfloat16 too,
+        # unless they double as the refit's least-squares Gram (refit on every window)
+        stats_dtype = torch.float32 if refit and R == N else dtype
+        mstats = _Stats(cfg.intermediate_size, product_dtype=stats_dtype) if compress_k else None
         cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if refit else None
         acts = []
         for j, (sl, f) in enumerate(zip(mb, fit)):
