@@ -140,7 +140,8 @@ def _print_summary(cfg, report):
     print(
         f"allocation {report['allocation']}{' (B.11 split)' if report['split_mlp_attention'] else ''}"
         f"{'' if report.get('refit', 'none') == 'none' else ', refit ' + report['refit']}"
-        f"{f', eps={eps:.4g}' if eps else ''}; wall time {report['wall_seconds']:.0f} s "
+        f"{f', eps={eps:.4g}' if eps else ''}, {report['compute_dtype']} passes; "
+        f"wall time {report['wall_seconds']:.0f} s "
         f"(allocation {report['allocation_seconds']:.0f} s); peak memory {report['peak_rss_gib']:.2f} GiB"
     )
 

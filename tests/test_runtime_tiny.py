@@ -1182,6 +1182,11 @@ def test_bench_throughput_checks_options_first_and_baselines_the_dense_source(ti
         )
         == 0
     )
+    from modegpt_rt.compressor.compress import compute_dtype
+
+    ran = json.loads((ckpt / "config.json").read_text())["compression"]["compute_dtype"]  # --compute-dtype auto
+    assert ran == str(compute_dtype(CompressOptions(rate=0.3, compute_dtype="auto"), "cpu")).removeprefix("torch.")
+    assert f"{ran} passes" in capsys.readouterr().out
     assert throughput._dense_source(str(ckpt)) == str(tiny_hf_dir)  # --hf-baseline times the dense source
     assert throughput._dense_source(str(tiny_hf_dir)) == str(tiny_hf_dir)
     ok = dict(batch="1,8", prompt=4, new=3, repeats=1)
