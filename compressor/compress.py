@@ -3,12 +3,16 @@ each layer is compressed on inputs produced by the already-compressed layers bef
 
 Statistics: per micro-batch correlation matrices are float32 matrix products (fast on
 CPU), summed across micro-batches in float64; all decompositions run in float64.
+`compute_dtype` bfloat16 runs the passes' products and attention in bfloat16 (autocast) and
+multiplies Nyström's channel statistics in it too; the streams, the other statistics and
+every solve keep their precision.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import resource
 import time
@@ -477,6 +481,7 @@ def compress(
     t_alloc = time.time() - t0
 
     dtype = compute_dtype(opts, model.device)
+    passes = functools.partial(_products_in, dtype, model.device)  # `with passes():` around forward products
     h = torch.nn.functional.embedding(tokens, model.embed)  # [N, L, d] float32
     N = h.shape[0]
     # refit: the dense model's residual stream, advanced layer by layer with the dense weights, is the
@@ -499,7 +504,7 @@ def compress(
         for sl, f in zip(mb, fit):
             stats.add(rms_norm(h[sl], layer.attn_norm, eps))
             if f:
-                with _products_in(dtype, h.device):
+                with passes():
                     hd[sl] += model.attention_block(layer, hd[sl])  # dense weights still in place
         if (w.d_qk, w.d_v) != (cfg.head_dim, cfg.head_dim):
             diverged = True
@@ -513,7 +518,7 @@ def compress(
             gram, cross = _Stats(layer.n_head * layer.d_v), _Cross(layer.n_head * layer.d_v, cfg.hidden_size)
             heads = []
             for sl, f in zip(mb, fit):
-                with _products_in(dtype, h.device):
+                with passes():
                     z = model.attention_heads(layer, h[sl])
                 if f:
                     gram.add(z)
@@ -538,7 +543,7 @@ def compress(
         cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if refit else None
         acts = []
         for j, (sl, f) in enumerate(zip(mb, fit)):
-            with _products_in(dtype, h.device):
+            with passes():
                 if heads is not None:
                     h[sl] += torch.nn.functional.linear(heads[j], layer.wo)
                     heads[j] = None
@@ -575,7 +580,7 @@ def compress(
             layer.load_weights(cfg, w, new, layer.freq_idx)
         del mstats, cross
         for sl, act in zip(mb, acts):
-            with _products_in(dtype, h.device):
+            with passes():
                 h[sl] += torch.nn.functional.linear(act[..., idx] if compress_k else act, layer.w_down)
         del acts
         bar.set_postfix(k_mlp=w.k_mlp, d_qk=w.d_qk, d_v=w.d_v)
