@@ -257,8 +257,11 @@ class _Ends:
     """What ends a sequence: stop token ids (the model's end-of-sequence ids unless `ignore_eos`) and stop strings."""
 
     def __init__(self, model, stop, ignore_eos: bool):
-        stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
-        self.ids = {s for s in stop if isinstance(s, int)}
+        stop = [stop] if isinstance(stop, str) or _is_int(stop) else list(stop or [])
+        bad = [s for s in stop if not (isinstance(s, str) or (_is_int(s) and s >= 0))]
+        if bad:
+            raise ValueError(f"stop must hold strings and non-negative integer token ids, got {bad[0]!r}")
+        self.ids = {int(s) for s in stop if not isinstance(s, str)}
         self.strs = [s for s in stop if isinstance(s, str) and s]
         self.eos = set(model.config.eos_ids)
         self.ignore_eos = ignore_eos
@@ -296,9 +299,10 @@ class _Sequence:
         hit = None
         if self.need_text:
             text = self.tokenizer.decode(self.new, skip_special_tokens=True)
-            hit = next((s for s in ends.strs if s in text), None)
+            cuts = [i for i in (text.find(s) for s in ends.strs) if i >= 0]
+            hit = min(cuts) if cuts else None  # the stop string that starts first, whatever the list's order
             if hit is not None:
-                text = text[: text.index(hit)]
+                text = text[:hit]
             self.text = text
             if self.stream:
                 last = hit is not None or len(self.new) >= self.limit
@@ -367,6 +371,8 @@ class ContinuousBatch:
         """Run `prompt` (token ids, or a string when there is a tokenizer) from the next `step` on, which
         prefills it. `stream(index, token, delta)` and `on_finish(index, result)` as in `generate`, called
         with `index`. Sampling with temperature > 0 draws from `generator` (one made at random if None)."""
+        if not _is_int(max_new_tokens):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         _check_args(max_new_tokens, temperature, top_k, top_p)
         model, ctx = self.model, self.model.config.max_position_embeddings
         (ids,) = encode_prompts([prompt], self.tokenizer, model.config.vocab_size)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import round_matrices_to_bf16, tiny_hf_config
@@ -535,6 +536,12 @@ def test_generate_sampling_is_seeded_and_batched(tiny_hf_dir):
     stop_at = greedy_batch[0].token_ids[2]
     stopped = model.generate([prompts[0]], max_new_tokens=6, temperature=0, stop=[stop_at], ignore_eos=True)[0]
     assert stopped.finish_reason == "stop" and stop_at not in stopped.token_ids
+    # a NumPy integer is a token id like any other; what is neither a string nor a token id is refused
+    as_numpy = model.generate([prompts[0]], 6, temperature=0, stop=np.int64(stop_at), ignore_eos=True)[0]
+    assert as_numpy.token_ids == stopped.token_ids and as_numpy.finish_reason == "stop"
+    for bad in ([1.5], [-3], [True], [torch.tensor(stop_at)]):
+        with pytest.raises(ValueError, match="stop must hold strings and non-negative integer token ids"):
+            model.generate([prompts[0]], max_new_tokens=6, temperature=0, stop=bad)
 
 
 def test_generate_per_prompt_limits_and_on_finish(tiny_hf_dir):
@@ -1286,6 +1293,8 @@ def test_continuous_batch_cancel_keeps_the_others_exact(tiny_hf_dir):
         for k, p in prompts.items()
     }
     batch, done = ContinuousBatch(model, max_batch=4), {}
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        batch.add(prompts["a"], [6])  # one sequence, one limit
     finish = done.__setitem__
     for k in "abc":
         batch.add(prompts[k], 6, temperature=0, ignore_eos=True, index=k, on_finish=lambda i, r: finish(i, r))
