@@ -116,8 +116,8 @@ class CompressOptions:
             raise ValueError(f"refit samples must be >= 0 (0 = all), got {self.refit_samples}")
         if not 0.0 <= self.refit_prior < math.inf:
             raise ValueError(f"refit prior must be a finite number >= 0, got {self.refit_prior}")
-        if self.ridge <= 0:
-            raise ValueError(f"ridge λ must be positive, got {self.ridge}")
+        if not 0 < self.ridge < math.inf:
+            raise ValueError(f"ridge λ must be a positive finite number, got {self.ridge}")
         if not 0.0 <= self.attn_ratio <= 10.0:
             raise ValueError(f"attention ratio must be in [0, 10], got {self.attn_ratio}")
         if self.compute_dtype not in ("float32", "bfloat16", "auto"):

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -369,10 +370,11 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     if update and out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a folder")
+    recover_interrupted_save(out_dir)
     if not update:
         check_output_folder(out_dir, overwrite)
     (out_dir if update else out_dir.parent).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir if update else out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(out_dir, "tmp"), dir=out_dir if update else out_dir.parent))
     try:
         tensors = model_tensors(model)
         validate_tensors(tensors, model.config, "model to save")
@@ -389,15 +391,9 @@ def save_checkpoint(
         if update:
             _move_files_into(tmp, out_dir)
         elif out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(trash / "old", out_dir)  # put the old checkpoint back
-                shutil.rmtree(trash, ignore_errors=True)
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
+            # the folder's other files (notes, evaluation results) move into the new checkpoint: --overwrite
+            # replaces the checkpoint, not what a user kept beside it
+            _swap_in(tmp, out_dir)
         else:
             os.replace(tmp, out_dir)
     finally:
@@ -405,11 +401,77 @@ def save_checkpoint(
     return out_dir
 
 
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace the checkpoint folder `out_dir` by `tmp` in two renames. The folder's other files (notes,
+    evaluation results) move into the new checkpoint first: --overwrite replaces the checkpoint, not what a
+    user kept beside it. On any failure the old folder is back as it was."""
+    kept, trash = [], None
+    try:
+        for e in out_dir.iterdir():
+            if not (tmp / e.name).exists() and not _is_checkpoint_file(e.name):
+                os.replace(e, tmp / e.name)
+                kept.append(e.name)
+        trash = Path(tempfile.mkdtemp(prefix=_scratch_prefix(out_dir, "old"), dir=out_dir.parent))
+        os.replace(out_dir, trash / "old")
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            os.replace(trash / "old", out_dir)  # put the old checkpoint back (trash is kept if this fails)
+            raise
+    except BaseException:
+        for name in kept:
+            os.replace(tmp / name, out_dir / name)
+        if trash is not None and not (trash / "old").exists():
+            trash.rmdir()
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    """config.json and the weight files: what a new checkpoint replaces, never carries over."""
+    return name in ("config.json", WEIGHTS_NAME, INDEX_NAME) or bool(_SHARD_NAME.fullmatch(name))
+
+
+def _scratch_prefix(out_dir: Path, kind: str) -> str:
+    """Name prefix of a save's scratch folders beside (or in) `out_dir`; the pid tells a live save's from the
+    leftovers of one that was killed."""
+    return f".{out_dir.name}.{kind}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def recover_interrupted_save(out_dir) -> None:
+    """Clear what a killed save (SIGKILL, power loss) of `out_dir` left: its scratch folders, and if it died
+    between moving the old checkpoint aside and moving the new one in, put the old one back. Scratch
+    folders of saves still running (their process is alive) are left alone."""
+    out_dir = Path(out_dir)
+    pattern = re.compile(re.escape(f".{out_dir.name}.") + r"(tmp|old)-(\d+)-")
+    for where in (out_dir.parent, out_dir):
+        if not where.is_dir():
+            continue
+        for d in where.iterdir():
+            m = pattern.match(d.name)
+            if not m or not d.is_dir() or _pid_alive(int(m.group(2))):
+                continue
+            if m.group(1) == "old" and (d / "old").is_dir() and not out_dir.exists():
+                os.replace(d / "old", out_dir)
+                warnings.warn(f"{out_dir}: put back the checkpoint an interrupted save had moved to {d}", stacklevel=2)
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def check_output_folder(out_dir, overwrite: bool = False) -> None:
     """Raise unless a checkpoint can be written to `out_dir` (run it before long work): its nearest existing
     parent is a writable folder, and `out_dir` is absent, or (with `overwrite`) an empty folder or a modegpt
     checkpoint. `--overwrite` replaces checkpoints only: never a file, a folder of other things, or the
-    current folder or one above it."""
+    current folder or one above it (and `save_checkpoint` keeps the checkpoint folder's other files)."""
     out_dir = Path(out_dir)
     full = out_dir.resolve()
     if out_dir.exists():

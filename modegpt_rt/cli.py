@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -464,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' choice (default 0)")
     c.add_argument("--out", required=True, help="output checkpoint directory")
     c.add_argument(
-        "--overwrite", action="store_true", help="replace --out if it holds a modegpt checkpoint (or nothing)"
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds a modegpt checkpoint (or nothing); other files in it are kept",
     )
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compress)
@@ -619,6 +623,11 @@ def main(argv=None):
                 f"--{name.replace('_', '-')} must be at least {low}, got {v}"
             )
     _threads(args)
+    # SIGTERM (kill, a job scheduler's stop) unwinds like Ctrl-C, so an interrupted save removes its scratch
+    # folder and puts the old checkpoint back instead of leaving them behind
+    previous = (
+        signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         if getattr(args, "json", None):
             _check_json_out(args.json)
@@ -626,10 +635,21 @@ def main(argv=None):
     except (ValueError, OSError, CheckpointError, ConfigError, RuntimeError) as e:
         print(f"{command.prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("modegpt: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("modegpt: terminated" if isinstance(e, _Terminated) else "modegpt: interrupted", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,11 @@ MODEL_TYPE = "modegpt_llama"
 
 class ConfigError(ValueError):
     """A config that cannot describe a model we can serve."""
+
+
+def _positive(v) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < float("inf")
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ class ModelConfig:
                 raise ConfigError(f"{name}={v!r} must be a positive integer")
         for name in ("rms_norm_eps", "rope_theta"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            if not _positive(v):
                 raise ConfigError(f"{name}={v!r} must be a positive number")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (only 'silu', as in LLaMA)")
@@ -100,16 +106,27 @@ class ModelConfig:
                 raise ConfigError(f"layer {i}: d_qk={w.d_qk} must be even and in [2, {self.head_dim}]")
             if not 1 <= w.d_v <= self.head_dim:
                 raise ConfigError(f"layer {i}: d_v={w.d_v} outside [1, {self.head_dim}]")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, (list, tuple)) else [] if v is None else [v]
+            if not all(is_int(t) and 0 <= t < self.vocab_size for t in ids):
+                raise ConfigError(f"{name}={v!r} must be a token id (or a list of them) in [0, {self.vocab_size})")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings={self.tie_word_embeddings!r} must be true or false")
+        if self.compression is not None and not isinstance(self.compression, dict):
+            raise ConfigError(f"'compression' must be an object or null, got {type(self.compression).__name__}")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ConfigError(f"rope scaling must be an object or null, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ("default", "linear", "llama3"):
                 raise ConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
             need = {"linear": ["factor"], "default": []}.get(
                 kind, ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
             )
-            bad = [k for k in need if not isinstance(self.rope_scaling.get(k), (int, float))]
+            bad = [k for k in need if not _positive(self.rope_scaling.get(k))]
             if bad:
-                raise ConfigError(f"rope scaling {kind!r} needs numeric {', '.join(bad)}")
+                raise ConfigError(f"rope scaling {kind!r} needs positive finite {', '.join(bad)}")
 
     # ----------------------------------------------------------- derived sizes
     @property
@@ -208,12 +225,28 @@ def from_hf_config(hf: Any) -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if get(flag, False):
             raise ConfigError(f"{flag}=True is not supported (LLaMA-family models have no projection biases)")
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    bad = [f"{k}={get(k)!r}" for k in sizes if isinstance(get(k), bool) or not isinstance(get(k), int) or get(k) < 1]
+    if bad:
+        raise ConfigError(f"the model's config needs positive integer sizes: {', '.join(bad)}")
     heads = get("num_attention_heads")
     rope = get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"rope_parameters must be an object, got {rope!r}")
     theta = rope.get("rope_theta", get("rope_theta", 10000.0))
     scaling = get("rope_scaling")
     if rope and rope.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    context = get("max_position_embeddings", 2048)
+    window = get("sliding_window")
+    if _positive(window) and _positive(context) and window < context:
+        # no sliding-window attention here: full attention is exact up to the window, so that is the context
+        warnings.warn(
+            f"sliding_window={window}: modegpt_rt attends to every position, which is exact only within the "
+            f"window; the context is limited to {window} tokens (max_position_embeddings was {context})",
+            stacklevel=2,
+        )
+        context = int(window)
     return ModelConfig(
         vocab_size=get("vocab_size"),
         hidden_size=get("hidden_size"),
@@ -222,12 +255,17 @@ def from_hf_config(hf: Any) -> ModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=get("num_key_value_heads") or heads,
         head_dim=get("head_dim") or get("hidden_size") // heads,
-        rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
-        rope_theta=float(theta),
+        rms_norm_eps=_as_float(get("rms_norm_eps", 1e-5)),
+        rope_theta=_as_float(theta),
         rope_scaling=scaling,
-        max_position_embeddings=get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        max_position_embeddings=context,
+        tie_word_embeddings=get("tie_word_embeddings", False),
         bos_token_id=get("bos_token_id"),
         eos_token_id=get("eos_token_id"),
         hidden_act=get("hidden_act", "silu"),
     )
+
+
+def _as_float(v):
+    """A number as float; anything else as it is, for `validate` to name."""
+    return float(v) if _positive(v) else v

@@ -68,6 +68,10 @@ def encode_prompts(prompts, tokenizer, vocab_size: int | None = None, no_tokeniz
         if isinstance(p, str):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: what Python makes of bytes that are not UTF-8
+                raise ValueError(f"prompt {i} is not valid UTF-8 text (at character {e.start})") from None
             if tokenizer is None:
                 why = f" ({no_tokenizer})" if no_tokenizer else ""
                 raise ValueError(f"string prompts need a tokenizer, and this model has none{why}; pass token ids")

@@ -443,8 +443,17 @@ class Model(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> Output:
         """input_ids [B, T] (all sequences start at position 0) -> Output(logits [B, T, vocab])."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            what = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, tokens] tensor, got {what}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} outside the vocabulary [0, {self.config.vocab_size})")
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
                 f"{input_ids.shape[1]} tokens exceed max_position_embeddings {self.config.max_position_embeddings}"

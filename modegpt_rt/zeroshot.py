@@ -650,18 +650,17 @@ def paired_difference(a: dict, b: dict) -> dict:
     out = {}
     for task in a["tasks"].keys() & b["tasks"].keys():
         ra, rb = a["tasks"][task], b["tasks"][task]
-        metric = "acc_norm" if "acc_norm" in ra.get("items", {}) else "acc"
-        if metric not in ra.get("items", {}) or metric not in rb.get("items", {}):
-            raise ValueError(f"{task}: per-item results missing (written by an older version?)")
-        xa, xb = (dict(zip(r.get("indices") or range(len(r["items"][metric])), r["items"][metric])) for r in (ra, rb))
+        items = ra.get("items") if isinstance(ra, dict) else None
+        metric = "acc_norm" if isinstance(items, dict) and "acc_norm" in items else "acc"
+        xa, xb = (_scored_items(name, task, r, metric) for name, r in (("base", ra), ("other", rb)))
         common = sorted(xa.keys() & xb.keys())
         if not common:
             raise ValueError(f"{task}: the two results scored no item in common")
         n = len(common)
-        mean, se = _mean_stderr([int(xb[i]) - int(xa[i]) for i in common])
-        (acc_a, se_a), (acc_b, se_b) = (_mean_stderr([int(x[i]) for i in common]) for x in (xa, xb))
+        mean, se = _mean_stderr([xb[i] - xa[i] for i in common])
+        (acc_a, se_a), (acc_b, se_b) = (_mean_stderr([x[i] for i in common]) for x in (xa, xb))
         # covariance of the two means (sample covariance, ddof=1, over n): what the ratio's error needs
-        cov = sum((int(xa[i]) - acc_a) * (int(xb[i]) - acc_b) for i in common) / (n - 1) / n if n > 1 else math.nan
+        cov = sum((xa[i] - acc_a) * (xb[i] - acc_b) for i in common) / (n - 1) / n if n > 1 else math.nan
         out[task] = {
             "metric": metric,
             "n": n,
@@ -674,6 +673,25 @@ def paired_difference(a: dict, b: dict) -> dict:
             "cov": cov,
         }
     return dict(sorted(out.items()))
+
+
+def _scored_items(name: str, task: str, r, metric: str) -> dict[int, int]:
+    """One result's right (1) / wrong (0) answers for `metric`, keyed by the item's position in the task file;
+    a clear error for anything `evaluate` would not have written."""
+    where = f"{task} in the {name} file"
+    if not isinstance(r, dict) or not isinstance(r.get("items"), dict) or metric not in r["items"]:
+        raise ValueError(f"{where}: per-item results ('items.{metric}') missing (written by an older version?)")
+    marks = r["items"][metric]
+    if not isinstance(marks, str) or set(marks) - {"0", "1"}:
+        raise ValueError(f"{where}: 'items.{metric}' must be a string of 0s and 1s")
+    indices = r.get("indices")
+    if indices is None:
+        return {i: int(c) for i, c in enumerate(marks)}
+    if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ValueError(f"{where}: 'indices' must be a list of item positions")
+    if len(indices) != len(marks) or len(set(indices)) != len(indices):
+        raise ValueError(f"{where}: {len(indices)} indices ({len(set(indices))} distinct) for {len(marks)} items")
+    return {i: int(c) for i, c in zip(indices, marks)}
 
 
 def paired_average(diffs: dict) -> dict:

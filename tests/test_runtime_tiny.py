@@ -117,6 +117,7 @@ def test_compress_rejects_bad_options(tiny_hf_dir):
     bads += (dict(rate=0.8, allocation="uniform", attn_ratio=0.0),)  # the MLP alone would need 0.8 · 4/3 > 0.95
     bads += (dict(rate=0.95), dict(rate=0.3, eps=0.0), dict(rate=0.3, eps=-0.01), dict(rate=0.3, bi_samples=0))
     bads += (dict(rate=0.5, max_layer_sparsity=0.97), dict(rate=0.3, max_layer_sparsity=0.0))
+    bads += (dict(rate=0.3, ridge=float("nan")), dict(rate=0.3, ridge=float("inf")))
     for bad in bads:
         with pytest.raises(ValueError):
             compress(model, torch.randint(0, 97, (2, 8)), CompressOptions(**bad), progress=False)
@@ -396,11 +397,41 @@ def test_malformed_config_and_index_give_clear_errors(tiny_hf_dir, tmp_path):
         (edit(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
         (edit(layers={"a": 1}), "must be a list"),
         ([1, 2], "JSON object"),
+        (edit(rope_scaling={"rope_type": "linear", "factor": 0}), "positive finite factor"),
+        (edit(rope_scaling={"rope_type": "linear", "factor": float("nan")}), "positive finite factor"),
+        (edit(eos_token_id={"a": 1}), "eos_token_id"),
+        (edit(eos_token_id=10**9), "eos_token_id"),
+        (edit(bos_token_id="x"), "bos_token_id"),
+        (edit(compression="x"), "'compression' must be an object"),
+        (edit(tie_word_embeddings="false"), "true or false"),
     ]
     for cfg, msg in cases:
         (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(ConfigError, match=msg):
             modegpt_rt.load(tmp_path / "c")
+    # a dense HF folder: missing or null fields are named, never a TypeError from the arithmetic on them
+    hf_good = json.loads((tiny_hf_dir / "config.json").read_text())
+    (tmp_path / "hf").mkdir()
+    for name in ("model.safetensors", "generation_config.json"):
+        if (tiny_hf_dir / name).exists():
+            (tmp_path / "hf" / name).write_bytes((tiny_hf_dir / name).read_bytes())
+    hf_cases = [
+        ({"hidden_size": None, "head_dim": None}, "hidden_size=None"),
+        ({"num_attention_heads": 0}, "num_attention_heads=0"),
+        ({"rms_norm_eps": None}, "rms_norm_eps=None"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": None}}, "rope_theta=None"),
+        ({"rope_parameters": [1]}, "rope_parameters must be an object"),
+        ({"tie_word_embeddings": "false"}, "true or false"),
+    ]
+    for change, msg in hf_cases:
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf_good, **change}))
+        with pytest.raises(ConfigError, match=msg):
+            modegpt_rt.load(tmp_path / "hf")
+    # no sliding-window attention here: such a model's context is its window, where full attention is exact
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf_good, "model_type": "mistral", "sliding_window": 16}))
+    with pytest.warns(UserWarning, match="limited to 16 tokens"):
+        windowed = modegpt_rt.load(tmp_path / "hf", tokenizer=False)
+    assert windowed.config.max_position_embeddings == 16
     (tmp_path / "c" / "config.json").write_text(json.dumps(good))
     for index in ("{not json", json.dumps({"metadata": {}}), json.dumps({"weight_map": {"x": "../model.safetensors"}})):
         (tmp_path / "c" / "model.safetensors.index.json").write_text(index)
@@ -450,6 +481,83 @@ def test_save_is_atomic_and_refuses_existing(tiny_hf_dir, tmp_path, monkeypatch)
     monkeypatch.undo()
     assert (out / "model.safetensors").read_bytes() == before  # put back
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_overwrite_keeps_other_files_and_a_killed_save_is_cleared(tiny_hf_dir, tmp_path, monkeypatch):
+    """--overwrite replaces a checkpoint's config and weights but keeps what a user put beside them, also when
+    the swap fails; what a killed save left (scratch folders, the old checkpoint moved aside) is cleared or
+    put back by the next save, while a running save's scratch folder is left alone."""
+    import os
+    import shutil
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    out = save_checkpoint(model, tmp_path / "c", max_shard_bytes=2000)
+    (out / "eval.json").write_text("{}")
+    (out / "runs").mkdir()
+    (out / "runs" / "log.txt").write_text("mine")
+    real, calls = os.replace, []
+
+    def swap_fails(a, b):  # eval.json and runs/ move into the new folder, then the old one fails to move aside
+        calls.append(a)
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", swap_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        save_checkpoint(model, out, overwrite=True)
+    monkeypatch.undo()
+    assert (out / "eval.json").exists() and (out / "runs" / "log.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    save_checkpoint(model, out, overwrite=True)  # one file now: the old shards go, the user's files stay
+    names = {p.name for p in out.iterdir()}
+    assert {"eval.json", "runs", "model.safetensors", "config.json"} <= names and not any(out.glob("model-*"))
+    assert (out / "runs" / "log.txt").read_text() == "mine"
+    assert modegpt_rt.load(out, backend="torch").config == model.config
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a process that has exited
+    (tmp_path / f".c.tmp-{dead}-x1").mkdir()
+    (tmp_path / f".c.tmp-{dead}-x1" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / f".c.tmp-{os.getpid()}-x2").mkdir()  # a save still running: not ours to clear
+    (out / f".c.tmp-{dead}-x3").mkdir()  # save_pretrained's scratch folder sits inside the checkpoint
+    save_checkpoint(model, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", f".c.tmp-{os.getpid()}-x2"])
+    assert not (out / f".c.tmp-{dead}-x3").exists()
+    shutil.rmtree(tmp_path / f".c.tmp-{os.getpid()}-x2")
+    # killed between moving the old checkpoint aside and moving the new one in: the next save puts it back
+    aside = tmp_path / f".c.old-{dead}-x4"
+    aside.mkdir()
+    real(out, aside / "old")
+    with pytest.warns(UserWarning, match="put back the checkpoint"):
+        with pytest.raises(FileExistsError):
+            save_checkpoint(model, out)  # no --overwrite: the restored checkpoint is refused, not replaced
+    assert (out / "runs" / "log.txt").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_cli_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys):
+    """SIGTERM raises where Ctrl-C would, so `finally` blocks (a save's cleanup) run; exit status 143, and
+    the previous handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    from modegpt_rt import cli
+
+    cleaned = []
+
+    def killed(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler's exception ends the sleep
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "cmd_info", killed)
+    assert cli.main(["info", "x"]) == 143
+    assert cleaned == [True] and "terminated" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_save_update_keeps_the_folders_other_files(tiny_hf_dir, tmp_path):
@@ -518,6 +626,18 @@ def test_generate_validates_input(tiny_hf_dir):
             model.generate([[1, 2, 3]], **{"max_new_tokens": 4, **kwargs})
     with pytest.raises(ValueError, match="empty"):
         model.generate([[]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="not valid UTF-8"):  # bytes that are not UTF-8, as argv decodes them
+        model.generate(["ab\udcff"], max_new_tokens=4)
+    # model(input_ids) checks what it is given as generate does
+    for ids, msg in [
+        (torch.zeros(1, 0, dtype=torch.long), "empty"),
+        (torch.tensor([[5, 97]]), "token id 97 outside"),
+        (torch.tensor([[-5, 3]]), "token id -5 outside"),
+        (torch.tensor([[1.0, 2.0]]), "integer token ids"),
+        ([[1, 2]], "tensor"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            model(ids)
     with pytest.raises(ValueError, match="context"):
         model.generate([[1] * 120], max_new_tokens=20)
 

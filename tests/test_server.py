@@ -104,6 +104,8 @@ def test_server_token_ids_match_generate_and_reject_bad_requests(tiny_hf_dir, se
     assert status == 400 and "not valid JSON" in text
     status, text = _post(srv, None, raw=b'{"prompt": "\xff\xfe hi"}')  # not UTF-8
     assert status == 400 and "not valid JSON" in text
+    status, text = _post(srv, None, raw=b'{"prompt": "\\udcff hi"}')  # valid JSON, a lone surrogate: not text
+    assert status == 400 and "not valid UTF-8" in json.loads(text)["error"]["message"], text
     status, text = _post(srv, {"prompt": [[5]] * 9, "max_tokens": 2})  # more sequences than --max-batch (8)
     assert status == 400 and "at most 8 sequences" in text
     with urllib.request.urlopen(srv.url + "/health?verbose=1", timeout=30) as r:

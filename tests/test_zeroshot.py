@@ -499,8 +499,21 @@ def test_zeroshot_paired_difference():
     assert p["diff"] == 0 and p["diff_stderr"] == pytest.approx(math.sqrt(2 / 3 / 4))
     w = d["winogrande"]  # acc on the first 2 items: -1, +1
     assert w["metric"] == "acc" and w["n"] == 2 and w["diff"] == 0 and w["diff_stderr"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="per-item results missing"):
+    with pytest.raises(ValueError, match="per-item results .* missing"):
         zeroshot.paired_difference({"tasks": {"piqa": {"acc": 0.5}}}, b)
+    # what evaluate would not have written is named, never a TypeError nor a silently wrong difference
+    piqa = {"items": {"acc": "1100", "acc_norm": "1101"}}
+    for bad, msg in [
+        ([1], "per-item results"),
+        ({"items": 3}, "per-item results"),
+        ({"items": {"acc_norm": 7}}, "string of 0s and 1s"),
+        ({"items": {"acc_norm": "1171"}}, "string of 0s and 1s"),
+        ({**piqa, "indices": [0, 1]}, "2 indices .* for 4 items"),
+        ({**piqa, "indices": [0, 0, 0, 0]}, r"4 indices \(1 distinct\)"),
+        ({**piqa, "indices": [[0], [1], [2], [3]]}, "list of item positions"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            zeroshot.paired_difference(a, {"tasks": {"piqa": bad}})
 
 
 def test_paired_average_ratio_stderr_matches_simulation():
