@@ -33,7 +33,16 @@ def _add_bf16_weights(p):
 
 
 def _weight_dtype(args):
-    return torch.bfloat16 if args.bf16_weights else None
+    """bfloat16 with --bf16-weights, whose point is float32 arithmetic: another --dtype beside it is refused
+    rather than silently winning."""
+    if not args.bf16_weights:
+        return None
+    if getattr(args, "dtype", None) not in (None, "auto", "float32"):
+        raise ValueError(
+            f"--bf16-weights computes in float32 with bfloat16 matrices, --dtype {args.dtype} computes in "
+            f"{args.dtype}: pass one of them"
+        )
+    return torch.bfloat16
 
 
 def _load_for_eval(args):
@@ -41,8 +50,12 @@ def _load_for_eval(args):
     import modegpt_rt
     from modegpt_rt.kernels import fast_eval_dtype
 
-    dtype = fast_eval_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = modegpt_rt.load(args.path, backend="torch", dtype=dtype, weight_dtype=_weight_dtype(args))
+    weight_dtype = _weight_dtype(args)
+    if args.dtype == "auto":  # --bf16-weights asks for float32 arithmetic
+        dtype = torch.float32 if weight_dtype is not None else fast_eval_dtype()
+    else:
+        dtype = getattr(torch, args.dtype)
+    model = modegpt_rt.load(args.path, backend="torch", dtype=dtype, weight_dtype=weight_dtype)
     name = str(dtype).removeprefix("torch.")
     return model, name if model.weight_dtype == dtype else f"{name}, {model.weight_dtype} weights".replace("torch.", "")
 
@@ -237,6 +250,11 @@ def cmd_generate(args):
     if args.temperature == 0 and (args.top_k, args.top_p, args.seed) != (None, None, None):
         print("[--temperature 0 is greedy: --top-k, --top-p and --seed have no effect]", file=sys.stderr)
     model = modegpt_rt.load(args.path, backend=args.backend, weight_dtype=_weight_dtype(args))
+    if model.tokenizer is None:  # the Python API takes token ids instead; the command line has only text
+        raise ValueError(
+            f"{model.tokenizer_error}; the command line needs one to read the prompt: save the source model's "
+            "tokenizer beside the weights, e.g. AutoTokenizer.from_pretrained(SOURCE).save_pretrained(PATH)"
+        )
     print(f"[attention backend: {model.backend}]", file=sys.stderr)
 
     def show(i, token, delta):
@@ -516,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     ez.set_defaults(func=cmd_eval_zeroshot)
     epd = e.add_parser(
         "paired",
-        help="compare two `eval zeroshot --json` results item by item (the shared prefix of each task)",
+        help="compare two `eval zeroshot --json` results item by item (the items both scored, matched by their "
+        "position in the task file)",
     )
     epd.add_argument("base", help="e.g. the dense model's result JSON")
     epd.add_argument("other", help="e.g. the compressed model's result JSON")

@@ -97,8 +97,8 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
     if not isinstance(prompt, list) or not all(isinstance(p, (str, list)) for p in prompt):
         raise RequestError("'prompt' must be a string, a list of strings, or token ids")
     max_tokens = body.get("max_tokens", 16)
-    if not _is_int(max_tokens):  # one limit for all prompts (generate also takes a list)
-        raise RequestError(f"'max_tokens' must be an integer, got {max_tokens!r}")
+    if not _is_int(max_tokens) or max_tokens < 1:  # one limit for all prompts (generate also takes a list)
+        raise RequestError(f"'max_tokens' must be a positive integer, got {max_tokens!r}")
     for k in ("stream", "ignore_eos"):
         if not isinstance(body.get(k, False), bool):
             raise RequestError(f"{k!r} must be true or false, got {body[k]!r}")

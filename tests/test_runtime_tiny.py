@@ -829,7 +829,7 @@ def test_bf16_weights_bad_combinations(tiny_hf_dir):
             call()
 
 
-def test_cli_bf16_weights_flag(tiny_hf_dir, tmp_path, monkeypatch):
+def test_cli_bf16_weights_flag(tiny_hf_dir, tmp_path, monkeypatch, capsys):
     """`--bf16-weights` reaches the model in the commands that take it (generate, bench, eval ppl)."""
     import json
 
@@ -849,13 +849,18 @@ def test_cli_bf16_weights_flag(tiny_hf_dir, tmp_path, monkeypatch):
     seen = []
 
     def fake_load(*args, **kw):
-        seen.append(kw.get("weight_dtype"))
+        seen.append((kw.get("weight_dtype"), kw.get("dtype")))
         raise KeyboardInterrupt  # stop right after loading
 
     monkeypatch.setattr(modegpt_rt, "load", fake_load)
     for argv in (["generate", "x"], ["serve"], ["eval", "ppl"], ["eval", "zeroshot", "--tasks", "piqa"]):
         assert cli.main(argv + ["--bf16-weights"]) == 130  # Ctrl-C: a one-line message, no traceback
-    assert seen == [torch.bfloat16] * 4
+    # float32 arithmetic, the point of --bf16-weights: eval zeroshot's --dtype auto resolves to it
+    assert seen == [(torch.bfloat16, None), (torch.bfloat16, torch.float32)] + [(torch.bfloat16, torch.float32)] * 2
+    for argv in (["serve"], ["eval", "ppl"], ["eval", "zeroshot"]):  # everything bfloat16 is another thing
+        assert cli.main(argv + ["--dtype", "bfloat16", "--bf16-weights"]) == 2
+        assert "pass one of them" in capsys.readouterr().err
+    assert len(seen) == 4  # refused before any load
 
 
 def test_transformers_auto_classes_load_checkpoint(tiny_hf_dir, tmp_path):
@@ -968,6 +973,8 @@ def test_tensor_prompts_cli_bounds_and_missing_tokenizer(tiny_hf_dir, capsys):
         assert "must be at least" in capsys.readouterr().err
     assert cli.main(["eval", "ppl", str(tiny_hf_dir), "--seqlen", "16", "--limit", "1"]) == 2  # no tokenizer files
     assert "needs a tokenizer" in capsys.readouterr().err
+    assert cli.main(["generate", str(tiny_hf_dir), "hi"]) == 2  # the command line has no way to pass token ids
+    assert "save the source model's tokenizer beside the weights" in capsys.readouterr().err
 
 
 def test_generate_and_load_refuse_bad_input_clearly(tiny_hf_dir, tmp_path, capsys, monkeypatch):

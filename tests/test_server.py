@@ -93,6 +93,7 @@ def test_server_token_ids_match_generate_and_reject_bad_requests(tiny_hf_dir, se
         assert json.loads(text)["error"]["type"] == "invalid_request_error"
     for body, fragment in [
         ({"max_tokens": 3}, "missing 'prompt'"),
+        ({"prompt": [5], "max_tokens": 0}, "'max_tokens' must be a positive integer"),
         ({"prompt": "text"}, "tokenizer"),  # this model has none
         ({"prompt": [5, 97]}, "outside the vocabulary"),
         ({"prompt": [1] * 120, "max_tokens": 20}, "context"),
