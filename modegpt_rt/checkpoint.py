@@ -113,8 +113,8 @@ def validate_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig, sour
                 raise CheckpointError(f"{source}: {name} holds frequency indices outside [0, {config.head_dim // 2})")
             if any(len(set(row.tolist())) != len(row) for row in t):
                 raise CheckpointError(f"{source}: {name} repeats a rotary frequency within a KV group")
-        elif not t.dtype.is_floating_point:
-            raise CheckpointError(f"{source}: {name} must be floating point, got {t.dtype}")
+        elif t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise CheckpointError(f"{source}: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
         elif not torch.isfinite(t).all():
             raise CheckpointError(f"{source}: {name} contains NaN or Inf values")
 

@@ -349,6 +349,21 @@ def test_checkpoint_validation_names_tensor_and_shapes(tiny_hf_dir, tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.v_proj.weight has shape"):
         read_checkpoint(out)
+    from safetensors.torch import load_file
+
+    from modegpt_rt.checkpoint import validate_tensors
+
+    cfg["layers"][1]["d_v"] += 1
+    config = modegpt_rt.config.ModelConfig.from_dict(cfg)
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    for dtype, msg in [(torch.float8_e4m3fn, "must be float32, float16"), (torch.int32, "must be float32, float16")]:
+        with pytest.raises(CheckpointError, match=f"{name} {msg}"):
+            validate_tensors({**tensors, name: tensors[name].to(dtype)}, config, "x")
+    bad = tensors[name].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=f"{name} contains NaN"):
+        validate_tensors({**tensors, name: bad}, config, "x")
 
 
 def test_truncated_weights_give_clear_error(tiny_hf_dir, tmp_path):
