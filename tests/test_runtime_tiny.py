@@ -482,20 +482,27 @@ def test_save_is_atomic_and_refuses_existing(tiny_hf_dir, tmp_path, monkeypatch)
     finally:
         os.umask(umask)
     shutil.rmtree(fresh)
-    real, calls = os.replace, []
-
-    def second_fails(a, b):  # the old checkpoint moved aside, then the new one fails to move in
-        calls.append(a)
-        if len(calls) == 2:
-            raise OSError("disk gone")
-        return real(a, b)
-
-    monkeypatch.setattr(os, "replace", second_fails)
+    _fail_replace_call(monkeypatch, 2)  # the old checkpoint moved aside, then the new one fails to move in
     with pytest.raises(OSError, match="disk gone"):
         save_checkpoint(model, out, overwrite=True)
     monkeypatch.undo()
     assert (out / "model.safetensors").read_bytes() == before  # put back
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def _fail_replace_call(monkeypatch, nth: int):
+    """From now on the nth call of os.replace raises OSError("disk gone"); the others rename."""
+    import os
+
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(a)
+        if len(calls) == nth:
+            raise OSError("disk gone")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
 
 
 def test_overwrite_keeps_other_files_and_a_killed_save_is_cleared(tiny_hf_dir, tmp_path, monkeypatch):
@@ -510,15 +517,8 @@ def test_overwrite_keeps_other_files_and_a_killed_save_is_cleared(tiny_hf_dir, t
     (out / "eval.json").write_text("{}")
     (out / "runs").mkdir()
     (out / "runs" / "log.txt").write_text("mine")
-    real, calls = os.replace, []
-
-    def swap_fails(a, b):  # eval.json and runs/ move into the new folder, then the old one fails to move aside
-        calls.append(a)
-        if len(calls) == 3:
-            raise OSError("disk gone")
-        return real(a, b)
-
-    monkeypatch.setattr(os, "replace", swap_fails)
+    real = os.replace
+    _fail_replace_call(monkeypatch, 3)  # eval.json and runs/ move into the new folder, the old one not aside
     with pytest.raises(OSError, match="disk gone"):
         save_checkpoint(model, out, overwrite=True)
     monkeypatch.undo()
