@@ -225,11 +225,9 @@ def from_hf_config(hf: Any) -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if get(flag, False):
             raise ConfigError(f"{flag}=True is not supported (LLaMA-family models have no projection biases)")
-    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    bad = [f"{k}={get(k)!r}" for k in sizes if isinstance(get(k), bool) or not isinstance(get(k), int) or get(k) < 1]
-    if bad:
-        raise ConfigError(f"the model's config needs positive integer sizes: {', '.join(bad)}")
-    heads = get("num_attention_heads")
+    heads, hidden = get("num_attention_heads"), get("hidden_size")
+    # derived only from valid sizes; `validate` names a missing or bad one (before head_dim)
+    per_head = hidden // heads if all(_positive(x) and isinstance(x, int) for x in (heads, hidden)) else None
     rope = get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise ConfigError(f"rope_parameters must be an object, got {rope!r}")
@@ -249,12 +247,12 @@ def from_hf_config(hf: Any) -> ModelConfig:
         context = int(window)
     return ModelConfig(
         vocab_size=get("vocab_size"),
-        hidden_size=get("hidden_size"),
+        hidden_size=hidden,
         intermediate_size=get("intermediate_size"),
         num_hidden_layers=get("num_hidden_layers"),
         num_attention_heads=heads,
         num_key_value_heads=get("num_key_value_heads") or heads,
-        head_dim=get("head_dim") or get("hidden_size") // heads,
+        head_dim=get("head_dim") or per_head,
         rms_norm_eps=_as_float(get("rms_norm_eps", 1e-5)),
         rope_theta=_as_float(theta),
         rope_scaling=scaling,
