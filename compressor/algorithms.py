@@ -47,7 +47,7 @@ def nystrom_mlp(C_sigma: torch.Tensor, W_down: torch.Tensor, k: int, ridge: floa
         raise ValueError(f"k={k} outside [1, {d_int}]")
     lam = ridge * C_sigma.diagonal().mean().item() if relative else ridge
     if k == d_int:
-        return torch.arange(d_int), W_down.clone()
+        return torch.arange(d_int, device=C_sigma.device), W_down.clone()
     scores = ridge_leverage_scores(C_sigma, lam)
     idx = torch.topk(scores, k).indices.sort().values
     C_ss = C_sigma[idx][:, idx]
@@ -171,9 +171,9 @@ def allocate_sparsity(
     thumb, B.2); if even a uniform allocation exceeds it, the allocation is uniform.
     Returns (φ, ε used; inf for uniform).
     """
-    s = torch.as_tensor(scores, dtype=torch.float64)
-    w = torch.ones_like(s) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-    p = torch.ones_like(s) if params is None else torch.as_tensor(params, dtype=torch.float64)
+    s = torch.as_tensor(scores, dtype=torch.float64, device="cpu")
+    w = torch.ones_like(s) if weights is None else torch.as_tensor(weights, dtype=torch.float64, device="cpu")
+    p = torch.ones_like(s) if params is None else torch.as_tensor(params, dtype=torch.float64, device="cpu")
     if not 0 <= target < cap:
         raise ValueError(f"target sparsity {target} outside [0, {cap})")
     if target == 0:
@@ -222,8 +222,8 @@ def allocate_by_cost(levels, costs, params, target: float, cap: float) -> torch.
     all entries cheapest-per-parameter first is the exact optimum. Returns φ [E] (float64).
     """
     lv = [float(x) for x in levels]
-    c = torch.as_tensor(costs, dtype=torch.float64)
-    p = torch.as_tensor(params, dtype=torch.float64)
+    c = torch.as_tensor(costs, dtype=torch.float64, device="cpu")
+    p = torch.as_tensor(params, dtype=torch.float64, device="cpu")
     if c.dim() != 2 or c.shape[1] != len(lv) or p.shape != (c.shape[0],):
         raise ValueError(f"costs must be [entries, {len(lv)}] with one parameter count per entry")
     if any(b <= a for a, b in zip([0.0] + lv, lv)):
@@ -248,7 +248,7 @@ def allocate_by_cost(levels, costs, params, target: float, cap: float) -> torch.
         for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
             segments.append(((y1 - y0) / ((x1 - x0) * float(p[e])), e, x0, x1))
     segments.sort(key=lambda s: (s[0], s[2]))
-    phi = torch.zeros(c.shape[0], dtype=torch.float64)
+    phi = torch.zeros(c.shape[0], dtype=torch.float64, device="cpu")
     left = target * float(p.sum())
     for _, e, x0, x1 in segments:
         if left <= 0:
@@ -270,18 +270,18 @@ def refine_costs(levels, costs, step: float = 0.01):
     there). Costs ≤ 0 (noise around zero) are raised to a tiny positive value first.
     Returns (fine levels [K'], fine costs [E, K']).
     """
-    lv = torch.as_tensor([float(x) for x in levels], dtype=torch.float64)
-    c = torch.as_tensor(costs, dtype=torch.float64)
+    lv = torch.as_tensor([float(x) for x in levels], dtype=torch.float64, device="cpu")
+    c = torch.as_tensor(costs, dtype=torch.float64, device="cpu")
     floor = max(float(c.abs().max()) * 1e-9, 1e-300)
     c = c.clamp_min(floor).cummax(1).values  # positive and non-decreasing
     n = int(round(float(lv[-1]) / step))
-    fine = torch.arange(1, n + 1, dtype=torch.float64) * (float(lv[-1]) / n)
+    fine = torch.arange(1, n + 1, dtype=torch.float64, device="cpu") * (float(lv[-1]) / n)
     log_lv, log_c = lv.log(), c.log()
     # exponents of each measured segment; the first one also serves [0, levels[0]]
     p = (log_c[:, 1:] - log_c[:, :-1]) / (log_lv[1:] - log_lv[:-1])
-    p0 = p[:, :1].clamp_min(1.0) if p.shape[1] else torch.ones(c.shape[0], 1, dtype=torch.float64)
+    p0 = p[:, :1].clamp_min(1.0) if p.shape[1] else torch.ones(c.shape[0], 1, dtype=torch.float64, device="cpu")
     seg = torch.searchsorted(lv, fine, right=False).clamp(max=len(lv) - 1)  # first level >= x
-    out = torch.empty(c.shape[0], len(fine), dtype=torch.float64)
+    out = torch.empty(c.shape[0], len(fine), dtype=torch.float64, device="cpu")
     lx = fine.log()
     below = seg == 0
     out[:, below] = (log_c[:, :1] + p0 * (lx[below] - log_lv[0])).exp()

@@ -157,25 +157,28 @@ def _check_float32(model: Model):
 
 
 @torch.no_grad()
-def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int, dtype=torch.float32):
+def block_influence_scores(model: Model, tokens: torch.Tensor, micro_batch: int, dtype=torch.float32, on_device=None):
     """Per layer: BI of the whole layer, of its attention sub-block and of its MLP sub-block
-    (`dtype`: the products' dtype, see `_products_in`)."""
+    (`dtype`: the products' dtype, see `_products_in`; `on_device(layer)`: a context that holds an offloaded
+    layer where the model computes, see `_offloaded`). Layer by layer over every window, so each layer is used
+    once."""
     _check_float32(model)
     L = len(model.layers)
-    acc = torch.zeros(3, L, dtype=torch.float64)
-    count = 0
+    acc = torch.zeros(3, L, dtype=torch.float64, device="cpu")  # host-side sums of Python floats
     eps = model.config.rms_norm_eps
-    for sl in _batches(tokens.shape[0], micro_batch):
-        h = torch.nn.functional.embedding(tokens[sl], model.embed)
-        for i, layer in enumerate(model.layers):
-            with _products_in(dtype, h.device):
-                mid = h + model.attention_block(layer, h)
-                out = mid + layer.mlp(rms_norm(mid, layer.mlp_norm, eps))
-            for j, (a, b) in enumerate(((h, out), (h, mid), (mid, out))):
-                acc[j, i] += block_influence(a, b)[0]
-            h = out
-        count += tokens[sl].numel()
-    layer_s, attn_s, mlp_s = acc / count
+    tokens = tokens.to(model.device)
+    mbs = list(_batches(tokens.shape[0], micro_batch))
+    hs = [torch.nn.functional.embedding(tokens[sl], model.embed) for sl in mbs]
+    for i, layer in enumerate(model.layers):
+        with on_device(layer) if on_device else contextlib.nullcontext():
+            for m, h in enumerate(hs):
+                with _products_in(dtype, h.device):
+                    mid = h + model.attention_block(layer, h)
+                    out = mid + layer.mlp(rms_norm(mid, layer.mlp_norm, eps))
+                for j, (a, b) in enumerate(((h, out), (h, mid), (mid, out))):
+                    acc[j, i] += block_influence(a, b)[0]
+                hs[m] = out
+    layer_s, attn_s, mlp_s = acc / tokens.numel()
     return layer_s, attn_s, mlp_s
 
 
@@ -200,8 +203,9 @@ def module_params(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.dense().layer_params(0) - mlp_p, mlp_p
 
 
-def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = False):
-    """Per-layer (attention sparsity, MLP sparsity) and what the allocation found."""
+def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = False, on_device=None):
+    """Per-layer (attention sparsity, MLP sparsity) and what the allocation found (`on_device`: see
+    `block_influence_scores`)."""
     cfg = model.config
     L = cfg.num_hidden_layers
     info = {"allocation": opts.allocation, "split": opts.split, "attn_ratio": opts.attn_ratio}
@@ -212,17 +216,61 @@ def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions, pro
         attn, mlp, found = sensitivity_allocation(model, tokens, opts, progress)
         return attn, mlp, {**info, **found, "eps": None}
     bi = tokens[: opts.bi_samples]
-    layer_s, attn_s, mlp_s = block_influence_scores(model, bi, opts.micro_batch, compute_dtype(opts, model.device))
+    dtype = compute_dtype(opts, model.device)
+    layer_s, attn_s, mlp_s = block_influence_scores(model, bi, opts.micro_batch, dtype, on_device)
     info.update(bi_samples=int(bi.shape[0]), bi_layer=layer_s.tolist(), bi_attn=attn_s.tolist(), bi_mlp=mlp_s.tolist())
     if not opts.split:
         phi, eps = allocate_sparsity(layer_s, opts.rate, opts.eps, opts.max_layer_sparsity)
         return (*split_layer_sparsity(phi.tolist(), opts.attn_ratio, attn_p, mlp_p), {**info, "eps": eps})
     # B.11: one entry per (layer, module); w of eq. 43 ∝ the module's parameter share (2:1 in LLaMA-2 7B)
     scores = torch.cat([attn_s, mlp_s])
-    params = torch.tensor([attn_p] * L + [mlp_p] * L, dtype=torch.float64)
+    params = torch.tensor([attn_p] * L + [mlp_p] * L, dtype=torch.float64, device="cpu")
     weights = params / params.mean()
     phi, eps = allocate_sparsity(scores, opts.rate, opts.eps, opts.max_layer_sparsity, weights=weights, params=params)
     return phi[:L].tolist(), phi[L:].tolist(), {**info, "eps": eps}
+
+
+def _indexed(device) -> torch.device:
+    """`cuda` as the device it means (`cuda:N`, the current one), so that it compares equal to a model's."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextlib.contextmanager
+def _offloaded(model: Model, device, always: bool = False):
+    """Compute on `device` while the layers' weights stay where the model is (offloading): the embedding, the
+    final norm, the LM head and the RoPE tables move to `device` for the duration, and the context yields
+    `on_device(layer)`, a context that holds one layer there for its turn (and moves it back, compressed
+    weights included, after it). With `device` where the model already is, nothing moves (`always`: the same
+    schedule of moves anyway, for tests on a machine with one device)."""
+    home, device = model.device, _indexed(device)
+    if device == home and not always:
+        yield lambda layer: contextlib.nullcontext()
+        return
+
+    def move_shell(to):  # everything but the layers
+        layers = model.layers
+        model.layers = torch.nn.ModuleList()
+        try:
+            model.to(to)
+        finally:
+            model.layers = layers
+
+    @contextlib.contextmanager
+    def on_device(layer):
+        layer.to(device)
+        try:
+            yield
+        finally:
+            layer.to(home)
+
+    move_shell(device)
+    try:
+        yield on_device
+    finally:
+        move_shell(home)
 
 
 class _Stats:
@@ -236,8 +284,8 @@ class _Stats:
     rank and project (the Nyström selection's), never for a least-squares Gram.
     """
 
-    def __init__(self, dim, blocks: int = 4, product_dtype: torch.dtype = torch.float32):
-        self.C = torch.zeros(dim, dim, dtype=torch.float64)
+    def __init__(self, dim, blocks: int = 4, product_dtype: torch.dtype = torch.float32, device="cpu"):
+        self.C = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.tokens = 0
         self.product_dtype = product_dtype
         step = -(-dim // blocks)
@@ -258,8 +306,8 @@ class _Stats:
 class _Cross:
     """Cross-correlation Σ aᵀb in float64 from float32 micro-batch products (see `_Stats`)."""
 
-    def __init__(self, m, n):
-        self.C = torch.zeros(m, n, dtype=torch.float64)
+    def __init__(self, m, n, device="cpu"):
+        self.C = torch.zeros(m, n, dtype=torch.float64, device=device)
 
     def add(self, a, b):
         with torch.autocast(a.device.type, enabled=False):
@@ -277,7 +325,7 @@ def refit_projection(
     if pull > 0 and prior is not None:
         lam = lam + pull * scale
         rhs = cross + pull * scale * prior
-    return psd_solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)
+    return psd_solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), rhs)
 
 
 def compress_attention(layer: Layer, C: torch.Tensor, widths: LayerWidths, cfg: ModelConfig, method: str):
@@ -366,10 +414,11 @@ def measure_sensitivity(model: Model, tokens: torch.Tensor, opts: CompressOption
     _check_float32(model)
     cfg, eps, L = model.config, model.config.rms_norm_eps, model.config.num_hidden_layers
     n_probe = max(1, min(tokens.shape[0], opts.probe_tokens // tokens.shape[1]))
+    tokens = tokens.to(model.device)
     probe = tokens[:n_probe, : min(tokens.shape[1], opts.probe_tokens)]
     stats = tokens[: opts.bi_samples]
-    C_attn = [_Stats(cfg.hidden_size) for _ in range(L)]
-    C_sigma = [_Stats(cfg.intermediate_size) for _ in range(L)]
+    C_attn = [_Stats(cfg.hidden_size, device=model.device) for _ in range(L)]
+    C_sigma = [_Stats(cfg.intermediate_size, device=model.device) for _ in range(L)]
     for sl in _batches(stats.shape[0], opts.micro_batch):
         h = torch.nn.functional.embedding(stats[sl], model.embed)
         for i, layer in enumerate(model.layers):
@@ -392,7 +441,7 @@ def measure_sensitivity(model: Model, tokens: torch.Tensor, opts: CompressOption
         return float((ref_p * (ref - torch.log_softmax(model.logits(h), -1))).sum(-1).mean())
 
     levels = SENSITIVITY_LEVELS
-    costs = torch.zeros(2, L, len(levels), dtype=torch.float64)  # [attn | mlp, layer, level]
+    costs = torch.zeros(2, L, len(levels), dtype=torch.float64, device="cpu")  # [attn | mlp, layer, level]
     bar = tqdm(range(L), desc="sensitivity", unit="layer", disable=not progress)
     for i in bar:
         for m, module in enumerate(("attn", "mlp")):
@@ -424,7 +473,7 @@ def load_sensitivity(path, num_layers: int) -> dict:
             doc = doc[key]
     try:
         levels = [float(x) for x in doc["levels"]]
-        attn, mlp = torch.tensor(doc["attn_kl"], dtype=torch.float64), torch.tensor(doc["mlp_kl"], dtype=torch.float64)
+        attn, mlp = (torch.tensor(doc[k], dtype=torch.float64, device="cpu") for k in ("attn_kl", "mlp_kl"))
     except (KeyError, TypeError, ValueError, RuntimeError):
         raise ValueError(f"{f}: no sensitivity table (levels, attn_kl, mlp_kl) in it") from None
     if attn.shape != (num_layers, len(levels)) or mlp.shape != attn.shape:
@@ -448,10 +497,10 @@ def sensitivity_allocation(model: Model, tokens: torch.Tensor, opts: CompressOpt
         table = load_sensitivity(opts.sensitivity_from, L)
     else:
         table = measure_sensitivity(model, tokens, opts, progress)
-    costs = torch.tensor(table["attn_kl"] + table["mlp_kl"], dtype=torch.float64)
+    costs = torch.tensor(table["attn_kl"] + table["mlp_kl"], dtype=torch.float64, device="cpu")
     fine, fine_costs = refine_costs(table["levels"], costs)
     attn_p, mlp_p = module_params(cfg)
-    params = torch.tensor([attn_p] * L + [mlp_p] * L, dtype=torch.float64)
+    params = torch.tensor([attn_p] * L + [mlp_p] * L, dtype=torch.float64, device="cpu")
     cap = min(opts.max_layer_sparsity, float(fine[-1]))
     phi = allocate_by_cost(fine, fine_costs, params, opts.rate, cap)
     return phi[:L].tolist(), phi[L:].tolist(), {"sensitivity": {**table, "module_cap": cap}}
@@ -459,14 +508,38 @@ def sensitivity_allocation(model: Model, tokens: torch.Tensor, opts: CompressOpt
 
 @torch.no_grad()
 def compress(
-    model: Model, tokens: torch.Tensor, opts: CompressOptions, progress: bool = True, calibration: dict | None = None
+    model: Model,
+    tokens: torch.Tensor,
+    opts: CompressOptions,
+    progress: bool = True,
+    calibration: dict | None = None,
+    device=None,
 ) -> dict:
-    """Compress `model` in place with MoDeGPT on calibration `tokens` [N, L]; returns a report."""
+    """Compress `model` in place with MoDeGPT on calibration `tokens` [N, L]; returns a report.
+
+    `device`: where the passes, statistics and decompositions run (default: where the model is). A model on
+    the CPU compressed with a GPU `device` is offloaded: its layers stay in CPU memory and each one moves to the
+    GPU for its turn only (`_offloaded`), so the GPU holds one layer's weights beside the activations."""
     opts.validate()
     _check_float32(model)
     if not model.config.is_dense:
         raise ValueError("the model is already compressed; compress the dense source model instead")
+    offload = device is not None and (
+        torch.device(device).type != model.device.type or _indexed(device) != model.device
+    )
+    if offload and opts.allocation == "sensitivity" and not opts.sensitivity_from:
+        raise ValueError(
+            "--allocation sensitivity runs the rest of the model for each of its trials; measure it with the "
+            "model on the compute device (no --offload), or reuse a table with --sensitivity-from"
+        )
+    with _offloaded(model, device if device is not None else model.device) as on_device:
+        return _compress(model, tokens, opts, progress, calibration, on_device, offload)
+
+
+def _compress(model: Model, tokens, opts: CompressOptions, progress, calibration, on_device, offload: bool) -> dict:
     t0 = time.time()
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
     cfg = model.config
     eps = cfg.rms_norm_eps
     L = cfg.num_hidden_layers
@@ -476,13 +549,14 @@ def compress(
             f"{cfg.max_position_embeddings} tokens, got {list(tokens.shape)}"
         )
     _warn_small_calibration(tokens, opts, cfg.intermediate_size)
-    attn_phi, mlp_phi, alloc = plan_sparsity(model, tokens, opts, progress)
+    attn_phi, mlp_phi, alloc = plan_sparsity(model, tokens, opts, progress, on_device)
     widths = widths_for_sparsity(cfg, attn_phi, mlp_phi, opts.multiples)
     t_alloc = time.time() - t0
 
     dtype = compute_dtype(opts, model.device)
     passes = functools.partial(_products_in, dtype, model.device)  # `with passes():` around forward products
-    h = torch.nn.functional.embedding(tokens, model.embed)  # [N, L, d] float32
+    dev = model.device
+    h = torch.nn.functional.embedding(tokens.to(dev), model.embed)  # [N, L, d] float32
     N = h.shape[0]
     # refit: the dense model's residual stream, advanced layer by layer with the dense weights, is the
     # least-squares target of the new output/down projections (they absorb the error of earlier layers).
@@ -498,92 +572,94 @@ def compress(
     diverged = False
     bar = tqdm(list(enumerate(model.layers)), desc="compress", unit="layer", disable=not progress)
     for i, layer in bar:
-        w = widths[i]
-        # attention: statistics of the attention input, then Type II + III
-        stats = _Stats(cfg.hidden_size)
-        for sl, f in zip(mb, fit):
-            stats.add(rms_norm(h[sl], layer.attn_norm, eps))
-            if f:
-                with passes():
-                    hd[sl] += model.attention_block(layer, hd[sl])  # dense weights still in place
-        if (w.d_qk, w.d_v) != (cfg.head_dim, cfg.head_dim):
-            diverged = True
-            new, freq_idx = compress_attention(layer, stats.C, w, cfg, opts.value_method)
-            layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, freq_idx)
-        else:
-            layer.set_widths(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v))
-        del stats
-        heads = None  # refit "all": the head outputs, kept so the residual pass below needs no second attention
-        if opts.refit == "all" and diverged:
-            gram, cross = _Stats(layer.n_head * layer.d_v), _Cross(layer.n_head * layer.d_v, cfg.hidden_size)
-            heads = []
+        with on_device(layer):  # an offloaded layer is on the compute device for its turn
+            w = widths[i]
+            # attention: statistics of the attention input, then Type II + III
+            stats = _Stats(cfg.hidden_size, device=dev)
             for sl, f in zip(mb, fit):
-                with passes():
-                    z = model.attention_heads(layer, h[sl])
+                stats.add(rms_norm(h[sl], layer.attn_norm, eps))
                 if f:
-                    gram.add(z)
-                    cross.add(z, hd[sl] - h[sl])
-                heads.append(z)
-            new = {n: t.double() for n, t in layer.split_weights().items()}
-            new["self_attn.o_proj"] = refit_projection(
-                gram.C, cross.C, prior=new["self_attn.o_proj"].T, pull=opts.refit_prior
-            ).T
-            layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, layer.freq_idx)
-            del gram, cross
-        # residual through the compressed attention; MLP statistics on that input. The activations
-        # act(x W_gate) ⊙ (x W_up) are kept: Nyström keeps a subset of their channels, so the compressed
-        # MLP's output is just the new down projection of the kept ones (no second gate/up pass).
-        compress_k = w.k_mlp != cfg.intermediate_size
-        diverged = diverged or compress_k
-        refit = bool(R) and diverged
-        # Nyström's statistics only rank channels and project, so bfloat16 passes multiply them in bfloat16 too,
-        # unless they double as the refit's least-squares Gram (refit on every window)
-        stats_dtype = torch.float32 if refit and R == N else dtype
-        mstats = _Stats(cfg.intermediate_size, product_dtype=stats_dtype) if compress_k else None
-        cross = _Cross(cfg.intermediate_size, cfg.hidden_size) if refit else None
-        acts = []
-        for j, (sl, f) in enumerate(zip(mb, fit)):
-            with passes():
-                if heads is not None:
-                    h[sl] += torch.nn.functional.linear(heads[j], layer.wo)
-                    heads[j] = None
-                else:
-                    h[sl] += model.attention_block(layer, h[sl])
-                gate_up = torch.nn.functional.linear(rms_norm(h[sl], layer.mlp_norm, eps), layer.w_gate_up)
-                act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
-                del gate_up
-                if f:
-                    hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
-            if mstats is not None:
-                mstats.add(act)
-            if f and refit:
-                cross.add(act, hd[sl] - h[sl])
-            acts.append(act)
-        idx = torch.arange(cfg.intermediate_size)
-        if compress_k:
-            new, idx = compress_mlp(layer, mstats.C, w.k_mlp, opts.ridge, opts.ridge_relative)
-        else:
-            new = {n: t.double() for n, t in layer.split_weights().items()}
-        if refit:
-            if mstats is not None and R == N:
-                gram = mstats.C[idx][:, idx]
-            else:  # the Gram of the kept channels over the refit windows only
-                g = _Stats(len(idx))
-                for act, f in zip(acts, fit):
+                    with passes():
+                        hd[sl] += model.attention_block(layer, hd[sl])  # dense weights still in place
+            if (w.d_qk, w.d_v) != (cfg.head_dim, cfg.head_dim):
+                diverged = True
+                new, freq_idx = compress_attention(layer, stats.C, w, cfg, opts.value_method)
+                layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, freq_idx)
+            else:
+                layer.set_widths(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v))
+            del stats
+            heads = None  # refit "all": the head outputs, kept so the residual pass below needs no second attention
+            if opts.refit == "all" and diverged:
+                gram = _Stats(layer.n_head * layer.d_v, device=dev)
+                cross = _Cross(layer.n_head * layer.d_v, cfg.hidden_size, device=dev)
+                heads = []
+                for sl, f in zip(mb, fit):
+                    with passes():
+                        z = model.attention_heads(layer, h[sl])
                     if f:
-                        g.add(act[..., idx])
-                gram = g.C
-            new["mlp.down_proj"] = refit_projection(
-                gram, cross.C[idx], prior=new["mlp.down_proj"].T, pull=opts.refit_prior
-            ).T
-        if compress_k or refit:
-            layer.load_weights(cfg, w, new, layer.freq_idx)
-        del mstats, cross
-        for sl, act in zip(mb, acts):
-            with passes():
-                h[sl] += torch.nn.functional.linear(act[..., idx] if compress_k else act, layer.w_down)
-        del acts
-        bar.set_postfix(k_mlp=w.k_mlp, d_qk=w.d_qk, d_v=w.d_v)
+                        gram.add(z)
+                        cross.add(z, hd[sl] - h[sl])
+                    heads.append(z)
+                new = {n: t.double() for n, t in layer.split_weights().items()}
+                new["self_attn.o_proj"] = refit_projection(
+                    gram.C, cross.C, prior=new["self_attn.o_proj"].T, pull=opts.refit_prior
+                ).T
+                layer.load_weights(cfg, LayerWidths(cfg.intermediate_size, w.d_qk, w.d_v), new, layer.freq_idx)
+                del gram, cross
+            # residual through the compressed attention; MLP statistics on that input. The activations
+            # act(x W_gate) ⊙ (x W_up) are kept: Nyström keeps a subset of their channels, so the compressed
+            # MLP's output is just the new down projection of the kept ones (no second gate/up pass).
+            compress_k = w.k_mlp != cfg.intermediate_size
+            diverged = diverged or compress_k
+            refit = bool(R) and diverged
+            # Nyström's statistics only rank channels and project, so bfloat16 passes multiply them in bfloat16 too,
+            # unless they double as the refit's least-squares Gram (refit on every window)
+            stats_dtype = torch.float32 if refit and R == N else dtype
+            mstats = _Stats(cfg.intermediate_size, product_dtype=stats_dtype, device=dev) if compress_k else None
+            cross = _Cross(cfg.intermediate_size, cfg.hidden_size, device=dev) if refit else None
+            acts = []
+            for j, (sl, f) in enumerate(zip(mb, fit)):
+                with passes():
+                    if heads is not None:
+                        h[sl] += torch.nn.functional.linear(heads[j], layer.wo)
+                        heads[j] = None
+                    else:
+                        h[sl] += model.attention_block(layer, h[sl])
+                    gate_up = torch.nn.functional.linear(rms_norm(h[sl], layer.mlp_norm, eps), layer.w_gate_up)
+                    act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
+                    del gate_up
+                    if f:
+                        hd[sl] += layer.mlp(rms_norm(hd[sl], layer.mlp_norm, eps))  # dense MLP on the dense stream
+                if mstats is not None:
+                    mstats.add(act)
+                if f and refit:
+                    cross.add(act, hd[sl] - h[sl])
+                acts.append(act)
+            idx = torch.arange(cfg.intermediate_size, device=dev)
+            if compress_k:
+                new, idx = compress_mlp(layer, mstats.C, w.k_mlp, opts.ridge, opts.ridge_relative)
+            else:
+                new = {n: t.double() for n, t in layer.split_weights().items()}
+            if refit:
+                if mstats is not None and R == N:
+                    gram = mstats.C[idx][:, idx]
+                else:  # the Gram of the kept channels over the refit windows only
+                    g = _Stats(len(idx), device=dev)
+                    for act, f in zip(acts, fit):
+                        if f:
+                            g.add(act[..., idx])
+                    gram = g.C
+                new["mlp.down_proj"] = refit_projection(
+                    gram, cross.C[idx], prior=new["mlp.down_proj"].T, pull=opts.refit_prior
+                ).T
+            if compress_k or refit:
+                layer.load_weights(cfg, w, new, layer.freq_idx)
+            del mstats, cross
+            for sl, act in zip(mb, acts):
+                with passes():
+                    h[sl] += torch.nn.functional.linear(act[..., idx] if compress_k else act, layer.w_down)
+            del acts
+            bar.set_postfix(k_mlp=w.k_mlp, d_qk=w.d_qk, d_v=w.d_v)
 
     dense_cfg = cfg
     new_cfg = cfg.with_layers(widths)
@@ -619,6 +695,11 @@ def compress(
         "allocation_seconds": round(t_alloc, 1),
         "wall_seconds": round(time.time() - t0, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "device": str(model.device),
+        "offload": offload,
+        "peak_device_gib": (
+            round(torch.cuda.max_memory_allocated(model.device) / 2**30, 2) if model.device.type == "cuda" else None
+        ),
     }
     model.config = cfg.with_layers(widths, compression=report)
     return report

@@ -115,7 +115,11 @@ def cmd_compress(args):
     check_output_folder(out, args.overwrite)  # before the long work, not after it
     opts = CompressOptions.from_args(args)
     opts.validate()
-    model = modegpt_rt.load(args.model, backend="torch")
+    _check_device(args.device)
+    if args.offload and torch.device(args.device).type == "cpu":
+        raise ValueError("--offload moves layers to a GPU --device one at a time; with --device cpu drop it")
+    load_on = "cpu" if args.offload else args.device
+    model = modegpt_rt.load(args.model, device=load_on, backend="torch", align=False)
     ctx = model.config.max_position_embeddings
     if args.seqlen > ctx:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's context of {ctx} tokens")
@@ -130,7 +134,7 @@ def cmd_compress(args):
         "seqlen": args.seqlen,
         "seed": args.seed,
     }
-    report = compress(model, calib, opts, progress=not args.quiet, calibration=info)
+    report = compress(model, calib, opts, progress=not args.quiet, calibration=info, device=args.device)
     report["source_model"] = str(args.model or modegpt_rt.default_model_path())
     model.config = model.config.with_layers(model.config.layers, compression=report)
     save_checkpoint(model, out, tokenizer=model.tokenizer, overwrite=args.overwrite)
@@ -158,6 +162,7 @@ def _print_summary(cfg, report):
         f"{f', eps={eps:.4g}' if eps else ''}, {report['compute_dtype']} passes; "
         f"wall time {report['wall_seconds']:.0f} s "
         f"(allocation {report['allocation_seconds']:.0f} s); peak memory {report['peak_rss_gib']:.2f} GiB"
+        + (f", {report['peak_device_gib']:.2f} GiB on {report['device']}" if report.get("peak_device_gib") else "")
     )
 
 
@@ -480,6 +485,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the calibration passes' matrix products and attention (default auto: bfloat16 on CPUs "
         "with AVX512-BF16 or AMX, whose bfloat16 products are about 2.6x faster, else float32). Weights, "
         "residual streams and statistics stay float32/float64 either way",
+    )
+    c.add_argument(
+        "--device",
+        default="cpu",
+        help="where the calibration passes and decompositions run: cpu (default), cuda, cuda:1, ... The dense "
+        "float32 model, the calibration activations and the statistics live there",
+    )
+    c.add_argument(
+        "--offload",
+        action="store_true",
+        help="with a GPU --device: keep the dense model's layers in CPU memory and move each to the GPU for its "
+        "turn only, for models whose float32 weights do not fit beside the activations",
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' choice (default 0)")
     c.add_argument("--out", required=True, help="output checkpoint directory")

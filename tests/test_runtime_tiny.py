@@ -1,5 +1,6 @@
 """The runtime and checkpoint contract on tiny random models."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -123,6 +124,101 @@ def test_compress_rejects_bad_options(tiny_hf_dir):
             compress(model, torch.randint(0, 97, (2, 8)), CompressOptions(**bad), progress=False)
 
 
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(rate=0.3),
+        dict(rate=0.3, allocation="sensitivity", compute_dtype="bfloat16", bi_samples=2, probe_tokens=64),
+        dict(rate=0.3, split=True, refit="mlp", refit_samples=7, max_layer_sparsity=0.6),
+    ],
+    ids=["global-refit-all", "sensitivity-bf16", "split-refit-mlp"],
+)
+def test_compress_names_the_device_of_every_tensor(tiny_hf_dir, opts):
+    """`compress --device cuda` runs where the model is: every tensor the compressor makes names its device
+    (the model's, or the host's for the allocation's bookkeeping). Under a `meta` default device, any factory
+    call that forgot it makes a tensor without data and the run fails; with none forgotten the weights are
+    bit for bit those of a plain run."""
+    calib = torch.randint(0, 97, (8, 48), generator=torch.Generator().manual_seed(3))
+    plain = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    compress(plain, calib, CompressOptions(**opts), progress=False)
+    strict = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    with torch.device("meta"):
+        compress(strict, calib, CompressOptions(**opts), progress=False)
+    assert strict.config.layers == plain.config.layers != strict.config.dense().layers
+    for (name, a), b in zip(plain.state_dict().items(), strict.state_dict().values()):
+        assert b.device.type == "cpu" and torch.equal(a, b), name
+
+
+def test_offloaded_compression_moves_one_layer_at_a_time(tiny_hf_dir, monkeypatch):
+    """`compress(device=...)` on a model kept elsewhere (`--offload`): the schedule of moves, forced on this
+    one-device machine. The shell (embedding, norm, LM head, RoPE tables) moves out and back once; each layer
+    moves to the compute device twice (Block Influence, then its compression), never while another layer is
+    there, and back after each turn; the weights are those of a plain run. Sensitivity allocation, which runs
+    the rest of the model for each trial, is refused with offloading unless its table is reused."""
+    from modegpt_rt.compressor import compress as compress_mod
+
+    from modegpt_rt.model import Layer, Model
+
+    calib = torch.randint(0, 97, (8, 48), generator=torch.Generator().manual_seed(3))
+    plain = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    compress(plain, calib, CompressOptions(rate=0.3), progress=False)
+
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    index = {id(layer): i for i, layer in enumerate(model.layers)}
+    events = []
+    layer_to, model_to = Layer.to, Model.to
+
+    def record_layer(self, *a, **k):
+        events.append(("layer", index[id(self)]))
+        return layer_to(self, *a, **k)
+
+    def record_model(self, *a, **k):
+        events.append(("shell", len(self.layers)))
+        return model_to(self, *a, **k)
+
+    monkeypatch.setattr(Layer, "to", record_layer)
+    monkeypatch.setattr(Model, "to", record_model)
+    monkeypatch.setattr(compress_mod, "_offloaded", functools.partial(compress_mod._offloaded, always=True))
+    compress(model, calib, CompressOptions(rate=0.3), progress=False, device="cpu")
+    L = len(model.layers)
+    turns = [("layer", i) for i in range(L) for _ in range(2)]  # to the device, back
+    assert events == [("shell", 0)] + turns + turns + [("shell", 0)]
+    for (name, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    monkeypatch.undo()
+    fresh = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    with pytest.raises(ValueError, match="sensitivity-from"):
+        compress(fresh, calib, CompressOptions(rate=0.3, allocation="sensitivity"), progress=False, device="cuda")
+    assert fresh.config.is_dense
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compresses on a CUDA device")
+def test_compress_on_cuda_matches_the_cpu(tiny_hf_dir):
+    """The same compression on a CUDA device (float32 passes) picks the same widths and kept channels and gives
+    the CPU run's logits up to float32 rounding."""
+    calib = torch.randint(0, 97, (8, 48), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 97, (2, 30))
+    models = {}
+    for dev in ("cpu", "cuda"):
+        m = modegpt_rt.load(tiny_hf_dir, device=dev, backend="torch", align=False)
+        report = compress(m, calib, CompressOptions(rate=0.3, compute_dtype="float32"), progress=False)
+        assert report["device"].startswith(dev) and (report["peak_device_gib"] is None) == (dev == "cpu")
+        models[dev] = m
+    cpu, gpu = models["cpu"], models["cuda"]
+    assert gpu.config.layers == cpu.config.layers
+    for a, b in zip(cpu.layers, gpu.layers):
+        assert torch.equal(a.freq_idx, b.freq_idx.cpu())
+    want = cpu(ids).logits
+    assert (gpu(ids.cuda()).logits.cpu() - want).abs().max() < 1e-3 * want.abs().max()
+    offloaded = modegpt_rt.load(tiny_hf_dir, backend="torch")  # on the CPU; each layer visits the GPU
+    report = compress(offloaded, calib, CompressOptions(rate=0.3, compute_dtype="float32"), False, device="cuda")
+    assert report["offload"] and report["device"].startswith("cuda") and offloaded.device.type == "cpu"
+    assert all(p.device.type == "cpu" for p in offloaded.parameters())
+    assert offloaded.config.layers == cpu.config.layers
+    assert (offloaded(ids).logits - gpu(ids.cuda()).logits.cpu()).abs().max() < 1e-5 * want.abs().max()
+
+
 def test_attn_ratio_splits_each_layer_budget(tiny_hf_dir):
     """attn_ratio 0 leaves attention dense and takes each layer's share from the MLP; ratio 2 makes the
     attention sparsity twice the MLP's. The parameters removed per layer match the layer's sparsity."""
@@ -234,8 +330,8 @@ def test_compress_bfloat16_products_keep_statistics_in_float32(tiny_hf_dir, monk
     made = []  # (width, product dtype) of every statistic gathered
 
     class Spy(comp._Stats):
-        def __init__(self, dim, blocks=4, product_dtype=torch.float32):
-            super().__init__(dim, blocks, product_dtype)
+        def __init__(self, dim, blocks=4, product_dtype=torch.float32, device="cpu"):
+            super().__init__(dim, blocks, product_dtype, device)
             made.append((dim, product_dtype))
 
     monkeypatch.setattr(comp, "_Stats", Spy)
@@ -1155,6 +1251,23 @@ def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path):
     assert rows[1]["params"] < rows[0]["params"] and rows[1]["rate"] == 0.3
 
 
+def test_compress_speed_script_runs_tiny(tmp_path):
+    """The compression-time benchmark (random weights, the first N layers of a shape) on a small config: its
+    row names what ran and extrapolates to the whole depth only when it kept fewer layers."""
+    from modegpt_rt.bench import compress_speed
+
+    out = tmp_path / "cs.json"
+    compress_speed.main(["--shape", "tiny", "--layers", "2", "--samples", "16", "--seqlen", "48", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    row = doc["results"][0]
+    assert doc["kind"] == "compress_speed" and "--layers 2" in doc["command"]
+    assert (row["layers"], row["of_layers"], row["device"], row["peak_device_gib"]) == (2, 4, "cpu", None)
+    assert row["seconds_per_layer"] >= 0 and abs(row["achieved_rate"] - 0.3) < 0.02
+    assert row["extrapolated_full_depth_seconds"] >= row["allocation_seconds"]
+    with pytest.raises(SystemExit):
+        compress_speed.main(["--shape", "tiny", "--layers", "9", "--json", str(out)])
+
+
 def test_gpu_throughput_decode_tiles(tmp_path):
     """--decode-tiles: fixed tiles, and the configuration of a sweep JSON with the least total time over the
     shapes where it ran on every one; the context forces them on decode_config and restores it."""
@@ -1291,11 +1404,17 @@ def test_output_checks_come_before_the_work_and_overwrite_replaces_checkpoints_o
         (["compress", "--rate", "0.3", "--out", str(tmp_path / "mine"), "--overwrite"], "no modegpt checkpoint"),
         (["compress", "--rate", "0.95", "--out", str(tmp_path / "x")], "outside [0, 0.95)"),
         (["compress", "--rate", "0.3", "--allocation", "uniform", "--split", "--out", str(tmp_path / "x")], "uniform"),
+        (["compress", "--rate", "0.3", "--device", "gpu0", "--out", str(tmp_path / "x")], "--device 'gpu0'"),
+        (["compress", "--rate", "0.3", "--offload", "--out", str(tmp_path / "x")], "drop it"),
         (["eval", "ppl", "--json", str(tmp_path / "mine")], "is a folder"),
         (["eval", "ppl", "--json", str(tmp_path / "afile" / "r.json")], "cannot write"),
     ]:
         assert cli.main(argv) == 2, argv
         assert fragment in capsys.readouterr().err, argv
+    if not torch.cuda.is_available():
+        assert cli.main(["compress", "--rate", "0.3", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="uniform allocation"):
         CompressOptions(rate=0.3, allocation="uniform", eps=0.5).validate()
 
