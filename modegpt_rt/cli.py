@@ -19,9 +19,10 @@ def _add_eval_dtype(p, default: str):
         default=default,
         choices=["auto", "float32", "bfloat16"],
         help=f"weights and activations (default {default}; bfloat16: about 2x faster matmuls on CPUs with "
-        "AVX512-BF16 or AMX; auto: bfloat16 where the CPU has them, else float32; the log-softmax runs in "
-        "float32 either way)",
+        "AVX512-BF16 or AMX; auto: bfloat16 where the CPU (or GPU) has them, else float32; the log-softmax "
+        "runs in float32 either way)",
     )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
 
 
 def _add_bf16_weights(p):
@@ -51,11 +52,16 @@ def _load_for_eval(args):
     from modegpt_rt.kernels import fast_eval_dtype
 
     weight_dtype = _weight_dtype(args)
+    _check_device(args.device)
+    gpu = torch.device(args.device).type == "cuda"
+    if weight_dtype is not None and gpu:
+        raise ValueError("--bf16-weights is the CPU kernels' storage; on a GPU pass --dtype bfloat16")
     if args.dtype == "auto":  # --bf16-weights asks for float32 arithmetic
-        dtype = torch.float32 if weight_dtype is not None else fast_eval_dtype()
+        native = torch.cuda.is_bf16_supported() if gpu else fast_eval_dtype() == torch.bfloat16
+        dtype = torch.bfloat16 if native and weight_dtype is None else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    model = modegpt_rt.load(args.path, backend="torch", dtype=dtype, weight_dtype=weight_dtype)
+    model = modegpt_rt.load(args.path, device=args.device, backend="torch", dtype=dtype, weight_dtype=weight_dtype)
     name = str(dtype).removeprefix("torch.")
     return model, name if model.weight_dtype == dtype else f"{name}, {model.weight_dtype} weights".replace("torch.", "")
 

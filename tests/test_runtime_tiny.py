@@ -971,6 +971,12 @@ def test_cli_bf16_weights_flag(tiny_hf_dir, tmp_path, monkeypatch, capsys):
     for argv in (["serve"], ["eval", "ppl"], ["eval", "zeroshot"]):  # everything bfloat16 is another thing
         assert cli.main(argv + ["--dtype", "bfloat16", "--bf16-weights"]) == 2
         assert "pass one of them" in capsys.readouterr().err
+    for argv in (["eval", "ppl"], ["eval", "zeroshot"]):  # evaluation on a device: checked before loading
+        assert cli.main(argv + ["--device", "tpu:9"]) == 2
+        assert "--device 'tpu:9'" in capsys.readouterr().err
+        if not torch.cuda.is_available():
+            assert cli.main(argv + ["--device", "cuda"]) == 2
+            assert "no CUDA device" in capsys.readouterr().err
     assert len(seen) == 4  # refused before any load
 
 
