@@ -140,7 +140,15 @@ def cmd_compress(args):
         "seqlen": args.seqlen,
         "seed": args.seed,
     }
-    report = compress(model, calib, opts, progress=not args.quiet, calibration=info, device=args.device)
+    try:
+        report = compress(model, calib, opts, progress=not args.quiet, calibration=info, device=args.device)
+    except torch.OutOfMemoryError as e:
+        where = "the GPU" if torch.device(args.device).type == "cuda" else "memory"
+        hints = ["--offload (the layers stay in CPU memory)"] if where == "the GPU" and not args.offload else []
+        hints += ["fewer --samples or --refit-samples (the calibration streams)"]
+        msg = f"{where} ran out during compression ({str(e).splitlines()[0]}); try " + " or ".join(hints)
+        raise RuntimeError(msg) from None
+
     report["source_model"] = str(args.model or modegpt_rt.default_model_path())
     model.config = model.config.with_layers(model.config.layers, compression=report)
     save_checkpoint(model, out, tokenizer=model.tokenizer, overwrite=args.overwrite)

@@ -1425,6 +1425,24 @@ def test_output_checks_come_before_the_work_and_overwrite_replaces_checkpoints_o
         CompressOptions(rate=0.3, allocation="uniform", eps=0.5).validate()
 
 
+def test_compress_out_of_memory_names_what_to_change(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    """Running out of memory mid-compression ends with one line that says what to change, and writes nothing."""
+    from modegpt_rt.compressor import compress as compress_mod
+
+    from modegpt_rt import cli
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore torch text")
+
+    monkeypatch.setattr(compress_mod, "compress", oom)
+    argv = ["compress", "--model", str(tiny_hf_dir), "--rate", "0.3", "--calib", "generated", "--samples", "2"]
+    assert cli.main(argv + ["--seqlen", "8", "--quiet", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "ran out during compression (CUDA out of memory. Tried to allocate 20.00 GiB)" in err
+    assert "fewer --samples or --refit-samples" in err and "more torch text" not in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_compress_warns_when_the_calibration_is_too_small(tiny_hf_dir):
     model = modegpt_rt.load(tiny_hf_dir, backend="torch")
     width = model.config.intermediate_size
