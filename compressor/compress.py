@@ -130,11 +130,9 @@ def compute_dtype(opts: CompressOptions, device) -> torch.dtype:
     """The dtype of the calibration passes' matrix products; `auto`: bfloat16 on a CPU (AVX512-BF16 / AMX) or
     GPU that multiplies it natively, else float32."""
     if opts.compute_dtype == "auto":
-        from modegpt_rt.kernels import cpu_has_native_bfloat16
+        from modegpt_rt.kernels import has_native_bfloat16
 
-        kind = torch.device(device).type
-        native = cpu_has_native_bfloat16() if kind == "cpu" else kind == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if has_native_bfloat16(device) else torch.float32
     return getattr(torch, opts.compute_dtype)
 
 
@@ -260,14 +258,14 @@ def _offloaded(model: Model, device, always: bool = False):
 
     @contextlib.contextmanager
     def on_device(layer):
-        layer.to(device)
-        try:
+        try:  # a move that fails half way (out of memory) is undone too
+            layer.to(device)
             yield
         finally:
             layer.to(home)
 
-    move_shell(device)
     try:
+        move_shell(device)
         yield on_device
     finally:
         move_shell(home)
@@ -414,20 +412,25 @@ def measure_sensitivity(model: Model, tokens: torch.Tensor, opts: CompressOption
     _check_float32(model)
     cfg, eps, L = model.config, model.config.rms_norm_eps, model.config.num_hidden_layers
     n_probe = max(1, min(tokens.shape[0], opts.probe_tokens // tokens.shape[1]))
-    tokens = tokens.to(model.device)
+    dev = model.device
+    tokens = tokens.to(dev)
     probe = tokens[:n_probe, : min(tokens.shape[1], opts.probe_tokens)]
     stats = tokens[: opts.bi_samples]
-    C_attn = [_Stats(cfg.hidden_size, device=model.device) for _ in range(L)]
-    C_sigma = [_Stats(cfg.intermediate_size, device=model.device) for _ in range(L)]
-    for sl in _batches(stats.shape[0], opts.micro_batch):
-        h = torch.nn.functional.embedding(stats[sl], model.embed)
-        for i, layer in enumerate(model.layers):
-            C_attn[i].add(rms_norm(h, layer.attn_norm, eps))
+    # every layer's statistics, kept in host memory until its trials (float64: 35 GB for LLaMA-2-7B's 32 layers)
+    C_attn, C_sigma = [], []
+    hs = [torch.nn.functional.embedding(stats[sl], model.embed) for sl in _batches(stats.shape[0], opts.micro_batch)]
+    for layer in model.layers:
+        attn_stats, mlp_stats = _Stats(cfg.hidden_size, device=dev), _Stats(cfg.intermediate_size, device=dev)
+        for m, h in enumerate(hs):
+            attn_stats.add(rms_norm(h, layer.attn_norm, eps))
             h = h + model.attention_block(layer, h)
             gate_up = torch.nn.functional.linear(rms_norm(h, layer.mlp_norm, eps), layer.w_gate_up)
             act = torch.nn.functional.silu(gate_up[..., : layer.k_mlp]) * gate_up[..., layer.k_mlp :]
-            C_sigma[i].add(act)
-            h = h + torch.nn.functional.linear(act, layer.w_down)
+            mlp_stats.add(act)
+            hs[m] = h + torch.nn.functional.linear(act, layer.w_down)
+        C_attn.append(attn_stats.C.cpu())
+        C_sigma.append(mlp_stats.C.cpu())
+    del hs
     inputs = [torch.nn.functional.embedding(probe, model.embed)]
     for layer in model.layers:
         inputs.append(model.layer_forward(layer, inputs[-1]))
@@ -444,9 +447,11 @@ def measure_sensitivity(model: Model, tokens: torch.Tensor, opts: CompressOption
     costs = torch.zeros(2, L, len(levels), dtype=torch.float64, device="cpu")  # [attn | mlp, layer, level]
     bar = tqdm(range(L), desc="sensitivity", unit="layer", disable=not progress)
     for i in bar:
+        C_a, C_s = C_attn[i].to(dev), C_sigma[i].to(dev)
         for m, module in enumerate(("attn", "mlp")):
             for j, s in enumerate(levels):
-                costs[m, i, j] = kl(i, trial_layer(model.layers[i], cfg, module, s, C_attn[i].C, C_sigma[i].C, opts))
+                costs[m, i, j] = kl(i, trial_layer(model.layers[i], cfg, module, s, C_a, C_s, opts))
+        del C_a, C_s
     return {
         "levels": list(levels),
         "attn_kl": costs[0].tolist(),
@@ -659,6 +664,9 @@ def _compress(model: Model, tokens, opts: CompressOptions, progress, calibration
                 with passes():
                     h[sl] += torch.nn.functional.linear(act[..., idx] if compress_k else act, layer.w_down)
             del acts
+            # what this turn made (the float64 layer, Gram matrices, the last activations) goes before the next
+            # layer's turn allocates: under --offload the GPU would otherwise hold two layers' worth of it
+            new = gram = g = z = act = idx = None
             bar.set_postfix(k_mlp=w.k_mlp, d_qk=w.d_qk, d_v=w.d_v)
 
     dense_cfg = cfg

@@ -58,9 +58,21 @@ def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def fast_eval_dtype() -> torch.dtype:
-    """`--dtype auto` of CPU scoring: bfloat16 where the CPU multiplies it natively, else float32."""
-    return torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+def has_native_bfloat16(device) -> bool:
+    """Whether `device` multiplies bfloat16 natively: a CPU with AVX512-BF16 or AMX-BF16, an NVIDIA GPU of compute
+    capability 8 (Ampere) or later. (`torch.cuda.is_bf16_supported()` also says yes where bfloat16 is only
+    emulated, e.g. on a V100 or T4, and asks about the current GPU rather than `device`.)"""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return cpu_has_native_bfloat16()
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    return False
+
+
+def fast_eval_dtype(device="cpu") -> torch.dtype:
+    """`--dtype auto` of scoring: bfloat16 where `device` multiplies it natively, else float32."""
+    return torch.bfloat16 if has_native_bfloat16(device) else torch.float32
 
 
 def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:

@@ -57,8 +57,7 @@ def _load_for_eval(args):
     if weight_dtype is not None and gpu:
         raise ValueError("--bf16-weights is the CPU kernels' storage; on a GPU pass --dtype bfloat16")
     if args.dtype == "auto":  # --bf16-weights asks for float32 arithmetic
-        native = torch.cuda.is_bf16_supported() if gpu else fast_eval_dtype() == torch.bfloat16
-        dtype = torch.bfloat16 if native and weight_dtype is None else torch.float32
+        dtype = torch.float32 if weight_dtype is not None else fast_eval_dtype(args.device)
     else:
         dtype = getattr(torch, args.dtype)
     model = modegpt_rt.load(args.path, device=args.device, backend="torch", dtype=dtype, weight_dtype=weight_dtype)
@@ -142,11 +141,19 @@ def cmd_compress(args):
     }
     try:
         report = compress(model, calib, opts, progress=not args.quiet, calibration=info, device=args.device)
-    except torch.OutOfMemoryError as e:
+    except RuntimeError as e:  # torch's OutOfMemoryError, or a GPU solver's failed allocation
+        text = str(e)
+        if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "ALLOC_FAILED" in text):
+            raise
         where = "the GPU" if torch.device(args.device).type == "cuda" else "memory"
-        hints = ["--offload (the layers stay in CPU memory)"] if where == "the GPU" and not args.offload else []
+        offloadable = not (opts.allocation == "sensitivity" and not opts.sensitivity_from)
+        hints = (
+            ["--offload (the layers stay in CPU memory)"]
+            if where == "the GPU" and offloadable and not args.offload
+            else []
+        )
         hints += ["fewer --samples or --refit-samples (the calibration streams)"]
-        msg = f"{where} ran out during compression ({str(e).splitlines()[0]}); try " + " or ".join(hints)
+        msg = f"{where} ran out during compression ({text.splitlines()[0]}); try " + " or ".join(hints)
         raise RuntimeError(msg) from None
 
     report["source_model"] = str(args.model or modegpt_rt.default_model_path())
@@ -510,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--offload",
         action="store_true",
         help="with a GPU --device: keep the dense model's layers in CPU memory and move each to the GPU for its "
-        "turn only, for models whose float32 weights do not fit beside the activations",
+        "turn only, for models whose float32 weights do not fit beside the activations (--calib generated then "
+        "samples on the CPU)",
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' choice (default 0)")
     c.add_argument("--out", required=True, help="output checkpoint directory")

@@ -152,8 +152,9 @@ def generated_calibration(
     backend = model.backend
     from modegpt_rt import kernels
 
-    if kernels.resolve_backend("auto", model.device, model.dtype) == "cpu":
-        model.set_backend("cpu")  # the C++ decode step: several times faster than the torch modules
+    fast = kernels.resolve_backend("auto", model.device, model.dtype)
+    if fast in ("cpu", "triton"):  # the C++ or Triton decode step: several times faster than the torch modules
+        model.set_backend(fast)
     rows = []
     try:
         for b0 in tqdm(range(0, samples, batch_size), desc="generate calibration", unit="batch", disable=not progress):

@@ -20,14 +20,23 @@ import torch
 from modegpt_rt.model import KVCache, Model
 
 
+def graph_capturable(model: Model) -> bool:
+    """Whether `model`'s decode step can be recorded in a CUDA graph: on a CUDA device with the Triton backend
+    (the torch reference's cache update reads sizes on the host; the fused C++ step is CPU-only)."""
+    return model.device.type == "cuda" and model.backend == "triton" and not model._fused
+
+
 class DecodeGraph:
     def __init__(self, model: Model, cache: KVCache, capture: bool | None = None, warmup: int = 2):
         if model._fused:
             raise ValueError("the fused C++ decode step is one call already; a decode graph is for GPU backends")
         if capture is None:
-            capture = model.device.type == "cuda"
-        if capture and model.device.type != "cuda":
-            raise ValueError("CUDA graph capture needs a model on a CUDA device")
+            capture = graph_capturable(model)
+        if capture and not graph_capturable(model):
+            raise ValueError(
+                "CUDA graph capture needs a model on a CUDA device with the triton backend (the torch reference "
+                "reads sizes on the host, which a graph cannot record)"
+            )
         self.model, self.cache = model, cache
         B = cache.lens.shape[0]
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=model.device)

@@ -149,7 +149,8 @@ def generate(
     `max_new_tokens` may be a list, one limit per prompt.
     `on_finish(index, result)` is called with a sequence's `GenerationResult` as soon as it ends (the
     batch may run on); the list returned at the end holds the same results.
-    `cuda_graph`: replay the decode step from a CUDA graph (`decode_graph.py`); default: on a CUDA device.
+    `cuda_graph`: replay the decode step from a CUDA graph (`decode_graph.py`); default: on a CUDA device with
+    the Triton backend.
     A graph replays a fixed batch: every row steps until the last sequence ends, and the longest prompt plus
     the largest limit must fit the context. Without one, the prompts run as a `ContinuousBatch`: a sequence
     that ends leaves the batch, the later steps compute only the rows still running, and each prompt needs
@@ -173,10 +174,15 @@ def generate(
             )
     _Ends(model, stop, ignore_eos).check(tokenizer, stream)
     dev = model.device
+    from modegpt_rt.decode_graph import graph_capturable
+
     if cuda_graph is None:
-        cuda_graph = dev.type == "cuda" and not model._fused
-    elif cuda_graph and dev.type != "cuda":
-        raise ValueError("cuda_graph=True needs a model on a CUDA device")
+        cuda_graph = graph_capturable(model)
+    elif cuda_graph and not graph_capturable(model):
+        raise ValueError(
+            f"cuda_graph=True needs a model on a CUDA device with the triton backend (this one: {dev.type}, "
+            f"{model.backend}; the torch reference reads sizes on the host, which a graph cannot record)"
+        )
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=dev)

@@ -7,7 +7,8 @@
 # Knobs (environment):
 #   STEPS     which steps, comma-separated, in this order: tests,kernels,throughput,compress (default: the
 #             first three; compress: `modegpt compress --device cuda`'s tests and its time on the SmolLM2-135M
-#             shape and on the first COMPRESS_LAYERS (default 4) layers of the LLaMA-2-7B shape, also with --offload)
+#             shape and on the first COMPRESS_LAYERS (default 4) layers of the LLaMA-2-7B shape, also with --offload;
+#             it writes 8 files, a device call's limit, so run it alone: STEPS=compress)
 #   BATCH, MODELS, REPEATS, PROMPT, NEW, CUDA_GRAPH (on/off/both), ALIGN (auto/on/off/both: widths
 #             zero-padded as modegpt_rt.load does on a GPU), MULTIPLES (M,P,V: widths chosen at multiples
 #             within the budget), GLUE (triton/torch/both: fused Triton norm + SiLU·up kernels or torch
@@ -18,7 +19,8 @@
 #             default,sweep:$OUT/triton_kernels.json (the fastest of a sweep this call made) or default,64:8:2
 #   SWEEP     decode shapes for bench.triton_kernels --sweep (every launch configuration timed), or 'all'
 #   RANKS     the paper's layer ranks JSON where ../shared is not beside the checkout
-#   T_TESTS, T_KERNELS, T_THROUGHPUT, T_COMPRESS   per-step time limits in seconds
+#   T_TESTS, T_KERNELS, T_THROUGHPUT, T_COMPRESS   per-step time limits in seconds (T_COMPRESS: each of the
+#             compress step's four runs, default 120)
 #   APPEND=1  keep summary.txt (a second run in the same call, e.g. STEPS=throughput TAG=_mult MULTIPLES=64,8,8)
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
@@ -73,14 +75,14 @@ if step throughput; then
 fi
 
 if step compress; then
-  timeout ${T_COMPRESS:-300} $PY -m pytest -q -rfEs -p no:cacheprovider "$ROOT/tests/test_runtime_tiny.py" \
-    -k "device_of_every or compress_on_cuda or offloaded" > "$OUT/pytest_compress.log" 2>&1
+  timeout ${T_COMPRESS:-120} $PY -m pytest -q -rfEs -p no:cacheprovider "$ROOT/tests/test_runtime_tiny.py" \
+    -k "device_of_every or compress_on_cuda or offloaded or compress_cli_on_cuda" > "$OUT/pytest_compress.log" 2>&1
   summary "pytest compress (rc $?)" "$(tail -1 "$OUT/pytest_compress.log")"
   for run in smollm2-135m llama2-7b llama2-7b:offload; do
     shape=${run%%:*} name=${run/:/_} ARGS=()
     [[ $shape == llama2-7b ]] && ARGS+=(--layers ${COMPRESS_LAYERS:-4})
     [[ $run == *:offload ]] && ARGS+=(--offload)
-    timeout ${T_COMPRESS:-300} $PY -m modegpt_rt.bench.compress_speed --shape $shape "${ARGS[@]}" --device cuda \
+    timeout ${T_COMPRESS:-120} $PY -m modegpt_rt.bench.compress_speed --shape $shape "${ARGS[@]}" --device cuda \
       --json "$OUT/compress_speed_$name$TAG.json" > "$OUT/compress_speed_$name$TAG.log" 2>&1
     summary "compress_speed $name (rc $?)" "$(grep -E '"(wall_seconds|seconds_per_layer|peak_device_gib)"' \
       "$OUT/compress_speed_$name$TAG.log" | tr -d ' \n')"

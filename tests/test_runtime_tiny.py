@@ -219,6 +219,38 @@ def test_compress_on_cuda_matches_the_cpu(tiny_hf_dir):
     assert (offloaded(ids).logits - gpu(ids.cuda()).logits.cpu()).abs().max() < 1e-5 * want.abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compresses on a CUDA device")
+def test_compress_cli_on_cuda_tied_model_generated_calibration(tmp_path):
+    """The command line on a GPU, on a model with tied embeddings (as SmolLM2): data-free calibration sampled on
+    the device (the torch backend's `generate` there must not record a CUDA graph), with and without
+    --offload, each checkpoint saved and loaded back on the CPU."""
+    from modegpt_rt.kernels import has_native_bfloat16
+    from transformers import LlamaForCausalLM
+
+    from modegpt_rt import cli
+
+    torch.manual_seed(0)
+    src = tmp_path / "tied"
+    LlamaForCausalLM(tiny_hf_config(tie_word_embeddings=True)).eval().save_pretrained(src, safe_serialization=True)
+    ref = modegpt_rt.load(src, backend="torch")
+    on_gpu = modegpt_rt.load(src, device="cuda", backend="torch")
+    prompts = [[5, 6, 7], [8, 9]]
+    want = [r.token_ids for r in ref.generate(prompts, max_new_tokens=5, temperature=0, ignore_eos=True)]
+    assert [r.token_ids for r in on_gpu.generate(prompts, max_new_tokens=5, temperature=0, ignore_eos=True)] == want
+    argv = ["compress", "--model", str(src), "--rate", "0.3", "--calib", "generated", "--samples", "8"]
+    argv += ["--seqlen", "48", "--device", "cuda", "--quiet"]
+    for extra in ([], ["--offload"]):
+        out = tmp_path / f"ck{len(extra)}"
+        assert cli.main(argv + extra + ["--out", str(out)]) == 0
+        back = modegpt_rt.load(out)
+        report = back.config.compression
+        assert report["device"].startswith("cuda") and report["offload"] == bool(extra)
+        assert report["compute_dtype"] == ("bfloat16" if has_native_bfloat16("cuda") else "float32")
+        assert back.config.tie_word_embeddings and back.lm_head is back.embed
+        assert back.config.layers != back.config.dense().layers
+        assert torch.isfinite(back(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+
 def test_attn_ratio_splits_each_layer_budget(tiny_hf_dir):
     """attn_ratio 0 leaves attention dense and takes each layer's share from the MLP; ratio 2 makes the
     attention sparsity twice the MLP's. The parameters removed per layer match the layer's sparsity."""
@@ -1431,15 +1463,25 @@ def test_compress_out_of_memory_names_what_to_change(tiny_hf_dir, tmp_path, monk
 
     from modegpt_rt import cli
 
-    def oom(*a, **k):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore torch text")
+    errors = [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore torch text"),
+        RuntimeError("cusolver error: CUSOLVER_STATUS_ALLOC_FAILED, when calling `cusolverDnCreate(handle)`"),
+        RuntimeError("some other failure"),
+    ]
 
-    monkeypatch.setattr(compress_mod, "compress", oom)
+    def fail(*a, **k):
+        raise errors.pop(0)
+
+    monkeypatch.setattr(compress_mod, "compress", fail)
     argv = ["compress", "--model", str(tiny_hf_dir), "--rate", "0.3", "--calib", "generated", "--samples", "2"]
-    assert cli.main(argv + ["--seqlen", "8", "--quiet", "--out", str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err
-    assert "ran out during compression (CUDA out of memory. Tried to allocate 20.00 GiB)" in err
-    assert "fewer --samples or --refit-samples" in err and "more torch text" not in err
+    argv += ["--seqlen", "8", "--quiet", "--out", str(tmp_path / "x")]
+    for first_line in ("CUDA out of memory. Tried to allocate 20.00 GiB", "cusolver error: CUSOLVER_STATUS_ALLOC"):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"memory ran out during compression ({first_line}" in err
+        assert "fewer --samples or --refit-samples" in err and "more torch text" not in err
+    assert cli.main(argv) == 2  # any other error is told as it is
+    assert capsys.readouterr().err.strip().endswith("error: some other failure")
     assert not (tmp_path / "x").exists()
 
 

@@ -562,10 +562,22 @@ def test_cli_eval_paired(tmp_path, capsys):
     assert "other / base = 57.1%" in capsys.readouterr().out
 
 
-def test_cpu_native_bfloat16_detection():
-    """`--dtype auto` picks bfloat16 only where /proc/cpuinfo lists AVX512-BF16 or AMX-BF16."""
+def test_cpu_native_bfloat16_detection(monkeypatch):
+    """`--dtype auto` picks bfloat16 only where /proc/cpuinfo lists AVX512-BF16 or AMX-BF16, or on a GPU of
+    compute capability 8 or later (an emulating V100 or T4 gets float32), the GPU asked about."""
     import torch
     from modegpt_rt.kernels import cpu_has_native_bfloat16, fast_eval_dtype
+
+    from modegpt_rt import kernels
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda d: asked.append(d) or {0: (7, 0), 1: (9, 0)}[d.index]
+    )
+    assert fast_eval_dtype("cuda:0") == torch.float32 and fast_eval_dtype("cuda:1") == torch.bfloat16
+    assert [d.index for d in asked] == [0, 1] and not kernels.has_native_bfloat16("meta")
+    monkeypatch.undo()
 
     assert cpu_has_native_bfloat16("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
     assert cpu_has_native_bfloat16("flags : fpu amx_bf16 amx_tile\n")
