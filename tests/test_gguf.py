@@ -116,6 +116,40 @@ def test_damaged_or_foreign_gguf_is_refused_clearly(tmp_path):
         modegpt_rt.load(foreign)
 
 
+@pytest.mark.parametrize("kw", [dict(tied=False), dict(vocab_key=False, extra=[("llama.custom", 0.5)])])
+def test_gguf_header_parser_agrees_with_the_gguf_package(tmp_path, kw):
+    """Our one-pass header parser (`_parse_gguf`) reads the same metadata (numbers, strings, string and number
+    arrays) and the same tensor names, shapes, types and bytes as the `gguf` package's reader."""
+    path = write_tiny_gguf(tmp_path / "t.gguf", **kw)
+    fields, tensors = ck._parse_gguf(path)
+    reader = gguf.GGUFReader(str(path))
+    assert fields == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert [(t.name, t.shape, t.tensor_type) for t in tensors] == [
+        (t.name, tuple(int(n) for n in t.shape), t.tensor_type) for t in reader.tensors
+    ]
+    for ours, theirs in zip(tensors, reader.tensors):
+        assert ours.data.tobytes() == theirs.data.tobytes(), ours.name
+
+
+def test_gguf_cut_or_garbled_anywhere_is_refused_clearly(tmp_path):
+    """A GGUF cut short at any point of its header or data, or with a garbled type code, gets a CheckpointError
+    naming the file, never another exception."""
+    data = write_tiny_gguf(tmp_path / "t.gguf").read_bytes()
+    _, tensors = ck._parse_gguf(tmp_path / "t.gguf")
+    header_end = len(data) - sum(t.data.nbytes for t in tensors)
+    for n in sorted({3, 10, 30, 100, header_end // 2, header_end - 1, header_end + 5, len(data) - 1}):
+        cut = tmp_path / f"cut{n}.gguf"
+        cut.write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match=f"cut{n}.gguf"):
+            modegpt_rt.load(cut)
+    garbled = bytearray(data)
+    at = data.index(b"general.architecture") + len("general.architecture")
+    garbled[at : at + 4] = (77).to_bytes(4, "little")  # the field's value type: no such type
+    (tmp_path / "garbled.gguf").write_bytes(bytes(garbled))
+    with pytest.raises(CheckpointError, match="unknown metadata type 77"):
+        modegpt_rt.load(tmp_path / "garbled.gguf")
+
+
 def test_gguf_without_vocab_size_key_counts_the_token_list(tmp_path):
     path = write_tiny_gguf(tmp_path / "old.gguf", vocab=70, vocab_key=False)
     config, tensors = ck._read_gguf_direct(path)
