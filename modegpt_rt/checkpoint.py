@@ -274,6 +274,8 @@ def _parse_gguf(path: Path):
     if version not in (2, 3):
         return None
     pos = 24
+    if max(n_tensors, n_fields) > len(buf) - pos:
+        raise ValueError(f"{n_tensors} tensors and {n_fields} fields cannot fit in the file")
 
     def take(fmt):
         nonlocal pos
@@ -298,6 +300,8 @@ def _parse_gguf(path: Path):
         if kind != _GGUF_ARRAY:
             raise ValueError(f"unknown metadata type {kind}")
         item, count = take("<I"), take("<Q")
+        if count > len(buf) - pos:  # every element takes a byte at least: a garbled count, not a long loop
+            raise ValueError(f"an array of {count} elements cannot fit in the file")
         if item in _GGUF_SCALARS and item != 7:  # numbers: one vectorised read
             dt = np.dtype(_GGUF_SCALARS[item])
             if pos + count * dt.itemsize > len(buf):
@@ -314,7 +318,10 @@ def _parse_gguf(path: Path):
     infos = []
     for _ in range(n_tensors):
         name = string()
-        dims = tuple(take("<Q") for _ in range(take("<I")))
+        n_dims = take("<I")
+        if n_dims > 8:  # ggml tensors have at most 4
+            raise ValueError(f"tensor {name} claims {n_dims} dimensions")
+        dims = tuple(take("<Q") for _ in range(n_dims))
         infos.append((name, dims, take("<I"), take("<Q")))
     align = fields.get("general.alignment", 32)
     start = -(-pos // align) * align

@@ -148,6 +148,11 @@ def test_gguf_cut_or_garbled_anywhere_is_refused_clearly(tmp_path):
     (tmp_path / "garbled.gguf").write_bytes(bytes(garbled))
     with pytest.raises(CheckpointError, match="unknown metadata type 77"):
         modegpt_rt.load(tmp_path / "garbled.gguf")
+    huge = bytearray(data)
+    huge[16:24] = (2**62).to_bytes(8, "little")  # the field count
+    (tmp_path / "huge.gguf").write_bytes(bytes(huge))
+    with pytest.raises(CheckpointError, match="cannot fit in the file"):
+        modegpt_rt.load(tmp_path / "huge.gguf")
 
 
 def test_gguf_without_vocab_size_key_counts_the_token_list(tmp_path):
