@@ -245,6 +245,7 @@ def _unpermute_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_LIST_MAX = 4096  # number arrays up to this length become lists; longer ones (token types) stay arrays
 
 
 @dataclasses.dataclass
@@ -259,8 +260,11 @@ def _parse_gguf(path: Path):
     """(metadata fields, tensors) of a little-endian GGUF (version 2 or 3), parsed here in one pass over the
     header: the `gguf` package's reader makes a numpy view per array element (2.3 s of SmolLM2's 98,000
     vocabulary strings and merges). Each tensor's data is a view of its bytes in a read-only memory map.
-    Raises ValueError on anything malformed or cut short; returns None for a version or byte order it does
-    not read (transformers' reader then decides)."""
+    Number arrays longer than `_GGUF_LIST_MAX` stay numpy arrays (views of the file). Holds the file to
+    llama.cpp's rules: unique keys and tensor names, a power-of-two alignment, tensors stored back to back in
+    the order listed, each padded to the alignment. Raises ValueError on anything malformed or cut short;
+    returns None for a version or byte order it does not read (transformers' reader then decides)."""
+    import math
     import struct
 
     import numpy as np
@@ -302,18 +306,20 @@ def _parse_gguf(path: Path):
         item, count = take("<I"), take("<Q")
         if count > len(buf) - pos:  # every element takes a byte at least: a garbled count, not a long loop
             raise ValueError(f"an array of {count} elements cannot fit in the file")
-        if item in _GGUF_SCALARS and item != 7:  # numbers: one vectorised read
+        if item in _GGUF_SCALARS:  # numbers and booleans: one vectorised read
             dt = np.dtype(_GGUF_SCALARS[item])
             if pos + count * dt.itemsize > len(buf):
                 raise ValueError("an array runs past the end of the file")
-            out = np.frombuffer(buf, dt, count, pos).tolist()
+            out = np.frombuffer(buf, dt, count, pos)
             pos += count * dt.itemsize
-            return out
+            return out.tolist() if count <= _GGUF_LIST_MAX else out
         return [value(item) for _ in range(count)]
 
     fields = {}
     for _ in range(n_fields):
         key = string()
+        if key in fields:
+            raise ValueError(f"metadata key {key} appears twice")
         fields[key] = value(take("<I"))
     infos = []
     for _ in range(n_tensors):
@@ -324,20 +330,42 @@ def _parse_gguf(path: Path):
         dims = tuple(take("<Q") for _ in range(n_dims))
         infos.append((name, dims, take("<I"), take("<Q")))
     align = fields.get("general.alignment", 32)
+    if type(align) is not int or align < 1 or align & (align - 1):
+        raise ValueError(f"general.alignment={align!r} is not a positive power of two")
     start = -(-pos // align) * align
-    tensors = []
+    tensors, expected = [], 0
+    if len({name for name, *_ in infos}) != len(infos):
+        raise ValueError("a tensor name appears twice")
     for name, dims, kind, offset in infos:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-        count = int(np.prod(dims, dtype=np.int64))
-        if count % block:
-            raise ValueError(f"tensor {name}: {count} elements are not whole blocks of {block}")
+        if dims and dims[0] % block:
+            raise ValueError(f"tensor {name}: rows of {dims[0]} elements are not whole blocks of {block}")
+        if offset != expected:
+            raise ValueError(f"tensor {name} has data offset {offset}, where the tensors before it end at {expected}")
+        count = math.prod(dims)  # Python integers: a garbled dimension cannot wrap around
         first, nbytes = start + offset, count // block * size
+        expected += -(-nbytes // align) * align
         if first + nbytes > len(raw):
             raise ValueError(f"tensor {name} runs past the end of the file")
         row = dims[0] // block * size if dims else nbytes  # bytes of one row (ggml's first dimension)
         data = raw[first : first + nbytes].reshape(-1, row) if row else raw[first:first]
         tensors.append(_GGUFTensor(name, dims, GGMLQuantizationType(kind), data))
     return fields, tensors
+
+
+def _gguf_tensor(t: _GGUFTensor, config: ModelConfig, dequantize) -> torch.Tensor:
+    """One GGUF tensor as an HF-layout float32 tensor (q/k rows un-permuted to two halves per head)."""
+    shape = tuple(reversed([int(n) for n in t.shape]))
+    a = dequantize(t.data, t.tensor_type)
+    if a.dtype != "float32" or not a.flags.writeable:  # float16 tensors; float32 ones map the file
+        a = a.astype("float32")
+    w = torch.from_numpy(a.reshape(shape))
+    if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = config.num_attention_heads if t.name.endswith("attn_q.weight") else config.num_key_value_heads
+        if w.shape[0] % (2 * heads):
+            raise ValueError(f"{w.shape[0]} rows are not whole rotary pairs of {heads} heads")
+        w = _unpermute_rope_rows(w, heads)
+    return w.contiguous()
 
 
 def _read_gguf_direct(path: Path):
@@ -373,7 +401,13 @@ def _read_gguf_direct(path: Path):
     if "vocab_size" not in hf:
         tokens = value("tokenizer.ggml.tokens")
         hf["vocab_size"] = len(tokens) if tokens is not None else None
-    config = from_hf_config(hf)
+    layers = hf.get("num_hidden_layers")
+    if type(layers) is not int or not 0 < layers <= len(gguf_tensors):  # before it sizes anything
+        raise CheckpointError(f"{path}: llama.block_count={layers!r} does not fit its {len(gguf_tensors)} tensors")
+    try:
+        config = from_hf_config(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     names = {}
     for i in range(config.num_hidden_layers):
         names.update({g.format(i=i): h.format(i=i) for g, h in _GGUF_NAMES.items()})
@@ -381,15 +415,11 @@ def _read_gguf_direct(path: Path):
         return None
     tensors = {}
     for t in gguf_tensors:
-        shape = tuple(reversed([int(n) for n in t.shape]))
-        a = dequantize(t.data, t.tensor_type)
-        if a.dtype != "float32" or not a.flags.writeable:  # float16 tensors; float32 ones map the file
-            a = a.astype("float32")
-        w = torch.from_numpy(a.reshape(shape))
-        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config.num_attention_heads if t.name.endswith("attn_q.weight") else config.num_key_value_heads
-            w = _unpermute_rope_rows(w, heads)
-        tensors[names[t.name]] = w.contiguous()
+        try:
+            tensors[names[t.name]] = _gguf_tensor(t, config, dequantize)
+        except (ValueError, RuntimeError, NotImplementedError) as e:  # a type gguf cannot dequantize, bad sizes
+            kind = getattr(t.tensor_type, "name", t.tensor_type)
+            raise CheckpointError(f"{path}: tensor {t.name} ({kind}, {list(t.shape)}): {e}") from None
     tensors = _with_full_rope_index(tensors, config)
     validate_tensors(tensors, config, str(path))
     return config, tensors
@@ -416,6 +446,8 @@ def _read_gguf(path: Path):
     hf_logging.set_verbosity_error()
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds on a damaged file
+        raise CheckpointError(f"{path}: cannot read GGUF weights ({type(e).__name__}: {e})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     tensors = {k: v.detach().clone() for k, v in hf.state_dict().items()}

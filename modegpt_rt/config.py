@@ -82,6 +82,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not is_int(v) or v < 1:
                 raise ConfigError(f"{name}={v!r} must be a positive integer")
+        if self.max_position_embeddings >= 2**31:  # positions and cache lengths are int32 in the kernels
+            raise ConfigError(f"max_position_embeddings={self.max_position_embeddings} must be below 2**31")
         for name in ("rms_norm_eps", "rope_theta"):
             v = getattr(self, name)
             if not _positive(v):

@@ -155,6 +155,97 @@ def test_gguf_cut_or_garbled_anywhere_is_refused_clearly(tmp_path):
         modegpt_rt.load(tmp_path / "huge.gguf")
 
 
+def _raw_gguf(fields, tensors, align=32):
+    """A GGUF written byte by byte, so that it can break the rules GGUFWriter keeps: `fields` as (key, value)
+    with ints as uint32, floats as float32, strings; `tensors` as (name, ggml dims, type, data bytes, offset or
+    None for back to back)."""
+    import struct
+
+    def string(text):
+        b = text.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(fields))
+    for key, v in fields:
+        kind, payload = (
+            (8, string(v))
+            if isinstance(v, str)
+            else (6, struct.pack("<f", v))
+            if isinstance(v, float)
+            else (4, struct.pack("<I", v))
+        )
+        out += string(key) + struct.pack("<I", kind) + payload
+    blobs, at = b"", 0
+    for name, dims, kind, data, offset in tensors:
+        out += string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        out += struct.pack("<IQ", kind, at if offset is None else offset)
+        blobs += data + b"\0" * (-len(data) % align)
+        at += len(data) + (-len(data) % align)
+    return out + b"\0" * (-len(out) % align) + blobs
+
+
+def _llama_fields(layers=1, d=8, heads=2, context=64, **replace):
+    fields = {
+        "general.architecture": "llama",
+        "llama.block_count": layers,
+        "llama.context_length": context,
+        "llama.embedding_length": d,
+        "llama.feed_forward_length": 16,
+        "llama.attention.head_count": heads,
+        "llama.attention.head_count_kv": heads,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "llama.vocab_size": 16,
+    }
+    fields.update(replace)
+    return list(fields.items())
+
+
+def _llama_tensors(d=8, q_rows=8, kind=0):
+    def t(name, *dims):
+        return (name, dims, kind, np.ones(int(np.prod(dims)), "<f8" if kind == 28 else "<f4").tobytes(), None)
+
+    return [
+        t("token_embd.weight", d, 16),
+        t("output_norm.weight", d),
+        t("blk.0.attn_norm.weight", d),
+        t("blk.0.ffn_norm.weight", d),
+        t("blk.0.attn_q.weight", d, q_rows),
+        t("blk.0.attn_k.weight", d, d),
+        t("blk.0.attn_v.weight", d, d),
+        t("blk.0.attn_output.weight", d, d),
+        t("blk.0.ffn_gate.weight", d, 16),
+        t("blk.0.ffn_up.weight", d, 16),
+        t("blk.0.ffn_down.weight", 16, d),
+    ]
+
+
+def test_gguf_breaking_llama_cpp_rules_is_refused_naming_the_file(tmp_path):
+    """What llama.cpp refuses we refuse too, and what the `gguf` package cannot read gets a CheckpointError or
+    ConfigError that names the file: repeated keys or tensors, a bad alignment, tensors not stored back to
+    back, a garbled layer count or context, a type gguf cannot dequantize, q rows that are no rotary pairs."""
+    good = tmp_path / "good.gguf"
+    good.write_bytes(_raw_gguf(_llama_fields(), _llama_tensors()))
+    assert modegpt_rt.load(good, tokenizer=False).config.num_hidden_layers == 1
+    moved = _llama_tensors()
+    moved[1] = (*moved[1][:4], 64)  # output_norm stored after a gap
+    cases = {
+        "key": (_llama_fields() + [("llama.block_count", 1)], _llama_tensors(), "appears twice"),
+        "tensor": (_llama_fields(), _llama_tensors() + _llama_tensors()[2:3], "appears twice"),
+        "align": (_llama_fields(**{"general.alignment": 24}), _llama_tensors(), "power of two"),
+        "offset": (_llama_fields(), moved, "data offset 64"),
+        "layers": (_llama_fields(layers=2**31), _llama_tensors(), "block_count=2147483648 does not fit"),
+        "context": (_llama_fields(context=2**31), _llama_tensors(), "must be below 2\\*\\*31"),
+        "f64": (_llama_fields(), _llama_tensors(kind=28), "token_embd.weight \\(F64"),
+        "rows": (_llama_fields(heads=4), _llama_tensors(q_rows=12), "12 rows are not whole rotary pairs of 4 heads"),
+    }
+    for name, (fields, tensors, message) in cases.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(_raw_gguf(fields, tensors))
+        with pytest.raises((CheckpointError, ConfigError), match=message) as e:
+            modegpt_rt.load(path, tokenizer=False)
+        assert f"{name}.gguf" in str(e.value), name
+
+
 def test_gguf_without_vocab_size_key_counts_the_token_list(tmp_path):
     path = write_tiny_gguf(tmp_path / "old.gguf", vocab=70, vocab_key=False)
     config, tensors = ck._read_gguf_direct(path)
