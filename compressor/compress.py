@@ -231,7 +231,7 @@ def plan_sparsity(model: Model, tokens: torch.Tensor, opts: CompressOptions, pro
 def _indexed(device) -> torch.device:
     """`cuda` as the device it means (`cuda:N`, the current one), so that it compares equal to a model's."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
@@ -529,15 +529,14 @@ def compress(
     _check_float32(model)
     if not model.config.is_dense:
         raise ValueError("the model is already compressed; compress the dense source model instead")
-    offload = device is not None and (
-        torch.device(device).type != model.device.type or _indexed(device) != model.device
-    )
+    target = model.device if device is None else _indexed(device)
+    offload = target != model.device
     if offload and opts.allocation == "sensitivity" and not opts.sensitivity_from:
         raise ValueError(
             "--allocation sensitivity runs the rest of the model for each of its trials; measure it with the "
             "model on the compute device (no --offload), or reuse a table with --sensitivity-from"
         )
-    with _offloaded(model, device if device is not None else model.device) as on_device:
+    with _offloaded(model, target) as on_device:
         return _compress(model, tokens, opts, progress, calibration, on_device, offload)
 
 

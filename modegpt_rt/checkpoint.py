@@ -353,8 +353,10 @@ def _parse_gguf(path: Path):
     return fields, tensors
 
 
-def _gguf_tensor(t: _GGUFTensor, config: ModelConfig, dequantize) -> torch.Tensor:
+def _gguf_tensor(t: _GGUFTensor, config: ModelConfig) -> torch.Tensor:
     """One GGUF tensor as an HF-layout float32 tensor (q/k rows un-permuted to two halves per head)."""
+    from gguf.quants import dequantize
+
     shape = tuple(reversed([int(n) for n in t.shape]))
     a = dequantize(t.data, t.tensor_type)
     if a.dtype != "float32" or not a.flags.writeable:  # float16 tensors; float32 ones map the file
@@ -374,7 +376,7 @@ def _read_gguf_direct(path: Path):
     reads it). SmolLM2-135M: 4.9 s, against 17.4 s through transformers, which parses the file twice and
     builds its tensor-name tables once per tensor."""
     try:
-        from gguf.quants import dequantize
+        import gguf.quants  # noqa: F401 - dequantizes every tensor type (`_gguf_tensor`)
     except ImportError:
         return None
     try:
@@ -416,7 +418,7 @@ def _read_gguf_direct(path: Path):
     tensors = {}
     for t in gguf_tensors:
         try:
-            tensors[names[t.name]] = _gguf_tensor(t, config, dequantize)
+            tensors[names[t.name]] = _gguf_tensor(t, config)
         except (ValueError, RuntimeError, NotImplementedError) as e:  # a type gguf cannot dequantize, bad sizes
             kind = getattr(t.tensor_type, "name", t.tensor_type)
             raise CheckpointError(f"{path}: tensor {t.name} ({kind}, {list(t.shape)}): {e}") from None
