@@ -337,7 +337,8 @@ def _parse_gguf(path: Path):
     if len({name for name, *_ in infos}) != len(infos):
         raise ValueError("a tensor name appears twice")
     for name, dims, kind, offset in infos:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        kind = GGMLQuantizationType(kind)
+        block, size = GGML_QUANT_SIZES[kind]
         if dims and dims[0] % block:
             raise ValueError(f"tensor {name}: rows of {dims[0]} elements are not whole blocks of {block}")
         if offset != expected:
@@ -349,7 +350,7 @@ def _parse_gguf(path: Path):
             raise ValueError(f"tensor {name} runs past the end of the file")
         row = dims[0] // block * size if dims else nbytes  # bytes of one row (ggml's first dimension)
         data = raw[first : first + nbytes].reshape(-1, row) if row else raw[first:first]
-        tensors.append(_GGUFTensor(name, dims, GGMLQuantizationType(kind), data))
+        tensors.append(_GGUFTensor(name, dims, kind, data))
     return fields, tensors
 
 

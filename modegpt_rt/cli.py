@@ -141,26 +141,30 @@ def cmd_compress(args):
     }
     try:
         report = compress(model, calib, opts, progress=not args.quiet, calibration=info, device=args.device)
-    except RuntimeError as e:  # torch's OutOfMemoryError, or a GPU solver's failed allocation
-        text = str(e)
-        if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "ALLOC_FAILED" in text):
+    except RuntimeError as e:
+        msg = _out_of_memory_message(e, args, opts)
+        if msg is None:
             raise
-        where = "the GPU" if torch.device(args.device).type == "cuda" else "memory"
-        offloadable = not (opts.allocation == "sensitivity" and not opts.sensitivity_from)
-        hints = (
-            ["--offload (the layers stay in CPU memory)"]
-            if where == "the GPU" and offloadable and not args.offload
-            else []
-        )
-        hints += ["fewer --samples or --refit-samples (the calibration streams)"]
-        msg = f"{where} ran out during compression ({text.splitlines()[0]}); try " + " or ".join(hints)
         raise RuntimeError(msg) from None
-
     report["source_model"] = str(args.model or modegpt_rt.default_model_path())
     model.config = model.config.with_layers(model.config.layers, compression=report)
     save_checkpoint(model, out, tokenizer=model.tokenizer, overwrite=args.overwrite)
     _print_summary(model.config, report)
     print(f"wrote {out}")
+
+
+def _out_of_memory_message(e: RuntimeError, args, opts) -> str | None:
+    """One line naming what to change when `compress` ran out of memory (torch's OutOfMemoryError, or a GPU
+    solver's failed allocation); None for any other error."""
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "ALLOC_FAILED" in text):
+        return None
+    gpu = torch.device(args.device).type == "cuda"
+    offloadable = not (opts.allocation == "sensitivity" and not opts.sensitivity_from)
+    hints = ["--offload (the layers stay in CPU memory)"] if gpu and offloadable and not args.offload else []
+    hints += ["fewer --samples or --refit-samples (the calibration streams)"]
+    where = "the GPU" if gpu else "memory"
+    return f"{where} ran out during compression ({text.splitlines()[0]}); try " + " or ".join(hints)
 
 
 def _print_summary(cfg, report):
