@@ -34,21 +34,36 @@ def psd_solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(A, hermitian=True) @ B
 
 
-def nystrom_mlp(C_sigma: torch.Tensor, W_down: torch.Tensor, k: int, ridge: float = 1.0, relative: bool = True):
+def nystrom_scores(C_sigma: torch.Tensor, ridge: float = 1.0, relative: bool = True) -> torch.Tensor:
+    """The ridge leverage scores Nyström ranks the MLP channels by, with λ = ridge · mean(diag C) when
+    `relative` (the scale of C grows with the token count, so an absolute λ = 1 means nearly no ridge on a
+    large calibration set)."""
+    lam = ridge * C_sigma.diagonal().mean().item() if relative else ridge
+    return ridge_leverage_scores(C_sigma, lam)
+
+
+def nystrom_mlp(
+    C_sigma: torch.Tensor,
+    W_down: torch.Tensor,
+    k: int,
+    ridge: float = 1.0,
+    relative: bool = True,
+    scores: torch.Tensor | None = None,
+):
     """Type-I compression by Nyström approximation (Algorithm 1, Theorem 1).
 
     C_sigma: [d_int, d_int] correlation of the MLP activations h = act(x W_gate) ⊙ (x W_up);
-    W_down: [d_int, d]. λ = ridge · mean(diag C) when `relative` (the scale of C grows with
-    the token count, so an absolute λ = 1 means nearly no ridge on a large calibration set).
+    W_down: [d_int, d]; λ as in `nystrom_scores`. `scores`: those scores, when already computed
+    for this C (they do not depend on k).
     Returns (idx [k] sorted kept channels, W_down' = (SᵀCS)⁺ SᵀC W_down [k, d]).
     """
     d_int = C_sigma.shape[0]
     if not 1 <= k <= d_int:
         raise ValueError(f"k={k} outside [1, {d_int}]")
-    lam = ridge * C_sigma.diagonal().mean().item() if relative else ridge
     if k == d_int:
         return torch.arange(d_int, device=C_sigma.device), W_down.clone()
-    scores = ridge_leverage_scores(C_sigma, lam)
+    if scores is None:
+        scores = nystrom_scores(C_sigma, ridge, relative)
     idx = torch.topk(scores, k).indices.sort().values
     C_ss = C_sigma[idx][:, idx]
     W_new = psd_solve(C_ss, C_sigma[idx] @ W_down)

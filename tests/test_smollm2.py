@@ -212,3 +212,38 @@ def test_smollm2_bf16_weights_halve_the_bytes_and_keep_greedy_tokens(smollm2):
     a = narrow.generate(PROMPTS[:2], max_new_tokens=24, temperature=0, ignore_eos=True)
     b = ref.generate(PROMPTS[:2], max_new_tokens=24, temperature=0, ignore_eos=True)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "smollm2"])
+def test_sensitivity_kl_matches_the_log_softmax_formula(model_name, tiny_hf_dir, request):
+    """The sensitivity trials' KL (`kl_to`: Σ p log p − n(h)·(pW) + logsumexp(z)) equals Σ p (log p − log q)
+    of two float64 log-softmaxes, at the reference (0) and at fresh hidden states near and far from it, on a
+    tiny model and on SmolLM2's 49,152-token head, where float32 reference probabilities (Σ p = 1 − 2e-5) had
+    biased every KL by −1.3e-4."""
+    from modegpt_rt.compressor.compress import kl_to
+
+    from modegpt_rt.model import rms_norm
+
+    tiny = model_name == "tiny"
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch") if tiny else request.getfixturevalue("smollm2")
+    g = torch.Generator().manual_seed(7)
+    if tiny:
+        h_ref = 3 * torch.randn(2, 5, model.config.hidden_size, generator=g)
+    else:  # the final hidden states of real text
+        ids = model.tokenizer("The history of the Roman Empire spans more than a thousand years.", return_tensors="pt")
+        with torch.no_grad():
+            h_ref = torch.nn.functional.embedding(ids["input_ids"], model.embed)
+            for layer in model.layers:
+                h_ref = model.layer_forward(layer, h_ref)
+    kl = kl_to(model, h_ref)
+    norm, head, eps = model.norm.double(), model.lm_head.double(), model.config.rms_norm_eps
+
+    def log_q(h):
+        return torch.log_softmax(rms_norm(h.double(), norm, eps) @ head.T, -1)
+
+    log_p = log_q(h_ref)
+    assert abs(kl(h_ref)) < 1e-6
+    for scale in (3e-3, 3e-2, 0.3):
+        h = h_ref + scale * h_ref.abs().mean() * torch.randn(h_ref.shape, generator=g)
+        want = float((log_p.exp() * (log_p - log_q(h))).sum(-1).mean())
+        assert want > 0 and kl(h) == pytest.approx(want, rel=1e-3, abs=1e-6)
