@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of the calibration passes' matrix products and attention (default auto: bfloat16 on CPUs "
         "with AVX512-BF16 or AMX, whose bfloat16 products are about 2.6x faster, else float32). Weights, "
-        "residual streams and statistics stay float32/float64 either way",
+        "residual streams and statistics stay float32/float64 either way, and the sensitivity trials float32",
     )
     c.add_argument(
         "--device",
