@@ -1,7 +1,11 @@
-"""Time `modegpt_rt.load()` of a GGUF model: the direct GGUF reader with the tokenizer cache against
-transformers' reader with no cache, alternating in one process (medians of --rounds).
+"""Time `modegpt_rt.load()` of a GGUF model, alternating two variants in one process (medians of --rounds).
 
-    python -m modegpt_rt.bench.load_time [GGUF] [--rounds 3] [--json OUT]
+    python -m modegpt_rt.bench.load_time [GGUF] [--rounds 3] [--compare reader|dequantizer] [--json OUT]
+
+`--compare reader` (default): the direct GGUF reader with the tokenizer cache against transformers' reader with
+no cache. `--compare dequantizer`: the direct reader with our block dequantizer (Q4_0, Q4_1, Q8_0) and the
+one-pass finite check against the `gguf` package's dequantizer and `isfinite(t).all()`; both loads must give
+the same weights bit for bit.
 """
 
 from __future__ import annotations
@@ -12,45 +16,86 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+
+
+@contextmanager
+def _reader(ck, before: bool, cache: str | None):
+    direct = ck._read_gguf_direct
+    ck._read_gguf_direct = (lambda p: None) if before else direct
+    if before:
+        os.environ["MODEGPT_RT_CACHE"] = "off"
+    elif cache is None:
+        os.environ.pop("MODEGPT_RT_CACHE", None)
+    else:
+        os.environ["MODEGPT_RT_CACHE"] = cache
+    try:
+        yield
+    finally:
+        ck._read_gguf_direct = direct
+
+
+@contextmanager
+def _dequantizer(ck, before: bool):
+    blocks, finite = dict(ck._GGML_BLOCKS), ck._all_finite
+    if before:  # every tensor through gguf.quants.dequantize, and the boolean-tensor finite check
+        ck._GGML_BLOCKS.clear()
+        ck._all_finite = lambda t: bool(torch.isfinite(t).all())
+    try:
+        yield
+    finally:
+        ck._GGML_BLOCKS.update(blocks)
+        ck._all_finite = finite
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modegpt_rt.bench.load_time", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", default=None, help="a .gguf file (default: the SmolLM2 GGUF)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compare", choices=["reader", "dequantizer"], default="reader")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     import modegpt_rt
     import modegpt_rt.checkpoint as ck
 
     path = args.path or modegpt_rt.default_model_path()
-    direct = ck._read_gguf_direct
     cache = os.environ.get("MODEGPT_RT_CACHE")
-    variants = {"transformers reader, no tokenizer cache": True, "direct reader, cached tokenizer": False}
+    if args.compare == "reader":
+        variants = {
+            "transformers reader, no tokenizer cache": lambda: _reader(ck, True, cache),
+            "direct reader, cached tokenizer": lambda: _reader(ck, False, cache),
+        }
+    else:
+        variants = {
+            "gguf package dequantizer, isfinite().all()": lambda: _dequantizer(ck, True),
+            "block dequantizer, aminmax finite check": lambda: _dequantizer(ck, False),
+        }
     times: dict[str, list[float]] = {name: [] for name in variants}
-    try:
-        for _ in range(args.rounds):
-            for name, before in variants.items():
-                ck._read_gguf_direct = (lambda p: None) if before else direct
-                if before:
-                    os.environ["MODEGPT_RT_CACHE"] = "off"
-                elif cache is None:
-                    os.environ.pop("MODEGPT_RT_CACHE", None)
-                else:
-                    os.environ["MODEGPT_RT_CACHE"] = cache
+    reference = None
+    for _ in range(args.rounds):
+        for name, variant in variants.items():
+            with variant():
                 t0 = time.perf_counter()
                 model = modegpt_rt.load(path)
                 times[name].append(time.perf_counter() - t0)
-                assert model.tokenizer is not None
-                del model
-    finally:
-        ck._read_gguf_direct = direct
-    out = {"kind": "load_time", "model": str(path), "rounds": args.rounds, "seconds": times}
+            assert model.tokenizer is not None
+            if args.compare == "dequantizer":
+                weights = model.state_dict()
+                if reference is None:
+                    reference = {k: v.clone() for k, v in weights.items()}
+                elif any(not torch.equal(reference[k], v) for k, v in weights.items()):
+                    raise SystemExit(f"{name}: the weights differ from the other variant's")
+            del model
+    out = {"kind": "load_time", "compare": args.compare, "model": str(path), "rounds": args.rounds, "seconds": times}
     out["median_s"] = {name: statistics.median(v) for name, v in times.items()}
     for name, v in times.items():
-        print(f"{name}: {', '.join(f'{x:.1f}' for x in v)} s, median {statistics.median(v):.1f} s")
+        print(f"{name}: {', '.join(f'{x:.2f}' for x in v)} s, median {statistics.median(v):.2f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")

@@ -16,8 +16,22 @@ gguf = pytest.importorskip("gguf")
 
 
 def write_tiny_gguf(
-    path, *, layers=2, d=32, ff=48, heads=4, kv_heads=2, vocab=64, tied=True, arch="llama", extra=(), vocab_key=True
+    path,
+    *,
+    layers=2,
+    d=32,
+    ff=48,
+    heads=4,
+    kv_heads=2,
+    vocab=64,
+    tied=True,
+    arch="llama",
+    extra=(),
+    vocab_key=True,
+    quant=None,
 ):
+    """A tiny LLaMA GGUF; `quant` (a ggml block type) stores the embedding and the q/k/v, gate and up
+    projections, whose rows hold `d` elements, in that type (`d` a multiple of 32)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(128)
@@ -39,22 +53,26 @@ def write_tiny_gguf(
     rng = np.random.default_rng(0)
     hd = d // heads
 
-    def tensor(name, shape, dtype=np.float32):
-        w.add_tensor(name, rng.standard_normal(shape).astype(dtype))
+    def tensor(name, shape, dtype=np.float32, rows_of_d=False):
+        values = rng.standard_normal(shape).astype(dtype)
+        if quant is not None and rows_of_d:
+            w.add_tensor(name, gguf.quants.quantize(values.astype(np.float32), quant), raw_dtype=quant)
+        else:
+            w.add_tensor(name, values)
 
-    tensor("token_embd.weight", (vocab, d))
+    tensor("token_embd.weight", (vocab, d), rows_of_d=True)
     tensor("output_norm.weight", (d,))
     if not tied:
         tensor("output.weight", (vocab, d), np.float16)
     for i in range(layers):
         tensor(f"blk.{i}.attn_norm.weight", (d,))
         tensor(f"blk.{i}.ffn_norm.weight", (d,))
-        tensor(f"blk.{i}.attn_q.weight", (heads * hd, d), np.float16)
-        tensor(f"blk.{i}.attn_k.weight", (kv_heads * hd, d))
-        tensor(f"blk.{i}.attn_v.weight", (kv_heads * hd, d))
+        tensor(f"blk.{i}.attn_q.weight", (heads * hd, d), np.float16, rows_of_d=True)
+        tensor(f"blk.{i}.attn_k.weight", (kv_heads * hd, d), rows_of_d=True)
+        tensor(f"blk.{i}.attn_v.weight", (kv_heads * hd, d), rows_of_d=True)
         tensor(f"blk.{i}.attn_output.weight", (d, heads * hd))
-        tensor(f"blk.{i}.ffn_gate.weight", (ff, d))
-        tensor(f"blk.{i}.ffn_up.weight", (ff, d), np.float16)
+        tensor(f"blk.{i}.ffn_gate.weight", (ff, d), rows_of_d=True)
+        tensor(f"blk.{i}.ffn_up.weight", (ff, d), np.float16, rows_of_d=True)
         tensor(f"blk.{i}.ffn_down.weight", (d, ff))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -96,6 +114,62 @@ def test_gguf_direct_reader_equals_transformers(tmp_path, monkeypatch, tied, hea
     ref = ck.build_model(ref_config, ref_tensors, backend="torch")
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_block_types_read_directly_equal_transformers(tmp_path, monkeypatch, quant):
+    # the block types our own dequantizer reads (`_dequantize_blocks`), in a whole file: the same tensors,
+    # bit for bit, as transformers' reader, which dequantizes with the `gguf` package
+    kind = gguf.GGMLQuantizationType[quant]
+    path = write_tiny_gguf(tmp_path / "q.gguf", quant=kind)
+    _, parsed = ck._parse_gguf(path)
+    assert sum(t.tensor_type == kind for t in parsed) == 11  # the embedding and five matrices per layer
+    config, tensors = ck._read_gguf_direct(path)
+    _, ref_tensors = _through_transformers(path, monkeypatch)
+    assert tensors.keys() == ref_tensors.keys()
+    for name, t in tensors.items():
+        assert t.dtype == ref_tensors[name].dtype and torch.equal(t, ref_tensors[name]), name
+
+
+def _special_halves(rng, n):
+    """n float16 scales as bytes: random normals with zeros, subnormals, the largest half, ±Inf and NaN mixed in."""
+    h = rng.standard_normal(n).astype(np.float16)
+    specials = np.array([0.0, -0.0, 6e-8, -3e-5, 65504.0, np.inf, -np.inf, np.nan], dtype=np.float16)
+    h[: len(specials)] = specials
+    rng.shuffle(h)
+    return h.view(np.uint8).reshape(n, 2)
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_block_dequantizer_matches_the_gguf_package_bit_for_bit(quant):
+    # random quant bytes and awkward scales: our whole-tensor torch dequantizer against the package's numpy one
+    size, _ = ck._GGML_BLOCKS[quant]
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, size=(40, size * 3), dtype=np.uint8)  # 40 rows of 3 blocks (96 values)
+    blocks = data.reshape(-1, size)
+    blocks[:, 0:2] = _special_halves(rng, len(blocks))
+    if quant == "Q4_1":
+        blocks[:, 2:4] = _special_halves(rng, len(blocks))
+    with np.errstate(invalid="ignore"):  # Inf scales times zero quants
+        ref = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[quant])
+    got = ck._dequantize_blocks(data, quant).reshape(ref.shape).numpy()
+    assert got.dtype == np.float32
+    nan = np.isnan(ref)
+    assert nan.any() and np.array_equal(nan, np.isnan(got))
+    assert np.array_equal(ref[~nan].view(np.uint32), got[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_check_finds_every_nan_and_inf(dtype):
+    rng = torch.Generator().manual_seed(0)
+    assert ck._all_finite(torch.randn(17, 33, generator=rng).to(dtype))
+    assert ck._all_finite(torch.empty(0, 5, dtype=dtype)) and ck._all_finite(torch.tensor(3.0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in (0, 100, 17 * 33 - 1):
+            x = torch.randn(17, 33, generator=rng).to(dtype)
+            x.view(-1)[at] = bad
+            assert not ck._all_finite(x), (bad, at)
+            assert not ck._all_finite(x.t())  # a non-contiguous view too
 
 
 def test_gguf_with_metadata_the_direct_reader_does_not_know_goes_to_transformers(tmp_path):

@@ -29,7 +29,7 @@ def test_smollm2_rate_zero_reproduces_dense_logits(smollm2_path, smollm2_hf):
 
 
 def test_smollm2_gguf_read_directly_equals_transformers_weights(smollm2_path, smollm2_hf):
-    # the direct GGUF reader (Q4_1 / Q8_0 dequantized by the gguf package, q/k rows un-permuted) against
+    # the direct GGUF reader (Q4_1 / Q8_0 by our block dequantizer, q/k rows un-permuted) against
     # transformers' reader of the same file: bit-identical weights
     from pathlib import Path
 
