@@ -1,11 +1,11 @@
-"""Time `modegpt_rt.load()` of a GGUF model, alternating two variants in one process (medians of --rounds).
+"""Time `modegpt_rt.load()` of a GGUF model, alternating variants in one process (medians of --rounds).
 
     python -m modegpt_rt.bench.load_time [GGUF] [--rounds 3] [--compare reader|dequantizer] [--json OUT]
 
 `--compare reader` (default): the direct GGUF reader with the tokenizer cache against transformers' reader with
-no cache. `--compare dequantizer`: the direct reader with our block dequantizer (Q4_0, Q4_1, Q8_0) and the
-one-pass finite check against the `gguf` package's dequantizer and `isfinite(t).all()`; both loads must give
-the same weights bit for bit.
+no cache. `--compare dequantizer`: the direct reader with our block dequantizer (`modegpt_rt.ggml_blocks`) and the
+one-pass finite check against the `gguf` package's dequantizer and `isfinite(t).all()`, with our dequantizer
+and `isfinite` between them; every load must give the same weights bit for bit.
 """
 
 from __future__ import annotations
@@ -39,15 +39,19 @@ def _reader(ck, before: bool, cache: str | None):
 
 
 @contextmanager
-def _dequantizer(ck, before: bool):
-    blocks, finite = dict(ck._GGML_BLOCKS), ck._all_finite
-    if before:  # every tensor through gguf.quants.dequantize, and the boolean-tensor finite check
-        ck._GGML_BLOCKS.clear()
+def _dequantizer(ck, package: bool, isfinite: bool):
+    """`package`: every tensor through gguf.quants.dequantize; `isfinite`: the boolean-tensor finite check."""
+    from modegpt_rt import ggml_blocks
+
+    blocks, finite = dict(ggml_blocks.BLOCK_BYTES), ck._all_finite
+    if package:
+        ggml_blocks.BLOCK_BYTES.clear()
+    if isfinite:
         ck._all_finite = lambda t: bool(torch.isfinite(t).all())
     try:
         yield
     finally:
-        ck._GGML_BLOCKS.update(blocks)
+        ggml_blocks.BLOCK_BYTES.update(blocks)
         ck._all_finite = finite
 
 
@@ -73,8 +77,9 @@ def main(argv=None) -> int:
         }
     else:
         variants = {
-            "gguf package dequantizer, isfinite().all()": lambda: _dequantizer(ck, True),
-            "block dequantizer, aminmax finite check": lambda: _dequantizer(ck, False),
+            "gguf package dequantizer, isfinite().all()": lambda: _dequantizer(ck, True, True),
+            "block dequantizer, isfinite().all()": lambda: _dequantizer(ck, False, True),
+            "block dequantizer, aminmax finite check": lambda: _dequantizer(ck, False, False),
         }
     times: dict[str, list[float]] = {name: [] for name in variants}
     reference = None
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
                 if reference is None:
                     reference = {k: v.clone() for k, v in weights.items()}
                 elif any(not torch.equal(reference[k], v) for k, v in weights.items()):
-                    raise SystemExit(f"{name}: the weights differ from the other variant's")
+                    raise SystemExit(f"{name}: the weights differ from the first variant's")
             del model
     out = {"kind": "load_time", "compare": args.compare, "model": str(path), "rounds": args.rounds, "seconds": times}
     out["median_s"] = {name: statistics.median(v) for name, v in times.items()}

@@ -363,41 +363,20 @@ def _parse_gguf(path: Path):
     return fields, tensors
 
 
-# ggml block layouts read by `_dequantize_blocks`: type name -> (bytes per block, byte offset of the quants)
-_GGML_BLOCKS = {"Q4_0": (18, 2), "Q4_1": (20, 4), "Q8_0": (34, 2)}
-
-
-def _dequantize_blocks(data, kind: str) -> torch.Tensor:
-    """Q4_0, Q4_1 and Q8_0 bytes as float32 values, whole-tensor torch operations in the order the `gguf`
-    package's numpy code uses (d·q, then + m for Q4_1: the same roundings, so the same bits). That package
-    splits each tensor into groups of 16 rows and allocates per group: 1.2 s of SmolLM2's load, against
-    about 0.15 s here."""
-    size, head = _GGML_BLOCKS[kind]
-    raw = torch.from_numpy(data.reshape(-1, size))  # read-only map: only read, never written
-    d = raw[:, :2].contiguous().view(torch.float16).float()
-    qs = raw[:, head:]
-    if kind == "Q8_0":
-        return qs.contiguous().view(torch.int8).float().mul_(d)
-    out = torch.empty(raw.shape[0], 32, dtype=torch.float32)
-    out[:, :16] = qs & 15  # ggml packs element j in the low nibble of byte j, element j + 16 in its high one
-    out[:, 16:] = qs >> 4
-    if kind == "Q4_0":
-        return out.sub_(8).mul_(d)
-    return out.mul_(d).add_(raw[:, 2:4].contiguous().view(torch.float16).float())
-
-
 def _gguf_tensor(t: _GGUFTensor, config: ModelConfig) -> torch.Tensor:
     """One GGUF tensor as an HF-layout float32 tensor (q/k rows un-permuted to two halves per head)."""
     import warnings
 
     from gguf.quants import dequantize
 
+    from modegpt_rt import ggml_blocks
+
     shape = tuple(reversed([int(n) for n in t.shape]))
     kind = getattr(t.tensor_type, "name", "")
-    if kind in _GGML_BLOCKS:
+    if kind in ggml_blocks.BLOCK_BYTES:
         with warnings.catch_warnings():  # torch warns that the map is read-only; nothing writes to it
             warnings.simplefilter("ignore", UserWarning)
-            w = _dequantize_blocks(t.data, kind).reshape(shape)
+            w = ggml_blocks.dequantize(t.data, kind).reshape(shape)
     else:
         a = dequantize(t.data, t.tensor_type)
         if a.dtype != "float32" or not a.flags.writeable:  # float16 tensors; float32 ones map the file
@@ -413,7 +392,8 @@ def _gguf_tensor(t: _GGUFTensor, config: ModelConfig) -> torch.Tensor:
 
 def _read_gguf_direct(path: Path):
     """(config, HF-named float32 tensors) of a plain LLaMA GGUF, parsed once by `_parse_gguf` and dequantized
-    by `_dequantize_blocks` (Q4_0, Q4_1, Q8_0) or the `gguf` package (every other type); None where the file
+    by `modegpt_rt.ggml_blocks` (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16) or the `gguf` package (every other
+    type); None where the file
     holds anything this reader does not map (then transformers reads it, parsing the file twice and building
     its tensor-name tables once per tensor: 17.4 s for SmolLM2-135M)."""
     try:

@@ -6,9 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from modegpt_rt.bench.dequant_speed import random_tensor
 
 import modegpt_rt
 from modegpt_rt import checkpoint as ck
+from modegpt_rt import ggml_blocks
 from modegpt_rt.checkpoint import CheckpointError
 from modegpt_rt.config import ConfigError
 
@@ -31,7 +33,8 @@ def write_tiny_gguf(
     quant=None,
 ):
     """A tiny LLaMA GGUF; `quant` (a ggml block type) stores the embedding and the q/k/v, gate and up
-    projections, whose rows hold `d` elements, in that type (`d` a multiple of 32)."""
+    projections, whose rows hold `d` elements, in that type (`d` a multiple of its block: 32, or 256 for the
+    K-quants, which the `gguf` package cannot quantize and so get random quants with small finite scales)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(128)
@@ -55,7 +58,9 @@ def write_tiny_gguf(
 
     def tensor(name, shape, dtype=np.float32, rows_of_d=False):
         values = rng.standard_normal(shape).astype(dtype)
-        if quant is not None and rows_of_d:
+        if quant is not None and rows_of_d and quant.name.endswith("_K"):
+            w.add_tensor(name, random_tensor(quant.name, *shape, rng), raw_dtype=quant)
+        elif quant is not None and rows_of_d:
             w.add_tensor(name, gguf.quants.quantize(values.astype(np.float32), quant), raw_dtype=quant)
         else:
             w.add_tensor(name, values)
@@ -116,12 +121,13 @@ def test_gguf_direct_reader_equals_transformers(tmp_path, monkeypatch, tied, hea
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
-@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "BF16"])
 def test_gguf_block_types_read_directly_equal_transformers(tmp_path, monkeypatch, quant):
-    # the block types our own dequantizer reads (`_dequantize_blocks`), in a whole file: the same tensors,
+    # block types our own dequantizer reads (`modegpt_rt.ggml_blocks`), in a whole file: the same tensors,
     # bit for bit, as transformers' reader, which dequantizes with the `gguf` package
     kind = gguf.GGMLQuantizationType[quant]
-    path = write_tiny_gguf(tmp_path / "q.gguf", quant=kind)
+    d = 256 if quant.endswith("_K") else 32
+    path = write_tiny_gguf(tmp_path / "q.gguf", quant=kind, d=d)
     _, parsed = ck._parse_gguf(path)
     assert sum(t.tensor_type == kind for t in parsed) == 11  # the embedding and five matrices per layer
     config, tensors = ck._read_gguf_direct(path)
@@ -140,19 +146,21 @@ def _special_halves(rng, n):
     return h.view(np.uint8).reshape(n, 2)
 
 
-@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1", "Q8_0"])
-def test_gguf_block_dequantizer_matches_the_gguf_package_bit_for_bit(quant):
-    # random quant bytes and awkward scales: our whole-tensor torch dequantizer against the package's numpy one
-    size, _ = ck._GGML_BLOCKS[quant]
+@pytest.mark.parametrize("kind", sorted(ggml_blocks.BLOCK_BYTES))
+def test_gguf_block_dequantizer_matches_the_gguf_package_bit_for_bit(kind):
+    # random bytes with awkward float16 scales: our whole-tensor torch dequantizer against the package's numpy one
+    size = ggml_blocks.BLOCK_BYTES[kind]
     rng = np.random.default_rng(7)
-    data = rng.integers(0, 256, size=(40, size * 3), dtype=np.uint8)  # 40 rows of 3 blocks (96 values)
+    per_row = {"BF16": 96, "Q4_K": 2, "Q5_K": 2, "Q6_K": 2}.get(kind, 3)  # blocks per row: 96, 512 or 96 values
+    data = rng.integers(0, 256, size=(40, size * per_row), dtype=np.uint8)
     blocks = data.reshape(-1, size)
-    blocks[:, 0:2] = _special_halves(rng, len(blocks))
-    if quant == "Q4_1":
-        blocks[:, 2:4] = _special_halves(rng, len(blocks))
-    with np.errstate(invalid="ignore"):  # Inf scales times zero quants
-        ref = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[quant])
-    got = ck._dequantize_blocks(data, quant).reshape(ref.shape).numpy()
+    for at in ggml_blocks.SCALE_OFFSETS[kind]:
+        blocks[:, at : at + 2] = _special_halves(rng, len(blocks))
+    if kind == "BF16":  # random bytes hold NaNs and infinities already; add zeros and a subnormal
+        blocks[:4] = np.array([[0, 0], [0, 128], [1, 0], [128, 127]], dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):  # Inf scales times zero quants
+        ref = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
+    got = ggml_blocks.dequantize(data, kind).reshape(ref.shape).numpy()
     assert got.dtype == np.float32
     nan = np.isnan(ref)
     assert nan.any() and np.array_equal(nan, np.isnan(got))
