@@ -552,12 +552,16 @@ def compress(
     progress: bool = True,
     calibration: dict | None = None,
     device=None,
+    plan_only: bool = False,
 ) -> dict:
     """Compress `model` in place with MoDeGPT on calibration `tokens` [N, L]; returns a report.
 
     `device`: where the passes, statistics and decompositions run (default: where the model is). A model on
     the CPU compressed with a GPU `device` is offloaded: its layers stay in CPU memory and each one moves to the
-    GPU for its turn only (`_offloaded`), so the GPU holds one layer's weights beside the activations."""
+    GPU for its turn only (`_offloaded`), so the GPU holds one layer's weights beside the activations.
+    `plan_only`: stop after the allocation and leave the model as it was; the report (`"plan": true`) then holds
+    each layer's widths (`"widths"`) and the rates they remove, the ones a compression with the same options and
+    calibration would give, and a sensitivity allocation's table, which `sensitivity_from` accepts."""
     opts.validate()
     _check_float32(model)
     if not model.config.is_dense:
@@ -570,16 +574,31 @@ def compress(
             "model on the compute device (no --offload), or reuse a table with --sensitivity-from"
         )
     with _offloaded(model, target) as on_device:
-        return _compress(model, tokens, opts, progress, calibration, on_device, offload)
+        return _compress(model, tokens, opts, progress, calibration, on_device, offload, plan_only)
 
 
-def _compress(model: Model, tokens, opts: CompressOptions, progress, calibration, on_device, offload: bool) -> dict:
+def _rates(dense: ModelConfig, widths: list[LayerWidths]) -> dict:
+    """What the widths remove from `dense`, as the report counts it."""
+    L = dense.num_hidden_layers
+    new = dense.with_layers(widths)
+    return {
+        "achieved_rate": 1 - sum(map(new.layer_params, range(L))) / sum(map(dense.layer_params, range(L))),
+        "rate_counts": "fraction of the transformer-block projection parameters removed (norms, embeddings excluded)",
+        "removed_block_params": 1 - new.block_params() / dense.block_params(),
+        "removed_model_params": 1 - new.total_params() / dense.total_params(),
+        "params_dense": dense.total_params(),
+        "params_compressed": new.total_params(),
+    }
+
+
+def _compress(
+    model: Model, tokens, opts: CompressOptions, progress, calibration, on_device, offload: bool, plan_only=False
+) -> dict:
     t0 = time.time()
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     cfg = model.config
     eps = cfg.rms_norm_eps
-    L = cfg.num_hidden_layers
     if tokens.dim() != 2 or tokens.shape[1] > cfg.max_position_embeddings:
         raise ValueError(
             f"calibration must be [windows, tokens] with windows of at most the model's context of "
@@ -589,8 +608,34 @@ def _compress(model: Model, tokens, opts: CompressOptions, progress, calibration
     attn_phi, mlp_phi, alloc = plan_sparsity(model, tokens, opts, progress, on_device)
     widths = widths_for_sparsity(cfg, attn_phi, mlp_phi, opts.multiples)
     t_alloc = time.time() - t0
-
     dtype = compute_dtype(opts, model.device)
+    allocation = {
+        "allocation": alloc["allocation"],
+        "split_mlp_attention": opts.split,
+        "attn_ratio": opts.attn_ratio,
+        "eps": None if alloc.get("eps") in (None, math.inf) else alloc["eps"],
+        "max_layer_sparsity": opts.max_layer_sparsity,
+        "multiples": asdict(opts.multiples),
+        "attn_sparsity": attn_phi,
+        "mlp_sparsity": mlp_phi,
+        "block_influence": {k: alloc[k] for k in ("bi_layer", "bi_attn", "bi_mlp") if k in alloc},
+        "sensitivity": alloc.get("sensitivity"),
+        "bi_samples": alloc.get("bi_samples"),
+        "calibration": calibration or {"samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])},
+    }
+    if plan_only:
+        return {
+            "method": "modegpt",
+            "plan": True,
+            "target_rate": opts.rate,
+            **_rates(cfg, widths),
+            "widths": [asdict(w) for w in widths],
+            **allocation,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+            "allocation_seconds": round(t_alloc, 1),
+            "device": str(model.device),
+        }
+
     passes = functools.partial(_products_in, dtype, model.device)  # `with passes():` around forward products
     dev = model.device
     h = torch.nn.functional.embedding(tokens.to(dev), model.embed)  # [N, L, d] float32
@@ -701,23 +746,11 @@ def _compress(model: Model, tokens, opts: CompressOptions, progress, calibration
             new = gram = g = z = act = idx = None
             bar.set_postfix(k_mlp=w.k_mlp, d_qk=w.d_qk, d_v=w.d_v)
 
-    dense_cfg = cfg
-    new_cfg = cfg.with_layers(widths)
-    removed_blocks = 1 - sum(map(new_cfg.layer_params, range(L))) / sum(map(dense_cfg.layer_params, range(L)))
     report = {
         "method": "modegpt",
         "target_rate": opts.rate,
-        "achieved_rate": removed_blocks,
-        "rate_counts": "fraction of the transformer-block projection parameters removed (norms, embeddings excluded)",
-        "removed_block_params": 1 - new_cfg.block_params() / dense_cfg.block_params(),
-        "removed_model_params": 1 - new_cfg.total_params() / dense_cfg.total_params(),
-        "params_dense": dense_cfg.total_params(),
-        "params_compressed": new_cfg.total_params(),
-        "allocation": alloc["allocation"],
-        "split_mlp_attention": opts.split,
-        "attn_ratio": opts.attn_ratio,
-        "eps": None if alloc.get("eps") in (None, math.inf) else alloc["eps"],
-        "max_layer_sparsity": opts.max_layer_sparsity,
+        **_rates(cfg, widths),
+        **allocation,
         "ridge_lambda": opts.ridge,
         "ridge_relative_to_mean_diag": opts.ridge_relative,
         "value_method": opts.value_method,
@@ -725,13 +758,6 @@ def _compress(model: Model, tokens, opts: CompressOptions, progress, calibration
         "refit": opts.refit,
         "refit_samples": R or None,
         "refit_prior": opts.refit_prior if R else None,
-        "multiples": asdict(opts.multiples),
-        "attn_sparsity": attn_phi,
-        "mlp_sparsity": mlp_phi,
-        "block_influence": {k: alloc[k] for k in ("bi_layer", "bi_attn", "bi_mlp") if k in alloc},
-        "sensitivity": alloc.get("sensitivity"),
-        "bi_samples": alloc.get("bi_samples"),
-        "calibration": calibration or {"samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])},
         "allocation_seconds": round(t_alloc, 1),
         "wall_seconds": round(time.time() - t0, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

@@ -113,11 +113,17 @@ def cmd_compress(args):
     from modegpt_rt import data
     from modegpt_rt.checkpoint import check_output_folder, save_checkpoint
     from modegpt_rt.compressor.compress import MAX_RATE, CompressOptions, compress
+    from modegpt_rt.config import LayerWidths
 
     if not 0 <= args.rate < MAX_RATE:
         raise ValueError(f"--rate {args.rate} outside [0, {MAX_RATE})")
-    out = Path(args.out)
-    check_output_folder(out, args.overwrite)  # before the long work, not after it
+    if args.plan and (args.out or args.overwrite):
+        raise ValueError("--plan writes no checkpoint; drop --out / --overwrite (--json keeps the plan)")
+    if not args.plan and not args.out:
+        raise ValueError("--out is required (or --plan, to see the allocation without compressing)")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_output_folder(out, args.overwrite)  # before the long work, not after it
     opts = CompressOptions.from_args(args)
     opts.validate()
     _check_device(args.device)
@@ -140,17 +146,25 @@ def cmd_compress(args):
         "seed": args.seed,
     }
     try:
-        report = compress(model, calib, opts, progress=not args.quiet, calibration=info, device=args.device)
+        report = compress(
+            model, calib, opts, progress=not args.quiet, calibration=info, device=args.device, plan_only=args.plan
+        )
     except RuntimeError as e:
         msg = _out_of_memory_message(e, args, opts)
         if msg is None:
             raise
         raise RuntimeError(msg) from None
     report["source_model"] = str(args.model or modegpt_rt.default_model_path())
+    if args.plan:
+        _print_summary(model.config.with_layers([LayerWidths(**w) for w in report["widths"]]), report)
+        print("plan only: nothing compressed, no checkpoint written")
+        _write_json(report, args.json)
+        return
     model.config = model.config.with_layers(model.config.layers, compression=report)
     save_checkpoint(model, out, tokenizer=model.tokenizer, overwrite=args.overwrite)
     _print_summary(model.config, report)
     print(f"wrote {out}")
+    _write_json(report, args.json)
 
 
 def _out_of_memory_message(e: RuntimeError, args, opts) -> str | None:
@@ -181,11 +195,16 @@ def _print_summary(cfg, report):
         f"({report['params_dense']:,} -> {report['params_compressed']:,})"
     )
     eps = report.get("eps")
-    print(
+    allocation = (
         f"allocation {report['allocation']}{' (B.11 split)' if report['split_mlp_attention'] else ''}"
         f"{'' if report.get('refit', 'none') == 'none' else ', refit ' + report['refit']}"
-        f"{f', eps={eps:.4g}' if eps else ''}, {report['compute_dtype']} passes; "
-        f"wall time {report['wall_seconds']:.0f} s "
+        f"{f', eps={eps:.4g}' if eps else ''}, {report['compute_dtype']} passes"
+    )
+    if report.get("plan"):
+        print(f"{allocation}; allocation {report['allocation_seconds']:.0f} s")
+        return
+    print(
+        f"{allocation}; wall time {report['wall_seconds']:.0f} s "
         f"(allocation {report['allocation_seconds']:.0f} s); peak memory {report['peak_rss_gib']:.2f} GiB"
         + (f", {report['peak_device_gib']:.2f} GiB on {report['device']}" if report.get("peak_device_gib") else "")
     )
@@ -525,12 +544,20 @@ def build_parser() -> argparse.ArgumentParser:
         "samples on the CPU)",
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' choice (default 0)")
-    c.add_argument("--out", required=True, help="output checkpoint directory")
+    c.add_argument("--out", default=None, help="output checkpoint directory (required unless --plan)")
     c.add_argument(
         "--overwrite",
         action="store_true",
         help="replace --out if it holds a modegpt checkpoint (or nothing); other files in it are kept",
     )
+    c.add_argument(
+        "--plan",
+        action="store_true",
+        help="stop after the allocation: print each layer's widths and the rates they remove, the ones the same "
+        "command with --out would give, and write no checkpoint (Block Influence takes seconds to a minute; "
+        "the sensitivity trials minutes, and --json keeps their table for --sensitivity-from)",
+    )
+    c.add_argument("--json", default=None, help="also write the report (or the plan) as JSON to this file")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compress)
 

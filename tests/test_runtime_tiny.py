@@ -2,8 +2,10 @@
 
 import functools
 import json
+import re
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -268,6 +270,68 @@ def test_attn_ratio_splits_each_layer_budget(tiny_hf_dir):
     compress(model, calib, CompressOptions(**opts, refit="none"), progress=False)
     full = model.config.dense().layers[0]
     assert all((w.d_qk, w.d_v) == (full.d_qk, full.d_v) and w.k_mlp < full.k_mlp for w in model.config.layers)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(rate=0.3, max_layer_sparsity=0.5, attn_ratio=0.5, bi_samples=2),
+        dict(rate=0.25, allocation="sensitivity", max_layer_sparsity=0.6, bi_samples=2, probe_tokens=48),
+    ],
+    ids=["global", "sensitivity"],
+)
+def test_compress_plan_gives_the_widths_of_the_compression_and_changes_nothing(tiny_hf_dir, tmp_path, opts):
+    """`plan_only`: the allocation alone. The model keeps every weight, and the plan's widths, sparsities and
+    rates are those the compression with the same options and calibration then gives; a sensitivity plan's
+    JSON is a table --sensitivity-from takes."""
+    calib = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(3))
+    model = modegpt_rt.load(tiny_hf_dir, backend="torch")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = compress(model, calib, CompressOptions(**opts), progress=False, plan_only=True)
+    assert plan["plan"] is True and model.config.is_dense
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    report = compress(model, calib, CompressOptions(**opts), progress=False)
+    assert [asdict(w) for w in model.config.layers] == plan["widths"]
+    for key in ("attn_sparsity", "mlp_sparsity", "achieved_rate", "removed_model_params", "params_compressed"):
+        assert plan[key] == report[key], key
+    assert plan["sensitivity"] == report["sensitivity"] and plan["eps"] == report["eps"]
+    if opts.get("allocation") == "sensitivity":
+        (tmp_path / "plan.json").write_text(json.dumps(plan))
+        again = modegpt_rt.load(tiny_hf_dir, backend="torch")
+        reused = CompressOptions(**opts, sensitivity_from=str(tmp_path / "plan.json"))
+        assert compress(again, calib, reused, progress=False, plan_only=True)["widths"] == plan["widths"]
+
+
+def test_compress_cli_plan_prints_the_widths_and_writes_no_checkpoint(tiny_hf_dir, tmp_path, capsys):
+    from modegpt_rt import cli
+
+    common = ["compress", "--model", str(tiny_hf_dir), "--rate", "0.3", "--calib", "generated", "--samples", "4"]
+    common += ["--seqlen", "32", "--bi-samples", "2", "--quiet"]
+    assert cli.main(common + ["--plan", "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert "plan only: nothing compressed, no checkpoint written" in out and plan["plan"] is True
+    assert f"removed {plan['achieved_rate']:.2%} of block projection parameters" in out
+    for i, w in enumerate(plan["widths"]):
+        assert re.search(rf"^\s+{i}\s+{w['k_mlp']}\s+{w['d_qk']}\s+{w['d_v']}\s", out, re.M), i
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+    # the same command compressing: the plan's widths, and --json keeps the report
+    assert cli.main(common + ["--out", str(tmp_path / "c"), "--json", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    written = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert (
+        written["compression"] == report
+        and [{k: layer[k] for k in ("k_mlp", "d_qk", "d_v")} for layer in written["layers"]] == plan["widths"]
+    )
+    capsys.readouterr()
+    for argv, fragment in [
+        (common + ["--plan", "--out", str(tmp_path / "x")], "--plan writes no checkpoint"),
+        (common, "--out is required"),
+    ]:
+        assert cli.main(argv) == 2, argv
+        assert fragment in capsys.readouterr().err, argv
+    assert not (tmp_path / "x").exists()
 
 
 def test_sensitivity_allocation_end_to_end(tiny_hf_dir, tmp_path, monkeypatch):
