@@ -83,8 +83,10 @@ def main(argv=None) -> int:
         }
     times: dict[str, list[float]] = {name: [] for name in variants}
     reference = None
-    for _ in range(args.rounds):
-        for name, variant in variants.items():
+    names = list(variants)
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # each variant leads some rounds
+            variant = variants[name]
             with variant():
                 t0 = time.perf_counter()
                 model = modegpt_rt.load(path)
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
                 if reference is None:
                     reference = {k: v.clone() for k, v in weights.items()}
                 elif any(not torch.equal(reference[k], v) for k, v in weights.items()):
-                    raise SystemExit(f"{name}: the weights differ from the first variant's")
+                    raise SystemExit(f"{name}: the weights differ from the first load's")
             del model
     out = {"kind": "load_time", "compare": args.compare, "model": str(path), "rounds": args.rounds, "seconds": times}
     out["median_s"] = {name: statistics.median(v) for name, v in times.items()}

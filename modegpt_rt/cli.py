@@ -124,6 +124,10 @@ def cmd_compress(args):
     out = Path(args.out) if args.out else None
     if out is not None:
         check_output_folder(out, args.overwrite)  # before the long work, not after it
+        if args.json and Path(args.json).resolve().is_relative_to(out.resolve()):
+            raise ValueError(
+                f"--json {args.json} is inside --out {out}: the report would replace or break the checkpoint"
+            )
     opts = CompressOptions.from_args(args)
     opts.validate()
     _check_device(args.device)

@@ -48,7 +48,7 @@ def _k_scales(raw: torch.Tensor):
 def dequantize(data, kind: str) -> torch.Tensor:
     """float32 values of a GGUF tensor's bytes `data` (a uint8 numpy array, e.g. a read-only map: only read)
     of type `kind` (a key of BLOCK_BYTES), flattened to [blocks, values per block]."""
-    raw = torch.from_numpy(data.reshape(-1, BLOCK_BYTES[kind]))
+    raw = torch.from_numpy(data.view("uint8").reshape(-1, BLOCK_BYTES[kind]))  # bytes, whatever the view said
     if kind == "BF16":
         return raw.view(torch.bfloat16).float()
     if kind == "Q8_0":

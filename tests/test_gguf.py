@@ -162,6 +162,8 @@ def test_gguf_block_dequantizer_matches_the_gguf_package_bit_for_bit(kind):
         ref = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind])
     got = ggml_blocks.dequantize(data, kind).reshape(ref.shape).numpy()
     assert got.dtype == np.float32
+    signed = ggml_blocks.dequantize(data.view(np.int8), kind).reshape(ref.shape).numpy()  # the same bytes
+    assert np.array_equal(signed.view(np.uint32), got.view(np.uint32))
     nan = np.isnan(ref)
     assert nan.any() and np.array_equal(nan, np.isnan(got))
     assert np.array_equal(ref[~nan].view(np.uint32), got[~nan].view(np.uint32))

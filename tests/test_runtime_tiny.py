@@ -328,6 +328,8 @@ def test_compress_cli_plan_prints_the_widths_and_writes_no_checkpoint(tiny_hf_di
     for argv, fragment in [
         (common + ["--plan", "--out", str(tmp_path / "x")], "--plan writes no checkpoint"),
         (common, "--out is required"),
+        (common + ["--out", str(tmp_path / "x"), "--json", str(tmp_path / "x" / "config.json")], "inside --out"),
+        (common + ["--out", str(tmp_path / "x"), "--json", str(tmp_path / "x")], "inside --out"),
     ]:
         assert cli.main(argv) == 2, argv
         assert fragment in capsys.readouterr().err, argv
