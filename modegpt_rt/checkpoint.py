@@ -393,9 +393,8 @@ def _gguf_tensor(t: _GGUFTensor, config: ModelConfig) -> torch.Tensor:
 def _read_gguf_direct(path: Path):
     """(config, HF-named float32 tensors) of a plain LLaMA GGUF, parsed once by `_parse_gguf` and dequantized
     by `modegpt_rt.ggml_blocks` (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16) or the `gguf` package (every other
-    type); None where the file
-    holds anything this reader does not map (then transformers reads it, parsing the file twice and building
-    its tensor-name tables once per tensor: 17.4 s for SmolLM2-135M)."""
+    type); None where the file holds anything this reader does not map (then transformers reads it, parsing
+    the file twice and building its tensor-name tables once per tensor: 17.4 s for SmolLM2-135M)."""
     try:
         import gguf.quants  # noqa: F401 - dequantizes the other tensor types (`_gguf_tensor`)
     except ImportError:

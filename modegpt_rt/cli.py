@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         "command with --out would give, and write no checkpoint (Block Influence takes seconds to a minute; "
         "the sensitivity trials minutes, and --json keeps their table for --sensitivity-from)",
     )
-    c.add_argument("--json", default=None, help="also write the report (or the plan) as JSON to this file")
+    _add_json(c)  # the report (or the plan)
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compress)
 
