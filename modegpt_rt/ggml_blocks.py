@@ -1,7 +1,7 @@
 """GGUF tensor bytes to float32 with whole-tensor torch operations.
 
 The `gguf` package dequantizes a tensor 16 rows at a time and allocates per group, which costs most on short
-rows (SmolLM2's 576 values: 1.1 s of a 2.6 s load). The functions here do the same arithmetic
+rows (SmolLM2's 576 values: about 1.2 s of a 2.6 s load). The functions here do the same arithmetic
 in the same order on the whole tensor at once (each scale product rounded to float32 where the package rounds
 it, then q times the scale, then minus the minimum), so the results are the package's bit for bit
 (`tests/test_gguf.py` checks every type against it, awkward scales included). Types not listed here go to the
