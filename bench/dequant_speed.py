@@ -28,7 +28,7 @@ def random_tensor(kind: str, rows: int, cols: int, rng) -> np.ndarray:
     if kind == "BF16":
         values = rng.standard_normal((rows, cols), dtype=np.float32)
         return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(rows, 2 * cols)
-    per_block = 256 if kind.endswith("_K") else 32
+    per_block = ggml_blocks.BLOCK_VALUES[kind]
     if cols % per_block:
         raise SystemExit(f"{kind}: columns must be a multiple of {per_block}")
     data = rng.integers(0, 256, size=(rows, cols // per_block * size), dtype=np.uint8)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-# bytes per block of each type read here (values per block: 32, 256 for the K-quants, 1 for BF16)
+# bytes and values per block of each type read here
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "BF16": 2}
+BLOCK_VALUES = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "BF16": 1}
 # byte offsets of the float16 scales in each block (the K-quants' d and dmin; Q6_K's d comes last)
 SCALE_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "BF16": []}
 
@@ -87,7 +88,7 @@ def dequantize(data, kind: str) -> torch.Tensor:
     """float32 values of a GGUF tensor's bytes `data` (a uint8 numpy array, e.g. a read-only map: only read)
     of type `kind` (a key of BLOCK_BYTES), flattened to [blocks, values per block]; CHUNK_VALUES at a time."""
     raw = torch.from_numpy(data.view("uint8").reshape(-1, BLOCK_BYTES[kind]))  # bytes, whatever the view said
-    per_block = 1 if kind == "BF16" else 256 if kind.endswith("_K") else 32
+    per_block = BLOCK_VALUES[kind]
     out = torch.empty(raw.shape[0], per_block, dtype=torch.float32)
     step = max(1, CHUNK_VALUES.get(kind, out.numel()) // per_block)
     for a in range(0, raw.shape[0], step):

@@ -126,7 +126,7 @@ def test_gguf_block_types_read_directly_equal_transformers(tmp_path, monkeypatch
     # block types our own dequantizer reads (`modegpt_rt.ggml_blocks`), in a whole file: the same tensors,
     # bit for bit, as transformers' reader, which dequantizes with the `gguf` package
     kind = gguf.GGMLQuantizationType[quant]
-    d = 256 if quant.endswith("_K") else 32
+    d = max(32, ggml_blocks.BLOCK_VALUES[quant])
     path = write_tiny_gguf(tmp_path / "q.gguf", quant=kind, d=d)
     _, parsed = ck._parse_gguf(path)
     assert sum(t.tensor_type == kind for t in parsed) == 11  # the embedding and five matrices per layer
@@ -164,8 +164,9 @@ def test_gguf_block_dequantizer_matches_the_gguf_package_bit_for_bit(kind, monke
     assert got.dtype == np.float32
     signed = ggml_blocks.dequantize(data.view(np.int8), kind).reshape(ref.shape).numpy()  # the same bytes
     assert np.array_equal(signed.view(np.uint32), got.view(np.uint32))
-    per_block = got.size // len(blocks)
-    monkeypatch.setitem(ggml_blocks.CHUNK_VALUES, kind, 7 * per_block)  # many chunks, the last one short
+    monkeypatch.setitem(
+        ggml_blocks.CHUNK_VALUES, kind, 7 * ggml_blocks.BLOCK_VALUES[kind]
+    )  # many chunks, the last one short
     chunked = ggml_blocks.dequantize(data, kind).reshape(ref.shape).numpy()
     assert np.array_equal(np.isnan(chunked), np.isnan(got))  # a NaN's sign and payload may vary with the loop
     assert np.array_equal(chunked[~np.isnan(got)].view(np.uint32), got[~np.isnan(got)].view(np.uint32))
