@@ -292,38 +292,101 @@ def cmd_eval_paired(args):
     _write_json(out, args.json)
 
 
-# ----------------------------------------------------------------- generate
-def cmd_generate(args):
+# ----------------------------------------------------------------- generate / chat
+def _load_for_text(args, what: str):
+    """The model for `generate` and `chat`: sampling settings checked before the load, a tokenizer required."""
     import modegpt_rt
     from modegpt_rt.generate import _check_args
 
-    if not args.prompt:
-        raise ValueError("the prompt is empty")
     _check_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before the load
     if args.temperature == 0 and (args.top_k, args.top_p, args.seed) != (None, None, None):
         print("[--temperature 0 is greedy: --top-k, --top-p and --seed have no effect]", file=sys.stderr)
     model = modegpt_rt.load(args.path, backend=args.backend, weight_dtype=_weight_dtype(args))
     if model.tokenizer is None:  # the Python API takes token ids instead; the command line has only text
         raise ValueError(
-            f"{model.tokenizer_error}; the command line needs one to read the prompt: save the source model's "
+            f"{model.tokenizer_error}; the command line needs one to read {what}: save the source model's "
             "tokenizer beside the weights, e.g. AutoTokenizer.from_pretrained(SOURCE).save_pretrained(PATH)"
         )
     print(f"[attention backend: {model.backend}]", file=sys.stderr)
+    return model
 
-    def show(i, token, delta):
-        print(delta, end="", flush=True)
 
-    res = model.generate(
-        [args.prompt],
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stream=show,
-    )[0]
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _show(i, token, delta):
+    print(delta, end="", flush=True)
+
+
+def _conversation(system: str | None, user: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
+
+
+def cmd_generate(args):
+    from modegpt_rt.generate import chat_prompts
+
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
+    chat = args.chat or args.system is not None
+    model = _load_for_text(args, "the prompt")
+    prompt = args.prompt
+    if chat:  # the prompt is the user's message, through the tokenizer's chat template
+        prompt = chat_prompts([_conversation(args.system, args.prompt)], model.tokenizer)[0]
+    res = model.generate([prompt], max_new_tokens=args.max_new_tokens, stream=_show, **_sampling(args))[0]
     print()
     print(f"[{len(res.token_ids)} tokens, finish: {res.finish_reason}]", file=sys.stderr)
+
+
+CHAT_HELP = "[type a message; /reset starts over, /exit or end of input (Ctrl-D) quits]"
+
+
+def cmd_chat(args):
+    """A conversation on the terminal: each line read is the user's next message; the answer streams back.
+    The oldest turns are dropped when the conversation outgrows the context (the system message stays)."""
+    from modegpt_rt.generate import chat_prompts
+
+    model = _load_for_text(args, "the messages")
+    chat_prompts([_conversation(args.system, "hi")], model.tokenizer)  # no chat template: say so before reading
+    ctx = model.config.max_position_embeddings
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    turns: list[dict] = []
+    if interactive:
+        print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            turns.clear()
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        message = {"role": "user", "content": line}
+        alone = chat_prompts([system + [message]], model.tokenizer)[0]
+        if len(alone) + args.max_new_tokens > ctx:  # refused; the conversation so far stays
+            print(
+                f"[this message takes {len(alone)} tokens; with --max-new-tokens {args.max_new_tokens} it does not "
+                f"fit the context of {ctx}]",
+                file=sys.stderr,
+            )
+            continue
+        turns.append(message)
+        ids = chat_prompts([system + turns], model.tokenizer)[0]
+        while len(ids) + args.max_new_tokens > ctx:
+            del turns[:2]  # the oldest exchange: a user message and its answer
+            ids = chat_prompts([system + turns], model.tokenizer)[0]
+        res = model.generate([ids], max_new_tokens=args.max_new_tokens, stream=_show, **_sampling(args))[0]
+        print(flush=True)
+        turns.append({"role": "assistant", "content": res.text})
+        if res.finish_reason == "length":
+            print(f"[cut at --max-new-tokens {args.max_new_tokens}]", file=sys.stderr)
 
 
 # ----------------------------------------------------------------- serve
@@ -425,6 +488,18 @@ def _add_backend(p):
         help="attention kernels: cpu (C++), triton (GPU), torch (reference); auto (default) picks by device and "
         "dtype, or takes $MODEGPT_BACKEND",
     )
+
+
+def _add_sampling(p, max_new: int):
+    p.add_argument(
+        "--max-new-tokens", type=int, default=max_new, help=f"tokens to generate at most (default {max_new})"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set holding P of the mass")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: a fresh one)")
+    _add_backend(p)
+    _add_bf16_weights(p)
 
 
 def _add_device_dtype(p):
@@ -616,21 +691,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(epd)
     epd.set_defaults(func=cmd_eval_paired)
 
-    g = sub.add_parser("generate", help="stream a continuation of a prompt")
+    g = sub.add_parser("generate", help="stream a continuation of a prompt (or, with --chat, an answer to it)")
     g.add_argument("path", nargs="?", default=None, help="checkpoint dir, HF folder or .gguf (default SmolLM2)")
     g.add_argument("prompt", help="text to continue (the model's tokenizer encodes it)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set holding P of the mass")
-    g.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: a fresh one)")
-    _add_backend(g)
-    _add_bf16_weights(g)
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt is a user's message: answer it through the tokenizer's chat template",
+    )
+    g.add_argument("--system", default=None, help="a system message before the prompt (implies --chat)")
+    _add_sampling(g, 64)
     g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser(
+        "chat",
+        help="talk with a chat model on the terminal: each line is a message (through the chat template)",
+    )
+    ch.add_argument("path", nargs="?", default=None, help="checkpoint dir, HF folder or .gguf (default SmolLM2)")
+    ch.add_argument("--system", default=None, help="a system message that starts the conversation")
+    _add_sampling(ch, 256)
+    ch.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser(
         "serve",
-        help="HTTP server: OpenAI-style POST /v1/completions (batched, streaming), GET /health, /v1/models",
+        help="HTTP server: OpenAI-style POST /v1/completions and /v1/chat/completions (batched, streaming), "
+        "GET /health, /v1/models",
     )
     sv.add_argument("path", nargs="?", default=None, help="checkpoint dir, HF folder or .gguf (default SmolLM2)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")

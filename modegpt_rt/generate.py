@@ -90,6 +90,65 @@ def encode_prompts(prompts, tokenizer, vocab_size: int | None = None, no_tokeniz
     return out
 
 
+def _message_text(content, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts, of which only text parts are read."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)) and content:
+        texts = []
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"{where}: content part {k} is {kind!r}; only text parts are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ValueError(f"{where}: 'content' must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def chat_prompts(conversations, tokenizer, no_tokenizer: str = "") -> list[list[int]]:
+    """Conversations -> token-id prompts, through the tokenizer's chat template with the assistant's turn
+    opened (`add_generation_prompt`). A conversation is a list of messages `{"role": ..., "content": ...}`,
+    as in OpenAI's chat API; one conversation or a list of them. The template's text is encoded without the
+    tokenizer's own special tokens: a template that starts with the BOS token writes it itself."""
+    if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
+        conversations = [conversations]  # one conversation
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise ValueError("no conversation given: pass a list of messages {'role': ..., 'content': ...}")
+    if tokenizer is None:
+        why = f" ({no_tokenizer})" if no_tokenizer else ""
+        raise ValueError(f"chat needs a tokenizer with a chat template, and this model has none{why}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "this model's tokenizer has no chat template (a base model?): prompt it with plain text instead"
+        )
+    out = []
+    for i, conv in enumerate(conversations):
+        if not isinstance(conv, (list, tuple)) or not conv:
+            raise ValueError(f"conversation {i} must be a non-empty list of messages")
+        messages = []
+        for j, m in enumerate(conv):
+            where = f"conversation {i}, message {j}" if len(conversations) > 1 else f"message {j}"
+            if not isinstance(m, dict):
+                raise ValueError(f"{where} must be an object with 'role' and 'content', got {type(m).__name__}")
+            role = m.get("role")
+            if not isinstance(role, str) or not role:
+                raise ValueError(f"{where}: 'role' must be a non-empty string, got {role!r}")
+            if "content" not in m:
+                raise ValueError(f"{where}: missing 'content'")
+            text = _message_text(m["content"], where)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{where} is not valid UTF-8 text (at character {e.start})") from None
+            messages.append({"role": role, "content": text})
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 — a template may refuse (roles that must alternate, ...)
+            raise ValueError(f"the chat template refused conversation {i}: {e}") from None
+        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return out
+
+
 def _stable_end(text: str, stop_strs) -> int:
     """How much of a growing decoded text can be streamed now: not a trailing replacement character (a
     multi-byte character split across tokens), nor a tail that is the start of a stop string."""

@@ -480,6 +480,16 @@ class Model(nn.Module):
 
         return generate(self, prompts, max_new_tokens, **kwargs)
 
+    def chat(self, conversations, max_new_tokens: int = 256, **kwargs):
+        """Answer conversations (lists of `{"role", "content"}` messages; one, or a list of them) through the
+        tokenizer's chat template: `generate` on `modegpt_rt.generate.chat_prompts`, same keywords, one
+        `GenerationResult` per conversation. The model's end-of-sequence ids end the answer."""
+        from modegpt_rt.generate import chat_prompts, generate
+
+        tokenizer = kwargs.pop("tokenizer", None) or getattr(self, "tokenizer", None)
+        ids = chat_prompts(conversations, tokenizer, getattr(self, "tokenizer_error", ""))
+        return generate(self, ids, max_new_tokens, tokenizer=tokenizer, **kwargs)
+
     # ------------------------------------------------------- cached inference
     @torch.no_grad()
     def step(

@@ -1,7 +1,9 @@
-"""An HTTP server for a loaded model: OpenAI-style `/v1/completions`, with concurrent requests batched.
+"""An HTTP server for a loaded model: OpenAI-style `/v1/completions` and `/v1/chat/completions` (through the
+tokenizer's chat template), with concurrent requests batched.
 
     modegpt serve out/smollm2-0.3 --port 8000
     curl -s localhost:8000/v1/completions -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}'
+    curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi!"}]}'
 
 One worker thread owns the model. With continuous batching (the default on CPU) a request joins the running
 batch at the next decode step, whatever the others' sampling settings, and leaves it the moment its sequence
@@ -28,10 +30,24 @@ from urllib.parse import urlsplit
 
 import torch
 
-from modegpt_rt.generate import ContinuousBatch, _check_args, _is_int, encode_prompts, generate
+from modegpt_rt.generate import ContinuousBatch, _check_args, _is_int, chat_prompts, encode_prompts, generate
 
 MAX_BODY = 8 << 20  # bytes of JSON accepted per request
 UNSUPPORTED = ("logprobs", "echo", "best_of", "suffix", "logit_bias", "frequency_penalty", "presence_penalty")
+CHAT_UNSUPPORTED = (
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "frequency_penalty",
+    "presence_penalty",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "audio",
+    "modalities",
+)
+CHAT_MAX_TOKENS = 512  # a chat request's default max_tokens (OpenAI's default is the rest of the context)
 
 
 class RequestError(ValueError):
@@ -56,6 +72,14 @@ class LockedTokenizer:
         with self._lock:
             return self._tok.decode(*args, **kwargs)
 
+    def apply_chat_template(self, *args, **kwargs):
+        with self._lock:
+            return self._tok.apply_chat_template(*args, **kwargs)
+
+    @property
+    def chat_template(self):
+        return getattr(self._tok, "chat_template", None)
+
 
 @dataclass(eq=False)  # compared and hashed by identity: the scheduler keeps sets of requests
 class Request:
@@ -63,6 +87,8 @@ class Request:
     limits: list[int]
     sampling: dict  # temperature, top_k, top_p, seed, stop, ignore_eos: shared by a batch
     stream: bool = False
+    chat: bool = False  # answered in the chat API's form
+    usage: bool = False  # a streamed answer ends with a chunk of token counts (stream_options.include_usage)
     # ("token", j, delta) | ("done", j, GenerationResult) | ("error", message), j = the prompt's index
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False  # the client left: continuous batching drops its sequences at the next step
@@ -77,16 +103,29 @@ class Request:
         return (id(self) if self.alone else None, s["temperature"], s["top_k"], s["top_p"], s["stop"], s["ignore_eos"])
 
 
-def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int) -> Request:
-    """Validate an OpenAI-style completion request into token-id prompts and sampling settings."""
+def _clean(body, unsupported) -> dict:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     body = {k: v for k, v in body.items() if v is not None}  # clients send null for "the default"
-    for k in UNSUPPORTED:
-        if body.get(k) not in (None, False, 0, "", {}):
+    for k in unsupported:
+        if body.get(k) not in (None, False, 0, "", {}, []):
             raise RequestError(f"{k!r} is not supported")
     if body.get("n", 1) != 1:
         raise RequestError("only n = 1 is supported (send the prompt several times, or a list of prompts)")
+    for k in ("stream", "ignore_eos"):
+        if not isinstance(body.get(k, False), bool):
+            raise RequestError(f"{k!r} must be true or false, got {body[k]!r}")
+    options = body.get("stream_options", {})
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError("'stream_options' must be an object like {\"include_usage\": true}")
+    if options and not body.get("stream"):
+        raise RequestError("'stream_options' is only allowed with \"stream\": true")
+    return body
+
+
+def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int) -> Request:
+    """Validate an OpenAI-style completion request into token-id prompts and sampling settings."""
+    body = _clean(body, UNSUPPORTED)
     if "prompt" not in body:
         raise RequestError("missing 'prompt'")
     prompt = body["prompt"]
@@ -96,29 +135,55 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
         prompt = [prompt]
     if not isinstance(prompt, list) or not all(isinstance(p, (str, list)) for p in prompt):
         raise RequestError("'prompt' must be a string, a list of strings, or token ids")
-    max_tokens = body.get("max_tokens", 16)
-    if not _is_int(max_tokens) or max_tokens < 1:  # one limit for all prompts (generate also takes a list)
-        raise RequestError(f"'max_tokens' must be a positive integer, got {max_tokens!r}")
-    for k in ("stream", "ignore_eos"):
-        if not isinstance(body.get(k, False), bool):
-            raise RequestError(f"{k!r} must be true or false, got {body[k]!r}")
+    return _request(body, lambda: encode_prompts(prompt, tokenizer, vocab_size), 16, tokenizer, max_positions)
+
+
+def parse_chat(body: dict, tokenizer, max_positions: int) -> Request:
+    """Validate an OpenAI-style chat request: its messages through the tokenizer's chat template
+    (`chat_prompts`), the sampling settings as for completions. `max_tokens` (or `max_completion_tokens`)
+    defaults to CHAT_MAX_TOKENS, or what is left of the context if less."""
+    body = _clean(body, CHAT_UNSUPPORTED)
+    if "messages" not in body:
+        raise RequestError("missing 'messages'")
+    if "max_completion_tokens" in body:  # OpenAI's newer name for max_tokens
+        if "max_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
+            raise RequestError("'max_tokens' and 'max_completion_tokens' differ; send one of them")
+        body["max_tokens"] = body["max_completion_tokens"]
+    if body.get("response_format", {"type": "text"}) != {"type": "text"}:
+        raise RequestError("only the text response format is supported ('response_format')")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RequestError('\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects')
+    return _request(
+        body, lambda: chat_prompts([messages], tokenizer), CHAT_MAX_TOKENS, tokenizer, max_positions, chat=True
+    )
+
+
+def _request(body: dict, encode, default_max: int, tokenizer, max_positions: int, chat: bool = False) -> Request:
+    """The sampling settings and limits shared by both endpoints; `encode()` gives the token-id prompts."""
     temperature = body.get("temperature", 1.0)
     top_k, top_p, seed = body.get("top_k"), body.get("top_p"), body.get("seed")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) for s in stop):
         raise RequestError("'stop' must be a string or a list of strings")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):  # one limit for all prompts
+        raise RequestError(f"'max_tokens' must be a positive integer, got {max_tokens!r}")
     try:  # types and ranges of the sampling settings, as generate() checks them
-        _check_args(max_tokens, temperature, top_k, top_p, seed)
+        _check_args(max_tokens or 1, temperature, top_k, top_p, seed)
         if (stop or body.get("stream")) and tokenizer is None:
             raise ValueError("stop strings and streaming need a tokenizer; this model was loaded without one")
-        ids = encode_prompts(prompt, tokenizer, vocab_size)
+        ids = encode()
     except ValueError as e:
         raise RequestError(str(e)) from None
+    if max_tokens is None:
+        max_tokens = max(1, min(default_max, max_positions - max(map(len, ids))))
     for i, p in enumerate(ids):
         if len(p) + max_tokens > max_positions:
+            what = "the conversation" if chat else f"prompt {i}"
             raise RequestError(
-                f"prompt {i} has {len(p)} tokens; with max_tokens={max_tokens} it exceeds the context of "
+                f"{what} has {len(p)} tokens; with max_tokens={max_tokens} it exceeds the context of "
                 f"{max_positions} tokens"
             )
     sampling = dict(
@@ -129,7 +194,8 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
         stop=tuple(stop),
         ignore_eos=body.get("ignore_eos", False),
     )
-    return Request(ids, [max_tokens] * len(ids), sampling, stream=body.get("stream", False))
+    usage = body.get("stream_options", {}).get("include_usage", False)
+    return Request(ids, [max_tokens] * len(ids), sampling, stream=body.get("stream", False), chat=chat, usage=usage)
 
 
 BATCHING = ("auto", "continuous", "static")
@@ -348,7 +414,7 @@ class Handler(BaseHTTPRequestHandler):
     def _not_allowed(self):
         """Any other method (OPTIONS, PUT, DELETE, ...): 405 in the API's JSON error form, not http.server's
         HTML 501 page."""
-        allow = "POST" if urlsplit(self.path).path == "/v1/completions" else "GET"
+        allow = "POST" if urlsplit(self.path).path in ENDPOINTS else "GET"
         self._error(405, f"{self.command} is not served; use {allow}", "not_allowed", {"Allow": allow})
 
     do_OPTIONS = do_PUT = do_DELETE = do_PATCH = _not_allowed
@@ -361,11 +427,14 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/v1/models":
             card = {"id": srv.model_name, "object": "model", "owned_by": "modegpt-rt"}
             self._json(200, {"object": "list", "data": [card]})
+        elif path in ENDPOINTS:
+            self._not_allowed()
         else:
             self._error(404, f"no such endpoint: GET {self.path}", "not_found")
 
     def do_POST(self):
-        if urlsplit(self.path).path != "/v1/completions":
+        path = urlsplit(self.path).path
+        if path not in ENDPOINTS:
             return self._error(404, f"no such endpoint: POST {self.path}", "not_found")
         srv = self.server
         try:
@@ -377,7 +446,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(411 if n < 0 else 413, why)
         try:
             body = json.loads(self.rfile.read(n) or b"null")
-            req = parse_completion(body, srv.scheduler.tokenizer, srv.scheduler.ctx, srv.model.config.vocab_size)
+            if path == "/v1/chat/completions":
+                req = parse_chat(body, srv.scheduler.tokenizer, srv.scheduler.ctx)
+            else:
+                req = parse_completion(body, srv.scheduler.tokenizer, srv.scheduler.ctx, srv.model.config.vocab_size)
             srv.scheduler.submit(req)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return self._error(400, f"the body is not valid JSON in UTF-8: {e}")
@@ -387,8 +459,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(503, str(e), "overloaded")
         except RuntimeError as e:
             return self._error(503, str(e), "unavailable")
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time())}
-        head["model"] = srv.model_name
+        kind = "chat.completion" if req.chat else "text_completion"
+        head = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind}
+        head.update(created=int(time.time()), model=srv.model_name)
         try:
             if req.stream:
                 self._stream(req, head)
@@ -432,11 +505,8 @@ class Handler(BaseHTTPRequestHandler):
                     results[ev[1]] = ev[2]
         except RuntimeError as e:
             return self._error(500, str(e), "server_error")
-        choices = [_choice(j, results[j].text, results[j]) for j in range(len(req.prompts))]
-        done = sum(len(r.token_ids) for r in results.values())
-        prompt = sum(map(len, req.prompts))
-        usage = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
-        self._json(200, {**head, "choices": choices, "usage": usage})
+        choices = [_choice(j, results[j].text, results[j], req.chat) for j in range(len(req.prompts))]
+        self._json(200, {**head, "choices": choices, "usage": _usage(req, results.values())})
 
     def _stream(self, req: Request, head: dict):
         self.send_response(200)
@@ -448,21 +518,47 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
             self.wfile.flush()
 
+        if req.chat:  # the chat API's chunks: the role first, then content deltas, then the finish reason
+            head = {**head, "object": "chat.completion.chunk"}
+            opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            send({**head, "choices": [opening]})
+        results = []
         try:
             for ev in self._wait(req):
                 if ev[0] == "token":
-                    send({**head, "choices": [{"index": ev[1], "text": ev[2], "finish_reason": None}]})
+                    piece = {"delta": {"content": ev[2]}} if req.chat else {"text": ev[2]}
+                    send({**head, "choices": [{"index": ev[1], **piece, "finish_reason": None}]})
                 else:
-                    send({**head, "choices": [_choice(ev[1], "", ev[2])]})
+                    results.append(ev[2])
+                    send({**head, "choices": [_choice(ev[1], "", ev[2], req.chat, delta=True)]})
         except RuntimeError as e:
             send({"error": {"message": str(e), "type": "server_error"}})
+        else:
+            if req.usage:  # stream_options.include_usage: one more chunk, with no choices
+                send({**head, "choices": [], "usage": _usage(req, results)})
         send(b"[DONE]")
 
 
-def _choice(index: int, text: str, result) -> dict:
-    """OpenAI's finish reasons: "stop" (end of sequence or a stop string) or "length"."""
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
+
+def _choice(index: int, text: str, result, chat: bool = False, delta: bool = False) -> dict:
+    """OpenAI's finish reasons: "stop" (end of sequence or a stop string) or "length". A chat choice holds the
+    assistant's message (or, streamed, an empty delta); `token_ids` is ours, not OpenAI's."""
     reason = "length" if result.finish_reason == "length" else "stop"
-    return {"index": index, "text": text, "finish_reason": reason, "token_ids": result.token_ids, "logprobs": None}
+    if not chat:
+        body = {"text": text}
+    elif delta:
+        body = {"delta": {}}
+    else:
+        body = {"message": {"role": "assistant", "content": text}}
+    return {"index": index, **body, "finish_reason": reason, "token_ids": result.token_ids, "logprobs": None}
+
+
+def _usage(req: Request, results) -> dict:
+    done = sum(len(r.token_ids) for r in results)
+    prompt = sum(map(len, req.prompts))
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
 class CompletionServer(ThreadingHTTPServer):
