@@ -338,7 +338,7 @@ def cmd_generate(args):
     print(f"[{len(res.token_ids)} tokens, finish: {res.finish_reason}]", file=sys.stderr)
 
 
-CHAT_HELP = "[type a message; /reset starts over, /exit or end of input (Ctrl-D) quits]"
+CHAT_HELP = "[type a message; /reset starts over, /exit, /quit or end of input (Ctrl-D) quits, Ctrl-C stops an answer]"
 
 
 def cmd_chat(args):
@@ -356,15 +356,19 @@ def cmd_chat(args):
         print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
-            line = input("> " if interactive else "")
-        except EOFError:
+            line = input("> " if interactive else "").strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: done
+            if interactive:
+                print(file=sys.stderr)
             break
-        line = line.strip()
         if line in ("/exit", "/quit"):
             break
         if line == "/reset":
             turns.clear()
             print("[conversation cleared]", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"[unknown command {line.split()[0]}: /reset, /exit or /quit]", file=sys.stderr)
             continue
         if not line:
             continue
@@ -377,14 +381,20 @@ def cmd_chat(args):
                 file=sys.stderr,
             )
             continue
-        turns.append(message)
-        ids = chat_prompts([system + turns], model.tokenizer)[0]
+        kept = turns + [message]
+        ids = chat_prompts([system + kept], model.tokenizer)[0]
         while len(ids) + args.max_new_tokens > ctx:
-            del turns[:2]  # the oldest exchange: a user message and its answer
-            ids = chat_prompts([system + turns], model.tokenizer)[0]
-        res = model.generate([ids], max_new_tokens=args.max_new_tokens, stream=_show, **_sampling(args))[0]
+            del kept[:2]  # the oldest exchange: a user message and its answer
+            ids = chat_prompts([system + kept], model.tokenizer)[0]
+        if len(kept) < len(turns) + 1:
+            print(f"[the {(len(turns) + 1 - len(kept)) // 2} oldest exchanges left the context]", file=sys.stderr)
+        try:
+            res = model.generate([ids], max_new_tokens=args.max_new_tokens, stream=_show, **_sampling(args))[0]
+        except KeyboardInterrupt:  # stops this answer; the conversation goes on without the message
+            print("\n[stopped]", file=sys.stderr, flush=True)
+            continue
         print(flush=True)
-        turns.append({"role": "assistant", "content": res.text})
+        turns = kept + [{"role": "assistant", "content": res.text}]
         if res.finish_reason == "length":
             print(f"[cut at --max-new-tokens {args.max_new_tokens}]", file=sys.stderr)
 
@@ -693,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="stream a continuation of a prompt (or, with --chat, an answer to it)")
     g.add_argument("path", nargs="?", default=None, help="checkpoint dir, HF folder or .gguf (default SmolLM2)")
-    g.add_argument("prompt", help="text to continue (the model's tokenizer encodes it)")
+    g.add_argument("prompt", help="text to continue (the model's tokenizer encodes it), or with --chat a message")
     g.add_argument(
         "--chat",
         action="store_true",

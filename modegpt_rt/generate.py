@@ -90,18 +90,23 @@ def encode_prompts(prompts, tokenizer, vocab_size: int | None = None, no_tokeniz
     return out
 
 
-def _message_text(content, where: str) -> str:
-    """A message's content: a string, or OpenAI's list of parts, of which only text parts are read."""
+def _message_text(content, where: str, role: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts, of which only text parts are read (joined by
+    newlines, as vLLM does); an assistant's null content (a turn that only called tools) is empty."""
     if isinstance(content, str):
         return content
-    if isinstance(content, (list, tuple)) and content:
+    if content is None and role == "assistant":
+        return ""
+    if isinstance(content, (list, tuple)):
+        if not content:
+            raise ValueError(f"{where}: 'content' is an empty list of parts")
         texts = []
         for k, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ValueError(f"{where}: content part {k} is {kind!r}; only text parts are supported")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)
     raise ValueError(f"{where}: 'content' must be a string or a list of text parts, got {type(content).__name__}")
 
 
@@ -135,16 +140,18 @@ def chat_prompts(conversations, tokenizer, no_tokenizer: str = "") -> list[list[
                 raise ValueError(f"{where}: 'role' must be a non-empty string, got {role!r}")
             if "content" not in m:
                 raise ValueError(f"{where}: missing 'content'")
-            text = _message_text(m["content"], where)
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"{where} is not valid UTF-8 text (at character {e.start})") from None
+            for name, value in (("role", role), ("content", text := _message_text(m["content"], where, role))):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{where}: its {name} is not valid UTF-8 text (at character {e.start})") from None
             messages.append({"role": role, "content": text})
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # noqa: BLE001 — a template may refuse (roles that must alternate, ...)
             raise ValueError(f"the chat template refused conversation {i}: {e}") from None
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"the chat template rendered conversation {i} as nothing")
         out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return out
 

@@ -41,7 +41,6 @@ CHAT_UNSUPPORTED = (
     "frequency_penalty",
     "presence_penalty",
     "tools",
-    "tool_choice",
     "functions",
     "function_call",
     "audio",
@@ -138,7 +137,7 @@ def parse_completion(body: dict, tokenizer, max_positions: int, vocab_size: int)
     return _request(body, lambda: encode_prompts(prompt, tokenizer, vocab_size), 16, tokenizer, max_positions)
 
 
-def parse_chat(body: dict, tokenizer, max_positions: int) -> Request:
+def parse_chat(body: dict, tokenizer, max_positions: int, vocab_size: int | None = None) -> Request:
     """Validate an OpenAI-style chat request: its messages through the tokenizer's chat template
     (`chat_prompts`), the sampling settings as for completions. `max_tokens` (or `max_completion_tokens`)
     defaults to CHAT_MAX_TOKENS, or what is left of the context if less."""
@@ -149,36 +148,46 @@ def parse_chat(body: dict, tokenizer, max_positions: int) -> Request:
         if "max_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
             raise RequestError("'max_tokens' and 'max_completion_tokens' differ; send one of them")
         body["max_tokens"] = body["max_completion_tokens"]
+    if body.get("tool_choice", "none") != "none":  # "none" asks for no tool call: what this server does
+        raise RequestError("'tool_choice' is not supported")
     if body.get("response_format", {"type": "text"}) != {"type": "text"}:
         raise RequestError("only the text response format is supported ('response_format')")
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
         raise RequestError('\'messages\' must be a non-empty list of {"role": ..., "content": ...} objects')
-    return _request(
-        body, lambda: chat_prompts([messages], tokenizer), CHAT_MAX_TOKENS, tokenizer, max_positions, chat=True
-    )
+    # the template's ids are checked as a prompt of ids is: a tokenizer may hold more ids than the model
+    encode = lambda: encode_prompts(chat_prompts([messages], tokenizer), None, vocab_size)  # noqa: E731
+    return _request(body, encode, CHAT_MAX_TOKENS, tokenizer, max_positions, chat=True)
 
 
 def _request(body: dict, encode, default_max: int, tokenizer, max_positions: int, chat: bool = False) -> Request:
-    """The sampling settings and limits shared by both endpoints; `encode()` gives the token-id prompts."""
+    """The sampling settings and limits shared by both endpoints; `encode()` gives the token-id prompts.
+    `max_tokens` defaults to `default_max`; for chat, to what is left of the context if that is less."""
     temperature = body.get("temperature", 1.0)
     top_k, top_p, seed = body.get("top_k"), body.get("top_p"), body.get("seed")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) for s in stop):
         raise RequestError("'stop' must be a string or a list of strings")
-    max_tokens = body.get("max_tokens")
+    max_tokens = body.get("max_tokens", None if chat else default_max)
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):  # one limit for all prompts
-        raise RequestError(f"'max_tokens' must be a positive integer, got {max_tokens!r}")
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        raise RequestError(f"{name!r} must be a positive integer, got {max_tokens!r}")
     try:  # types and ranges of the sampling settings, as generate() checks them
         _check_args(max_tokens or 1, temperature, top_k, top_p, seed)
+        ids = encode()  # first: chat says it needs a tokenizer
         if (stop or body.get("stream")) and tokenizer is None:
             raise ValueError("stop strings and streaming need a tokenizer; this model was loaded without one")
-        ids = encode()
     except ValueError as e:
         raise RequestError(str(e)) from None
-    if max_tokens is None:
-        max_tokens = max(1, min(default_max, max_positions - max(map(len, ids))))
+    if max_tokens is None:  # chat: the default, or what is left of the context if less
+        room = max_positions - len(ids[0])
+        if room < 1:
+            raise RequestError(
+                f"the conversation has {len(ids[0])} tokens and leaves no room for an answer in the context of "
+                f"{max_positions} tokens"
+            )
+        max_tokens = min(default_max, room)
     for i, p in enumerate(ids):
         if len(p) + max_tokens > max_positions:
             what = "the conversation" if chat else f"prompt {i}"
@@ -447,7 +456,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(n) or b"null")
             if path == "/v1/chat/completions":
-                req = parse_chat(body, srv.scheduler.tokenizer, srv.scheduler.ctx)
+                req = parse_chat(body, srv.scheduler.tokenizer, srv.scheduler.ctx, srv.model.config.vocab_size)
             else:
                 req = parse_completion(body, srv.scheduler.tokenizer, srv.scheduler.ctx, srv.model.config.vocab_size)
             srv.scheduler.submit(req)
@@ -563,6 +572,7 @@ def _usage(req: Request, results) -> dict:
 
 class CompletionServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: socketserver's 5 reset clients that connect together
 
     def __init__(self, model, host="127.0.0.1", port=8000, model_name=None, verbose=False, **scheduler_kw):
         """`scheduler_kw` go to `Scheduler`; with `worker_thread=False` call `scheduler.run()` yourself."""

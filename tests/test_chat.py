@@ -74,13 +74,19 @@ def test_chat_prompts_render_the_template_once_with_one_bos():
         ([{"role": "user"}], "missing 'content'"),
         ([{"role": "user", "content": 3}], "'content' must be a string"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "'image_url'; only text parts"),
-        ([{"role": "user", "content": "w1\udcff"}], "not valid UTF-8"),
+        ([{"role": "user", "content": "w1\udcff"}], "message 0: its content is not valid UTF-8"),
+        ([{"role": "\udcff", "content": "w1"}], "message 0: its role is not valid UTF-8"),
+        ([{"role": "user", "content": []}], "an empty list of parts"),
+        ([{"role": "user", "content": None}], "got NoneType"),
     ]
     for conv, fragment in bad:
         with pytest.raises(ValueError, match=fragment):
             chat_prompts(conv, tok)
     with pytest.raises(ValueError, match="has none \\(no files\\)"):
         chat_prompts([{"role": "user", "content": "w1"}], None, "no files")
+    # an assistant turn that only called tools has null content
+    (got,) = chat_prompts([{"role": "assistant", "content": None}, {"role": "user", "content": "w1"}], tok)
+    assert got == [1] + ids("[assistant] </s> [user] w1 </s> [assistant]")
     plain = copy.deepcopy(tok)
     plain.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
@@ -89,6 +95,9 @@ def test_chat_prompts_render_the_template_once_with_one_bos():
     strict.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('users first') }}{% endif %}x"
     with pytest.raises(ValueError, match="the chat template refused conversation 0: users first"):
         chat_prompts([{"role": "assistant", "content": "w1"}], strict)
+    strict.chat_template = "{% if false %}x{% endif %}"
+    with pytest.raises(ValueError, match="rendered conversation 0 as nothing"):
+        chat_prompts([{"role": "user", "content": "w1"}], strict)
 
 
 def test_model_chat_is_generate_on_the_template(tiny_chat):
@@ -221,12 +230,23 @@ def test_server_chat_rejects_bad_requests_clearly(tiny_chat, tiny_hf_dir, chat_s
         ({"messages": msg, "stream_options": {"include_usage": True}}, 'only allowed with "stream": true'),
         ({"messages": msg, "stream": True, "stream_options": {"include_usage": 1}}, "'stream_options' must be"),
         ({"messages": msg, "temperature": -1}, "temperature must be"),
+        ({"messages": msg, "max_completion_tokens": 0}, "'max_completion_tokens' must be a positive integer"),
+        ({"messages": msg, "tool_choice": "auto"}, "'tool_choice' is not supported"),
+        ({"messages": [{"role": "user", "content": "w1 " * 130}]}, "leaves no room for an answer"),
+        ({"messages": [{"role": "user\udcff", "content": "w1"}]}, "its role is not valid UTF-8"),
     ]
     for body, fragment in bad:
         status, text = _post(srv, body)
         assert status == 400 and fragment in json.loads(text)["error"]["message"], (body, text)
-    status, text = _post(srv, {"messages": msg, "response_format": {"type": "text"}, "max_tokens": 1})
+    status, text = _post(
+        srv, {"messages": msg, "response_format": {"type": "text"}, "tool_choice": "none", "max_tokens": 1}
+    )
     assert status == 200, text
+    # the completions endpoint keeps its default of 16 tokens, and refuses a prompt that leaves less room
+    status, text = _post(srv, {"prompt": [5] * 100, "ignore_eos": True}, "/v1/completions")
+    assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 16, text
+    status, text = _post(srv, {"prompt": [5] * 120}, "/v1/completions")
+    assert status == 400 and "with max_tokens=16 it exceeds" in text
     plain = chat_server(modegpt_rt.load(tiny_hf_dir, backend="torch"))  # no tokenizer files
     status, text = _post(plain, {"messages": msg})
     assert status == 400 and "chat needs a tokenizer" in text
@@ -234,6 +254,37 @@ def test_server_chat_rejects_bad_requests_clearly(tiny_chat, tiny_hf_dir, chat_s
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 405 and e.value.headers["Allow"] == "POST"
+
+
+def test_server_chat_checks_the_template_ids_against_the_vocabulary(tiny_hf_dir, tmp_path, chat_server):
+    """A tokenizer may hold ids the model has not (an added token): a chat request gets 400, not a failed step."""
+    path = tmp_path / "extra"
+    shutil.copytree(tiny_hf_dir, path)
+    tok = word_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<turn>"]})  # id 97, beyond the model's 97 ids
+    tok.chat_template = "<turn>" + TEMPLATE
+    tok.save_pretrained(path)
+    srv = chat_server(modegpt_rt.load(path, backend="torch"))
+    status, text = _post(srv, {"messages": [{"role": "user", "content": "w1"}]})
+    assert status == 400 and "outside the vocabulary [0, 97)" in text, text
+
+
+def test_server_takes_many_clients_connecting_at_once(tiny_chat, chat_server):
+    """More clients than socketserver's default listen backlog of 5, all at once, while the model runs."""
+    srv = chat_server()
+    n, codes, barrier = 32, [], threading.Barrier(32)
+
+    def ask(i):
+        barrier.wait()
+        body = {"messages": [{"role": "user", "content": f"w{i}"}], "max_tokens": 4, "stream": i % 2 == 0}
+        codes.append(_post(srv, body)[0])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [200] * n
 
 
 # --------------------------------------------------------------------------- command line
@@ -249,7 +300,7 @@ def test_cli_generate_chat_and_system(tiny_chat, tiny_chat_dir, capsys):
 
 
 def test_cli_chat_keeps_the_conversation_and_drops_old_turns_to_fit(tiny_chat, tiny_chat_dir, monkeypatch, capsys):
-    turns = ["w10 w11", "w12", "/reset", "", "w13 " * 30, "w14 " * 30, "w1 " * 200, "w15 " * 30]
+    turns = ["w10 w11", "w12", "/reset", "", "/help", "w13 " * 30, "w14 " * 30, "w1 " * 200, "w15 " * 30]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(turns) + "\n/exit\nw16\n"))
     argv = ["chat", str(tiny_chat_dir), "--max-new-tokens", "6", "--backend", "torch", "--system", "w2"]
     assert cli.main(argv) == 0
@@ -273,6 +324,7 @@ def test_cli_chat_keeps_the_conversation_and_drops_old_turns_to_fit(tiny_chat, t
     assert answers == want
     assert len(history) < 6  # the context of 128 forced old turns out
     assert "[conversation cleared]" in captured.err and "does not fit the context of 128" in captured.err
+    assert "[unknown command /help" in captured.err and "oldest exchanges left the context]" in captured.err
 
 
 def test_cli_chat_refuses_a_model_without_a_chat_template(tiny_hf_dir, tmp_path, capsys):
