@@ -53,22 +53,78 @@ def plain_english(turns: list[str]) -> bool:
     )
 
 
+def chat_messages(record: dict) -> list[dict] | None:
+    """A record as chat messages (human -> user, gpt -> assistant), from its first human turn to its last
+    answer; None unless the turns then alternate."""
+    turns = list(record.get("conversations", []))
+    while turns and turns[0].get("from") != "human":
+        turns.pop(0)  # the cleaned split cut many conversations after a question
+    while turns and turns[-1].get("from") != "gpt":
+        turns.pop()
+    roles = {"human": "user", "gpt": "assistant"}
+    messages = []
+    for k, t in enumerate(turns):
+        if t.get("from") != ("human", "gpt")[k % 2]:
+            return None
+        messages.append({"role": roles[t["from"]], "content": t["value"].strip()})
+    return messages or None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--tokens", type=int, default=600_000, help="about this many SmolLM2 tokens of ShareGPT text")
     p.add_argument("--mix-wikitext", action="store_true", help="add wiki.valid.raw as one more row")
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="write each conversation as the default model's chat template renders it (roles and turn tokens), "
+        "keeping only those whose turns alternate",
+    )
+    p.add_argument(
+        "--holdout",
+        default=None,
+        help="also write held-out conversations (never in the calibration rows) as jsonl {'messages': [...]}, "
+        "for bench/chat_quality.py",
+    )
+    p.add_argument("--holdout-n", type=int, default=300, help="conversations in --holdout (default 300)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    convs = [[t["value"].strip() for t in r.get("conversations", [])] for r in read_records(sharegpt_file())]
-    kept = [c for c in convs if plain_english(c)]
-    random.Random(args.seed).shuffle(kept)
+    records = read_records(sharegpt_file())
+    convs = [[t["value"].strip() for t in r.get("conversations", [])] for r in records]
+    kept = [(c, r) for c, r in zip(convs, records) if plain_english(c)]
+    random.Random(args.seed).shuffle(kept)  # the same order as before records were kept beside the texts
+    render = None
+    if args.chat_template:
+        from modegpt_rt.checkpoint import default_model_path, load_tokenizer
+
+        tok = load_tokenizer(default_model_path())
+        render = lambda m: tok.apply_chat_template(m, tokenize=False)  # noqa: E731
+    held, cut, total = [], len(kept), len(kept)
+    if args.holdout:  # from the end of the shuffled list; the calibration rows come from its start
+        while cut and len(held) < args.holdout_n:
+            cut -= 1
+            if (m := chat_messages(kept[cut][1])) is not None:
+                held.append(m)
+        kept = kept[:cut]
     rows, chars = [], 0
-    for c in kept:
+    for c, r in kept:
         if chars >= args.tokens * CHARS_PER_TOKEN:
             break
-        rows.append("\n\n".join(c))
+        if render is None:
+            rows.append("\n\n".join(c))
+        elif (m := chat_messages(r)) is not None:
+            rows.append(render(m))
+        else:
+            continue
         chars += len(rows[-1])
+    if chars < args.tokens * CHARS_PER_TOKEN:
+        raise SystemExit(f"only {chars} characters left for calibration after the held-out conversations")
+    if args.holdout:
+        with open(args.holdout, "w", encoding="utf-8") as f:
+            for m in held:
+                f.write(json.dumps({"messages": m}) + "\n")
+        print(f"wrote {len(held)} held-out conversations to {args.holdout}")
     if args.mix_wikitext:
         from modegpt_rt import data
 
@@ -77,7 +133,7 @@ def main(argv=None):
     with open(args.out, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps({"text": r}) + "\n")
-    print(f"{len(kept)} of {len(convs)} conversations kept; wrote {len(rows)} rows, {chars} ShareGPT characters")
+    print(f"{total} of {len(convs)} conversations kept; wrote {len(rows)} rows, {chars} ShareGPT characters")
 
 
 if __name__ == "__main__":

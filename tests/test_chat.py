@@ -335,3 +335,33 @@ def test_cli_chat_refuses_a_model_without_a_chat_template(tiny_hf_dir, tmp_path,
     tok.save_pretrained(path)
     assert cli.main(["chat", str(path), "--backend", "torch"]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- chat quality bench
+def test_chat_quality_scores_answers_by_hand_and_reads_sharegpt_turns(tiny_chat):
+    import torch
+    from modegpt_rt.bench.chat_quality import copies, first_exchanges, teacher_forced
+    from modegpt_rt.bench.sharegpt_calib import chat_messages
+
+    record = {
+        "conversations": [
+            {"from": "gpt", "value": "w1"},  # cut before its question: dropped
+            {"from": "human", "value": " w2 w3 "},
+            {"from": "gpt", "value": "w4 w5 w6"},
+            {"from": "human", "value": "w7"},  # no answer: dropped
+        ]
+    }
+    conv = chat_messages(record)
+    assert conv == [{"role": "user", "content": "w2 w3"}, {"role": "assistant", "content": "w4 w5 w6"}]
+    assert chat_messages({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}) is None
+    convs = [conv, [{"role": "user", "content": "w9"}, {"role": "assistant", "content": "w10 " * 40}], conv]
+    ex = first_exchanges(convs, tiny_chat.tokenizer, n=5, max_tokens=40)
+    assert len(ex) == 2  # the 40-word answer does not fit 40 tokens
+    assert ex[0] == ([1] + ids("[user] w2 w3 </s> [assistant]"), ids("w4 w5 w6 </s>"))
+    got_answer, got_end = teacher_forced(tiny_chat, ex + [ex[0][:1] + (ids("w7 </s>"),)], batch=2)
+    for (prompt, answer), a, e in zip(ex + [ex[0][:1] + (ids("w7 </s>"),)], got_answer, got_end):
+        logp = tiny_chat(torch.tensor([prompt + answer])).logits[0].double().log_softmax(-1)
+        nll = [-logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(answer)]
+        assert a == pytest.approx(sum(nll[:-1]) / (len(nll) - 1), rel=1e-4) and e == pytest.approx(nll[-1], rel=1e-4)
+    assert copies(ids("w1 w2 w3 w4 w5 w6 w7 w8 w9"), ids("[system] w1 w2 w3 w4 w5 w6 w7 w8 </s>"))
+    assert not copies(ids("w1 w2 w3 w4 w5 w6 w7 w9"), ids("[system] w1 w2 w3 w4 w5 w6 w7 w8 </s>"))
