@@ -111,3 +111,24 @@ def random_config(**kw) -> ModelConfig:
     )
     base.update(kw)
     return ModelConfig(**base)
+
+
+@pytest.fixture
+def serve():
+    """Start `modegpt_rt.server.make_server(model, port=0, **kw)` on a thread; shut down after the test."""
+    import threading
+
+    from modegpt_rt.server import make_server
+
+    servers = []
+
+    def start(model, **kw):
+        srv = make_server(model, port=0, **kw)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()

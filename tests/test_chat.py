@@ -14,7 +14,6 @@ import pytest
 import modegpt_rt
 from modegpt_rt import cli
 from modegpt_rt.generate import chat_prompts
-from modegpt_rt.server import make_server
 
 WORDS = ["<unk>", "<s>", "</s>", "[", "]", "user", "assistant", "system"] + [f"w{i}" for i in range(89)]
 # a LLaMA-like template: it writes the BOS token itself, and the tokenizer also adds one to plain text
@@ -130,19 +129,8 @@ def test_smollm2_answers_a_chat_question_and_stops_at_the_end_of_its_turn(smollm
 
 # --------------------------------------------------------------------------- HTTP
 @pytest.fixture
-def chat_server(tiny_chat):
-    servers = []
-
-    def start(model=tiny_chat, **kw):
-        srv = make_server(model, port=0, **kw)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
+def chat_server(tiny_chat, serve):
+    return lambda model=tiny_chat, **kw: serve(model, **kw)
 
 
 def _post(srv, body, path="/v1/chat/completions"):

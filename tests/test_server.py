@@ -9,23 +9,6 @@ import urllib.request
 import pytest
 
 import modegpt_rt
-from modegpt_rt.server import make_server
-
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(model, **kw):
-        srv = make_server(model, port=0, **kw)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
 
 
 def _post(srv, body, raw=None):
