@@ -60,7 +60,7 @@ def main(argv=None):
     if args.calib == "generated":
         calib = data.generated_calibration(model, args.samples, args.seqlen, args.seed, progress=False)
     else:
-        text = data.read_text(args.calib, "valid")
+        text = data.read_text(args.calib, "valid", tokenizer=model.tokenizer)
         calib = data.calibration_windows(data.tokenize(model.tokenizer, text), args.samples, args.seqlen, args.seed)
     t_calib = time.time() - t0
     t0 = time.time()

@@ -141,7 +141,7 @@ def cmd_compress(args):
     if args.calib == "generated":
         calib = data.generated_calibration(model, args.samples, args.seqlen, args.seed, progress=not args.quiet)
     else:
-        text = data.read_text(args.calib, split="valid")
+        text = data.read_text(args.calib, split="valid", tokenizer=model.tokenizer)
         calib = data.calibration_windows(data.tokenize(model.tokenizer, text), args.samples, args.seqlen, args.seed)
     info = {
         "source": args.calib if args.calib != "wikitext2" else "wikitext2/wiki.valid.raw",

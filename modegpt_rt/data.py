@@ -48,10 +48,11 @@ def wikitext_rows_joined(text: str) -> str:
     return "\n\n".join(r if r.strip() else "" for r in rows)
 
 
-def read_text(source: str, split: str = "test", join: str = "file") -> str:
-    r"""`wikitext2` (the given split), a .jsonl file (its "text" fields), or any text file. For WikiText-2,
-    join="file" gives the raw file as it is, join="rows" the paper's "\n\n"-joined dataset rows
-    (`wikitext_rows_joined`)."""
+def read_text(source: str, split: str = "test", join: str = "file", tokenizer=None) -> str:
+    r"""`wikitext2` (the given split), a .jsonl file, or any text file. For WikiText-2, join="file" gives the
+    raw file as it is, join="rows" the paper's "\n\n"-joined dataset rows (`wikitext_rows_joined`). A jsonl
+    row holds a "text" string or a "messages" conversation (OpenAI's chat format), which `tokenizer`'s chat
+    template writes out; rows are joined by blank lines."""
     if join not in WIKITEXT_JOINS:
         raise ValueError(f"join must be one of {', '.join(WIKITEXT_JOINS)}, got {join!r}")
     if source in ("wikitext2", "wikitext-2"):
@@ -64,12 +65,12 @@ def read_text(source: str, split: str = "test", join: str = "file") -> str:
     if not path.is_file():
         raise FileNotFoundError(f"text source {source!r} is neither 'wikitext2' nor a readable file")
     try:
-        return _read_text_file(path)
+        return _read_text_file(path, tokenizer)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def _read_text_file(path: Path) -> str:
+def _read_text_file(path: Path, tokenizer=None) -> str:
     if path.suffix == ".jsonl":
         texts = []
         with open(path, encoding="utf-8") as f:
@@ -80,9 +81,17 @@ def _read_text_file(path: Path) -> str:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{path}:{n}: each jsonl row needs a string field 'text'")
-                texts.append(row["text"])
+                if isinstance(row, dict) and isinstance(row.get("text"), str):
+                    texts.append(row["text"])
+                elif isinstance(row, dict) and "messages" in row:
+                    from modegpt_rt.generate import chat_texts
+
+                    try:
+                        texts += chat_texts([row["messages"]], tokenizer, add_generation_prompt=False)
+                    except ValueError as e:
+                        raise ValueError(f"{path}:{n}: {e}") from None
+                else:
+                    raise ValueError(f"{path}:{n}: each jsonl row needs a string field 'text' or a 'messages' list")
         return "\n\n".join(texts)
     return path.read_text(encoding="utf-8")
 

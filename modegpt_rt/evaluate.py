@@ -28,7 +28,7 @@ def perplexity(
     the raw file is."""
     if seqlen > model.config.max_position_embeddings:
         raise ValueError(f"seqlen {seqlen} exceeds the model's context {model.config.max_position_embeddings}")
-    tokens = data.tokenize(tokenizer, data.read_text(source, split="test", join=join))
+    tokens = data.tokenize(tokenizer, data.read_text(source, split="test", join=join, tokenizer=tokenizer))
     windows = data.eval_windows(tokens, seqlen)
     if limit:
         windows = windows[:limit]

@@ -115,6 +115,13 @@ def chat_prompts(conversations, tokenizer, no_tokenizer: str = "") -> list[list[
     opened (`add_generation_prompt`). A conversation is a list of messages `{"role": ..., "content": ...}`,
     as in OpenAI's chat API; one conversation or a list of them. The template's text is encoded without the
     tokenizer's own special tokens: a template that starts with the BOS token writes it itself."""
+    texts = chat_texts(conversations, tokenizer, no_tokenizer=no_tokenizer)
+    return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+
+
+def chat_texts(conversations, tokenizer, add_generation_prompt: bool = True, no_tokenizer: str = "") -> list[str]:
+    """Conversations (as in `chat_prompts`) rendered by the tokenizer's chat template, each message checked;
+    without `add_generation_prompt` a conversation is written as it is (calibration or evaluation text)."""
     if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
         conversations = [conversations]  # one conversation
     if not isinstance(conversations, (list, tuple)) or not conversations:
@@ -147,12 +154,12 @@ def chat_prompts(conversations, tokenizer, no_tokenizer: str = "") -> list[list[
                     raise ValueError(f"{where}: its {name} is not valid UTF-8 text (at character {e.start})") from None
             messages.append({"role": role, "content": text})
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as e:  # noqa: BLE001 — a template may refuse (roles that must alternate, ...)
             raise ValueError(f"the chat template refused conversation {i}: {e}") from None
         if not isinstance(text, str) or not text:
             raise ValueError(f"the chat template rendered conversation {i} as nothing")
-        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        out.append(text)
     return out
 
 

@@ -353,3 +353,31 @@ def test_chat_quality_scores_answers_by_hand_and_reads_sharegpt_turns(tiny_chat)
         assert a == pytest.approx(sum(nll[:-1]) / (len(nll) - 1), rel=1e-4) and e == pytest.approx(nll[-1], rel=1e-4)
     assert copies(ids("w1 w2 w3 w4 w5 w6 w7 w8 w9"), ids("[system] w1 w2 w3 w4 w5 w6 w7 w8 </s>"))
     assert not copies(ids("w1 w2 w3 w4 w5 w6 w7 w9"), ids("[system] w1 w2 w3 w4 w5 w6 w7 w8 </s>"))
+
+
+def test_jsonl_conversations_are_written_out_by_the_chat_template(tiny_chat, tiny_chat_dir, tmp_path, capsys):
+    """`--calib` / `--data` jsonl rows may hold OpenAI-style `messages` beside plain `text` rows."""
+    from modegpt_rt import data
+
+    conv = [{"role": "user", "content": "w2 w3"}, {"role": "assistant", "content": "w4"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"text": "w1 w1"}) + "\n" + json.dumps({"messages": conv}) + "\n")
+    text = data.read_text(str(path), tokenizer=tiny_chat.tokenizer)
+    assert text == "w1 w1\n\n" + "<s>[user] w2 w3 </s> [assistant] w4 </s> "
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: chat needs a tokenizer"):
+        data.read_text(str(path))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: message 0: missing 'content'"):
+        data.read_text(str(bad), tokenizer=tiny_chat.tokenizer)
+    bad.write_text(json.dumps({"prompt": "w1"}) + "\n")
+    with pytest.raises(ValueError, match=r"needs a string field 'text' or a 'messages' list"):
+        data.read_text(str(bad), tokenizer=tiny_chat.tokenizer)
+    # through the command line: perplexity on the conversations (the tokenizer reaches the reader)
+    path.write_text((json.dumps({"messages": conv}) + "\n") * 8)
+    out = tmp_path / "ppl.json"
+    argv = ["eval", "ppl", str(tiny_chat_dir), "--data", str(path), "--seqlen", "32", "--quiet", "--json", str(out)]
+    assert cli.main(argv) == 0
+    result = json.loads(out.read_text())
+    per_row = len(ids("<s> [user] w2 w3 </s> [assistant] w4 </s>"))  # rows joined by blank lines, no tokens
+    assert result["windows"] == 8 * per_row // 32 and result["ppl"] > 1
