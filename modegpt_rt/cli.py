@@ -319,8 +319,9 @@ def _show(i, token, delta):
     print(delta, end="", flush=True)
 
 
-def _conversation(system: str | None, user: str) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
+def _system(system: str | None) -> list[dict]:
+    """The conversation's opening: a system message, or none (the template may write its own)."""
+    return [{"role": "system", "content": system}] if system is not None else []
 
 
 def cmd_generate(args):
@@ -332,7 +333,7 @@ def cmd_generate(args):
     model = _load_for_text(args, "the prompt")
     prompt = args.prompt
     if chat:  # the prompt is the user's message, through the tokenizer's chat template
-        prompt = chat_prompts([_conversation(args.system, args.prompt)], model.tokenizer)[0]
+        prompt = chat_prompts([_system(args.system) + [{"role": "user", "content": args.prompt}]], model.tokenizer)[0]
     res = model.generate([prompt], max_new_tokens=args.max_new_tokens, stream=_show, **_sampling(args))[0]
     print()
     print(f"[{len(res.token_ids)} tokens, finish: {res.finish_reason}]", file=sys.stderr)
@@ -347,10 +348,10 @@ def cmd_chat(args):
     from modegpt_rt.generate import chat_prompts
 
     model = _load_for_text(args, "the messages")
-    chat_prompts([_conversation(args.system, "hi")], model.tokenizer)  # no chat template: say so before reading
+    system = _system(args.system)
+    chat_prompts([system + [{"role": "user", "content": "hi"}]], model.tokenizer)  # no template: say so now
     ctx = model.config.max_position_embeddings
     interactive = sys.stdin.isatty()
-    system = [{"role": "system", "content": args.system}] if args.system is not None else []
     turns: list[dict] = []
     if interactive:
         print(CHAT_HELP, file=sys.stderr)

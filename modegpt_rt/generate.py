@@ -110,6 +110,24 @@ def _message_text(content, where: str, role: str) -> str:
     raise ValueError(f"{where}: 'content' must be a string or a list of text parts, got {type(content).__name__}")
 
 
+def _message(m, where: str) -> dict:
+    """One checked message: a role (a non-empty string) and its content as text, both valid UTF-8."""
+    if not isinstance(m, dict):
+        raise ValueError(f"{where} must be an object with 'role' and 'content', got {type(m).__name__}")
+    role = m.get("role")
+    if not isinstance(role, str) or not role:
+        raise ValueError(f"{where}: 'role' must be a non-empty string, got {role!r}")
+    if "content" not in m:
+        raise ValueError(f"{where}: missing 'content'")
+    text = _message_text(m["content"], where, role)
+    for name, value in (("role", role), ("content", text)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}: its {name} is not valid UTF-8 text (at character {e.start})") from None
+    return {"role": role, "content": text}
+
+
 def chat_prompts(conversations, tokenizer, no_tokenizer: str = "") -> list[list[int]]:
     """Conversations -> token-id prompts, through the tokenizer's chat template with the assistant's turn
     opened (`add_generation_prompt`). A conversation is a list of messages `{"role": ..., "content": ...}`,
@@ -137,22 +155,8 @@ def chat_texts(conversations, tokenizer, add_generation_prompt: bool = True, no_
     for i, conv in enumerate(conversations):
         if not isinstance(conv, (list, tuple)) or not conv:
             raise ValueError(f"conversation {i} must be a non-empty list of messages")
-        messages = []
-        for j, m in enumerate(conv):
-            where = f"conversation {i}, message {j}" if len(conversations) > 1 else f"message {j}"
-            if not isinstance(m, dict):
-                raise ValueError(f"{where} must be an object with 'role' and 'content', got {type(m).__name__}")
-            role = m.get("role")
-            if not isinstance(role, str) or not role:
-                raise ValueError(f"{where}: 'role' must be a non-empty string, got {role!r}")
-            if "content" not in m:
-                raise ValueError(f"{where}: missing 'content'")
-            for name, value in (("role", role), ("content", text := _message_text(m["content"], where, role))):
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    raise ValueError(f"{where}: its {name} is not valid UTF-8 text (at character {e.start})") from None
-            messages.append({"role": role, "content": text})
+        where = f"conversation {i}, message " if len(conversations) > 1 else "message "
+        messages = [_message(m, f"{where}{j}") for j, m in enumerate(conv)]
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         except Exception as e:  # noqa: BLE001 — a template may refuse (roles that must alternate, ...)
