@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
 import modegpt_rt
-from modegpt_rt.generate import chat_prompts
+from modegpt_rt.generate import chat_prompts, chat_texts
+from modegpt_rt.zeroshot import _mean_stderr as mean_se
 
 
 def read_conversations(path: str) -> list[list[dict]]:
@@ -43,7 +43,7 @@ def first_exchanges(convs, tokenizer, n: int, max_tokens: int) -> list[tuple[lis
     for conv in convs:
         user, answer = conv[0], conv[1]
         prompt = chat_prompts([[user]], tokenizer)[0]
-        text = tokenizer.apply_chat_template([user, answer], tokenize=False)
+        text = chat_texts([[user, answer]], tokenizer, add_generation_prompt=False)[0]
         full = tokenizer(text, add_special_tokens=False)["input_ids"]
         if full[: len(prompt)] != prompt or eos not in full[len(prompt) :]:
             continue  # the template's prompt does not tokenize as a prefix of the whole: skip it
@@ -108,13 +108,6 @@ def generated(model, prompts, new: int, batch: int = 16) -> list[dict]:
 
 
 KEYS = ("answer_nll", "end_nll", "ends_turn", "gen_tokens", "distinct4", "copies_prompt")
-
-
-def mean_se(xs) -> tuple[float, float]:
-    n = len(xs)
-    m = sum(xs) / n
-    var = sum((x - m) ** 2 for x in xs) / (n - 1) if n > 1 else 0.0
-    return m, math.sqrt(var / n)
 
 
 def main(argv=None):

@@ -97,9 +97,10 @@ def main(argv=None):
     render = None
     if args.chat_template:
         from modegpt_rt.checkpoint import default_model_path, load_tokenizer
+        from modegpt_rt.generate import chat_texts
 
         tok = load_tokenizer(default_model_path())
-        render = lambda m: tok.apply_chat_template(m, tokenize=False)  # noqa: E731
+        render = lambda m: chat_texts([m], tok, add_generation_prompt=False)[0]  # noqa: E731
     held, cut, total = [], len(kept), len(kept)
     if args.holdout:  # from the end of the shuffled list; the calibration rows come from its start
         while cut and len(held) < args.holdout_n:
